@@ -1,0 +1,50 @@
+# Tandem — two commands on a fresh Debian machine: `make demo` and `make test`.
+# Each target installs what is missing (apt packages, the .venv, the build) first.
+
+PYTHON_SYS ?= $(shell command -v python3.11 || command -v python3)
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PIP        := $(VENV)/bin/pip
+# Debian packages the project needs (compiler for the Cython core; later: etcd, ClickHouse).
+APT_PACKAGES := gcc python3-dev iproute2
+PYTEST_ARGS ?=
+
+.PHONY: all deps build demo test bench clean
+
+all: build
+
+# Install only the Debian packages that are missing (apt-get update once, if needed).
+.deps.stamp: Makefile
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: .deps.stamp pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q Cython grpcio-tools
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+deps: $(VENV)/.installed
+
+# Compile the Cython core and generate the gRPC stubs in place (cheap when up to date).
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VENV)/bin/tandem demo
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) bench/queue_core.py --json
+	$(PY) bench/route.py --json
+
+clean:
+	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV)
