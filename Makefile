@@ -6,7 +6,7 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 PIP        := $(VENV)/bin/pip
 # Debian packages the project needs (compiler for the Cython core; later: etcd, ClickHouse).
-APT_PACKAGES := gcc python3-dev iproute2
+APT_PACKAGES := gcc iproute2
 PYTEST_ARGS ?=
 
 .PHONY: all deps build demo test bench clean
