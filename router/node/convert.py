@@ -1,0 +1,222 @@
+"""Proto <-> engine conversions: requests become command dicts, views become messages.
+
+Enums travel to the engine as their lower-case names without the prefix
+(``CHANNEL_VOICE`` -> ``"voice"``); ``*_UNSPECIFIED`` becomes ``""`` and a number the
+proto does not know (proto3 enums are open) becomes ``"unknown_<n>"``, so the engine —
+not this module — decides what is valid and answers with its documented reason.
+Nothing here validates business rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router import model
+from router.v1 import admin_pb2, agents_pb2, routing_pb2, types_pb2
+
+
+def _enum_to_str(enum_type: Any, prefix: str, value: int) -> str:
+    try:
+        name = enum_type.Name(value)
+    except ValueError:
+        return f"unknown_{value}"
+    if name.endswith("_UNSPECIFIED"):
+        return ""
+    return name[len(prefix):].lower()
+
+
+def _str_to_enum(enum_type: Any, prefix: str, value: str) -> int:
+    if not value:
+        return 0
+    try:
+        return enum_type.Value(prefix + value.upper())
+    except ValueError:
+        return 0
+
+
+def channel_str(v: int) -> str:
+    return _enum_to_str(types_pb2.Channel, "CHANNEL_", v)
+
+
+def channel_enum(s: str) -> int:
+    return _str_to_enum(types_pb2.Channel, "CHANNEL_", s)
+
+
+def call_state_str(v: int) -> str:
+    return _enum_to_str(types_pb2.CallState, "CALL_STATE_", v)
+
+
+def call_state_enum(s: str) -> int:
+    return _str_to_enum(types_pb2.CallState, "CALL_STATE_", s)
+
+
+def priority_str(v: int) -> str:
+    return _enum_to_str(types_pb2.PriorityClass, "PRIORITY_CLASS_", v)
+
+
+def priority_enum(s: str) -> int:
+    return _str_to_enum(types_pb2.PriorityClass, "PRIORITY_CLASS_", s)
+
+
+def agent_state_str(v: int) -> str:
+    return _enum_to_str(types_pb2.AgentState, "AGENT_STATE_", v)
+
+
+def agent_state_enum(s: str) -> int:
+    return _str_to_enum(types_pb2.AgentState, "AGENT_STATE_", s)
+
+
+# --- requests -> commands ----------------------------------------------------------
+
+
+def offer_cmd(req: routing_pb2.OfferCallRequest, t: float) -> dict:
+    ctx = req.context
+    return {
+        "op": "offer",
+        "t": t,
+        "call_id": req.call_id,
+        "channel": channel_str(req.channel),
+        "skill": req.skill,
+        "language": req.language,
+        "caller": req.caller,
+        "customer_id": req.customer_id,
+        "priority_class": priority_str(req.priority_class),
+        "context": {
+            "ivr_path": list(ctx.ivr_path),
+            "bot_transcript": ctx.bot_transcript,
+            "attributes": dict(ctx.attributes),
+        },
+    }
+
+
+def abandon_cmd(req: routing_pb2.AbandonCallRequest, t: float) -> dict:
+    return {"op": "abandon", "t": t, "call_id": req.call_id, "reason": req.reason}
+
+
+def complete_cmd(req: routing_pb2.CompleteCallRequest, t: float) -> dict:
+    d = req.disposition
+    return {
+        "op": "complete",
+        "t": t,
+        "call_id": req.call_id,
+        "resolved": d.resolved,
+        "csat": d.csat,
+        "wrap_up_code": d.wrap_up_code,
+    }
+
+
+def set_state_cmd(req: agents_pb2.SetStateRequest, t: float) -> dict:
+    return {
+        "op": "set_state",
+        "t": t,
+        "agent_id": req.agent_id,
+        "state": agent_state_str(req.state),
+        "reason": req.reason,
+        "timeout_s": req.timeout_s,
+    }
+
+
+# --- views -> messages ---------------------------------------------------------------
+
+
+def context_msg(ctx: dict | None) -> types_pb2.CallContext:
+    ctx = ctx or {}
+    return types_pb2.CallContext(
+        ivr_path=list(ctx.get("ivr_path") or ()),
+        bot_transcript=ctx.get("bot_transcript") or "",
+        attributes=dict(ctx.get("attributes") or {}),
+    )
+
+
+def call_msg(v: model.CallView) -> types_pb2.Call:
+    return types_pb2.Call(
+        call_id=v.call_id,
+        state=call_state_enum(v.state),
+        channel=channel_enum(v.channel),
+        skill=v.skill,
+        language=v.language or "",
+        queue=v.queue or "",
+        site=v.site or "",
+        priority_class=priority_enum(v.priority_class),
+        caller=v.caller or "",
+        customer_id=v.customer_id or "",
+        offered_at=v.offered_at,
+        queued_at=v.queued_at,
+        answered_at=v.answered_at,
+        ended_at=v.ended_at,
+        agent_id=v.agent_id or "",
+        transfer_count=v.transfer_count,
+        disposition=types_pb2.Disposition(
+            resolved=v.resolved, csat=v.csat, wrap_up_code=v.wrap_up_code or ""
+        ),
+        context=context_msg(v.context),
+        reject_reason=v.reject_reason or "",
+        abandon_reason=v.abandon_reason or "",
+    )
+
+
+def agent_msg(v: model.AgentView) -> agents_pb2.Agent:
+    return agents_pb2.Agent(
+        agent_id=v.agent_id,
+        state=agent_state_enum(v.state),
+        reason=v.reason or "",
+        skills=[
+            agents_pb2.SkillLevel(skill=s, proficiency=p) for s, p in sorted(v.skills.items())
+        ],
+        languages=list(v.languages),
+        capacity=[
+            agents_pb2.ChannelCapacity(channel=channel_enum(str(getattr(ch, "value", ch))), capacity=n)
+            for ch, n in sorted(v.capacity.items(), key=lambda kv: str(kv[0]))
+        ],
+        call_ids=list(v.call_ids),
+        state_since=v.state_since,
+        wrap_up_until=v.wrap_up_until,
+    )
+
+
+def past_contact_msg(p: model.PastContact) -> types_pb2.PastContact:
+    return types_pb2.PastContact(
+        call_id=p.call_id,
+        offered_at=p.offered_at,
+        skill=p.skill,
+        outcome=call_state_enum(p.outcome),
+        csat=p.csat,
+    )
+
+
+def screen_pop_msg(call: model.CallView, history: list[model.PastContact]) -> agents_pb2.ScreenPop:
+    return agents_pb2.ScreenPop(
+        caller=call.caller or "",
+        customer_id=call.customer_id or "",
+        priority_class=priority_enum(call.priority_class),
+        history=[past_contact_msg(p) for p in history],
+    )
+
+
+def queue_status_msg(q: model.QueueView) -> admin_pb2.QueueStatus:
+    return admin_pb2.QueueStatus(
+        name=q.name,
+        skill=q.skill,
+        channel=channel_enum(q.channel),
+        language=q.language or "",
+        length=q.length,
+        expected_wait_s=q.expected_wait_s,
+        agents_ready=q.agents_ready,
+        agents_staffed=q.agents_staffed,
+        service_level=q.service_level,
+        offered=q.offered,
+        answered=q.answered,
+        abandoned=q.abandoned,
+        oldest_wait_s=q.oldest_wait_s,
+    )
+
+
+def estimate_msg(q: model.QueueView) -> routing_pb2.EstimateWaitResponse:
+    return routing_pb2.EstimateWaitResponse(
+        queue=q.name,
+        expected_wait_s=q.expected_wait_s,
+        queue_length=q.length,
+        agents_ready=q.agents_ready,
+        agents_staffed=q.agents_staffed,
+        service_level=q.service_level,
+    )

@@ -1,0 +1,106 @@
+"""gRPC error answers: a google.rpc.Status carrying a google.rpc.ErrorInfo.
+
+Every refusal leaves the handler through :func:`guard`, which turns a
+:class:`~router.model.RoutingError` into the status of the same name with an ErrorInfo
+(domain ``tandem.router``, the UPPER_SNAKE reason, string metadata), and any other
+exception into a logged INTERNAL answer — a bug in one request never takes the node down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from router.model import RoutingError
+
+DOMAIN = "tandem.router"
+log = logging.getLogger("tandem.node")
+
+_CODES = {
+    "INVALID_ARGUMENT": code_pb2.INVALID_ARGUMENT,
+    "NOT_FOUND": code_pb2.NOT_FOUND,
+    "ALREADY_EXISTS": code_pb2.ALREADY_EXISTS,
+    "FAILED_PRECONDITION": code_pb2.FAILED_PRECONDITION,
+    "UNAVAILABLE": code_pb2.UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": code_pb2.RESOURCE_EXHAUSTED,
+    "ABORTED": code_pb2.ABORTED,
+    "INTERNAL": code_pb2.INTERNAL,
+}
+
+
+def error_status(code: str, reason: str, message: str, metadata: dict | None = None) -> grpc.Status:
+    """The grpc.Status for ``context.abort_with_status`` (google.rpc.Status with ErrorInfo)."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    st = status_pb2.Status(code=_CODES.get(code, code_pb2.UNKNOWN), message=message, details=[detail])
+    return rpc_status.to_status(st)
+
+
+def status_of(err: RoutingError) -> grpc.Status:
+    return error_status(err.code, err.reason, err.message, err.metadata)
+
+
+def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """Client side: the ErrorInfo of a failed call, or None (used by tests and tools)."""
+    st = rpc_status.from_call(rpc_error) if hasattr(rpc_error, "trailing_metadata") else None
+    if st is None:
+        return None
+    for d in st.details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            return info
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, code: str, reason: str, message: str, **md: str) -> None:
+    await context.abort_with_status(error_status(code, reason, message, {k: str(v) for k, v in md.items()}))
+
+
+def guard(method: Callable) -> Callable:
+    """Wrap a servicer method (coroutine or async generator): RoutingError -> its status,
+    anything else unexpected -> logged INTERNAL. Aborts and cancellations pass through."""
+
+    name = method.__qualname__
+
+    async def _fail(context: Any, exc: BaseException) -> None:
+        if isinstance(exc, RoutingError):
+            await context.abort_with_status(status_of(exc))
+        log.exception("unexpected error in %s", name, exc_info=exc)
+        await context.abort_with_status(
+            error_status("INTERNAL", "INTERNAL", f"internal error in {name}; see the node log")
+        )
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def gen_wrapper(self: Any, request: Any, context: Any) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the contract: never crash the node
+                await _fail(context, exc)
+
+        return gen_wrapper
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _fail(context, exc)
+
+    return wrapper

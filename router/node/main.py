@@ -1,0 +1,78 @@
+"""``tandem node``: run one site node in the foreground until SIGTERM / SIGINT.
+
+Prints one line ``tandem node <site> listening on <host>:<port>`` on stdout once it
+serves (tools and tests parse the port from it). Exit codes: 0 after a clean shutdown,
+1 when the node failed (journal error, recovery error, address in use), 2 for a bad
+site file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from router.config import ConfigError, load_site
+
+log = logging.getLogger("tandem.node")
+
+
+def _host_of(address: str) -> str:
+    host = address.rsplit(":", 1)[0]
+    return host or "127.0.0.1"
+
+
+async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) -> int:
+    from router.node.server import RecoveryError, build_node
+
+    try:
+        node, port = await build_node(site, data_dir, listen, sync=sync, drain_s=drain_s)
+    except (RecoveryError, RuntimeError, OSError) as e:
+        print(f"tandem node {site.site.name}: {e}", file=sys.stderr, flush=True)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    print(f"tandem node {site.site.name} listening on {_host_of(listen)}:{port}", flush=True)
+
+    stopper = asyncio.create_task(stop.wait())
+    stopped = asyncio.create_task(node.wait_stopped())
+    await asyncio.wait({stopper, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set() and not node.stopped.is_set():
+        log.info("signal received: draining for %.1f s", node.drain_s)
+        await node.shutdown()
+    await node.wait_stopped()
+    stopper.cancel()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    if node.failed is not None:
+        print(f"tandem node {site.site.name}: stopped after a failure: {node.failed!r}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def run_node(site_path, data_dir, listen: str | None = None, sync: str = "fdatasync") -> int:
+    """Load the site file and serve until a signal. Returns the process exit code."""
+    try:
+        site = load_site(site_path)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 2
+    if sync not in ("fsync", "fdatasync", "none"):
+        print(f"--sync must be fsync, fdatasync or none, got {sync!r}", file=sys.stderr, flush=True)
+        return 2
+    logging.basicConfig(
+        level=os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    drain_s = float(os.environ.get("TANDEM_DRAIN_S", "2.0"))
+    address = listen or site.site.listen
+    import uvloop
+
+    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s))

@@ -1,0 +1,512 @@
+"""The site node's state holder: one engine, one journal, the agent streams and watchers.
+
+Event sourcing, in one place (:meth:`Node.submit`):
+
+1. a command dict is applied to the engine synchronously, on the loop thread, with no
+   ``await`` in between — so commands are serialized without a lock;
+2. if it changed the state it is appended to the journal; the messages its effects
+   call for (assignments, cancellations, agent states, call updates) are built *now*,
+   from the state right after the command, for the streams open *now*;
+3. those messages are delivered, strictly in journal order, only once the record is
+   durable (invariant 4: nothing is told to anyone before it is on disk). A client that
+   goes away while waiting does not cancel the delivery.
+
+A command that changed nothing (an idempotent repeat), and every read, is answered only
+after everything journaled before it is durable (:meth:`Node.barrier`), so no answer
+ever reports a state that a crash could still take back.
+
+A stream opened after a command was applied but before it became durable gets the
+current state as its first messages instead (taken when it opens, written once the
+journal has caught up), so it misses nothing and sees nothing early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import math
+import time
+from typing import Any
+
+from router import model
+from router.config import SiteConfig
+from router.model import RoutingError
+from router.node import convert
+from router.v1 import agents_pb2, routing_pb2
+
+log = logging.getLogger("tandem.node")
+
+FINAL_CALL_STATES = frozenset({"completed", "abandoned", "rejected"})
+
+
+class NodeFailed(Exception):
+    """The journal failed: the in-memory state is ahead of the disk; the node stops."""
+
+
+async def maybe_await(x: Any) -> Any:
+    return await x if inspect.isawaitable(x) else x
+
+
+class _Subscriber:
+    """A stream's outbox. ``None`` in the queue ends the stream; ``end`` says how."""
+
+    max_backlog = 10_000
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+        self.end: tuple[str, str, str] | None = None  # (code, reason, message)
+
+    def deliver(self, msg: Any) -> None:
+        if self.closed:
+            return
+        if self.queue.qsize() >= self.max_backlog:
+            self.close("RESOURCE_EXHAUSTED", "SLOW_CONSUMER", "the stream is not being read")
+            return
+        self.queue.put_nowait(msg)
+
+    def close(self, code: str | None = None, reason: str = "", message: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if code is not None:
+            self.end = (code, reason, message)
+        self.queue.put_nowait(None)
+
+
+class AgentStream(_Subscriber):
+    """The outbox of one agent's Connect stream."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__()
+        self.agent_id = agent_id
+        self._offered: set[str] = set()  # assignment ids already pushed (no duplicates)
+
+    def deliver(self, msg: agents_pb2.NodeMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "assignment":
+            aid = msg.assignment.assignment_id
+            if aid in self._offered:
+                return
+            self._offered.add(aid)
+        elif kind == "cancelled":
+            self._offered.discard(msg.cancelled.assignment_id)
+        elif kind == "connected":
+            self._offered.discard(msg.connected.assignment_id)
+        super().deliver(msg)
+
+
+class CallWatch(_Subscriber):
+    def __init__(self, call_id: str) -> None:
+        super().__init__()
+        self.call_id = call_id
+
+
+class Node:
+    """A running site node. Built by :func:`router.node.server.build_node`."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        engine: Any,
+        journal: Any,
+        *,
+        max_watchers: int = 10_000,
+        compact_every: int = 20_000,
+        drain_s: float = 2.0,
+    ) -> None:
+        self.site = site
+        self.engine = engine
+        self.journal = journal
+        self.max_watchers = max_watchers
+        self.compact_every = compact_every
+        self.drain_s = drain_s
+        self.server: Any = None  # grpc.aio.Server, set by build_node
+        self.health: Any = None  # grpc_health aio HealthServicer, set by build_node
+        self.port = 0
+        self.draining = False
+        self.failed: BaseException | None = None
+        self.durable_seq = 0
+        self.stopped = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._last_t = 0.0
+        self._tail: asyncio.Future | None = None
+        self._pending: collections.deque = collections.deque()  # (future, deliveries)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._streams: dict[str, AgentStream] = {}
+        self._watchers: dict[str, set[CallWatch]] = {}
+        self._watcher_count = 0
+        self._compaction: asyncio.Task | None = None
+        self._closing = False
+        self._stop_task: asyncio.Task | None = None
+
+    # --- time --------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Wall-clock time for a command, never going backwards (the journal's order)."""
+        t = time.time()
+        if t < self._last_t:
+            t = self._last_t
+        self._last_t = t
+        return t
+
+    def note_replayed(self, cmd: dict) -> None:
+        t = cmd.get("t")
+        if isinstance(t, (int, float)) and t > self._last_t:
+            self._last_t = float(t)
+
+    # --- commands ----------------------------------------------------------------------
+
+    def submit(self, cmd: dict) -> tuple[model.Outcome, asyncio.Future | None]:
+        """Apply one command now; journal it if it changed the state.
+
+        Returns the outcome and the journal future (None when nothing changed). Raises
+        RoutingError (nothing changed) or NodeFailed.
+        """
+        if self.failed is not None or self._closing:
+            raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        outcome = self.engine.apply(cmd)
+        deliveries = self._capture(outcome.effects) if outcome.effects else []
+        fut = None
+        if outcome.changed:
+            try:
+                fut = self.journal.append(cmd)
+            except BaseException as exc:
+                self._fail(exc)
+                raise NodeFailed(f"journal append failed: {exc!r}") from exc
+            self._tail = fut
+            self._pending.append((fut, deliveries))
+            fut.add_done_callback(self._on_durable)
+            self._maybe_compact()
+        elif deliveries:
+            tail = self._tail
+            if tail is not None and not tail.done():
+                self._pending.append((tail, deliveries))
+            else:
+                self._deliver(deliveries)
+        self._rearm_timer()
+        return outcome, fut
+
+    async def execute(self, cmd: dict) -> Any:
+        """Apply, and return the result once it (and everything before it) is durable."""
+        outcome, fut = self.submit(cmd)
+        if fut is not None:
+            await self._wait_durable(fut)
+        else:
+            await self.barrier()
+        return outcome.result
+
+    async def barrier(self) -> None:
+        """Wait until everything journaled so far is durable."""
+        tail = self._tail
+        if tail is not None:
+            await self._wait_durable(tail)
+
+    async def _wait_durable(self, fut: asyncio.Future) -> None:
+        if not fut.done():
+            # shield: a client giving up must not cancel the journal's future
+            await asyncio.shield(fut)
+        if fut.cancelled() or fut.exception() is not None:
+            raise NodeFailed("the journal failed; the node is stopping")
+
+    def _on_durable(self, _fut: asyncio.Future) -> None:
+        # Deliver strictly in journal order, whatever order the futures resolve in.
+        while self._pending and self._pending[0][0].done():
+            fut, deliveries = self._pending.popleft()
+            if fut.cancelled() or fut.exception() is not None:
+                self._fail(fut.exception() if not fut.cancelled() else RuntimeError("cancelled"))
+                self._pending.clear()
+                return
+            seq = fut.result()
+            if isinstance(seq, int) and seq > self.durable_seq:
+                self.durable_seq = seq
+            self._deliver(deliveries)
+
+    def _deliver(self, deliveries: list) -> None:
+        for target, msg in deliveries:
+            target.deliver(msg)
+
+    def _capture(self, effects: list) -> list:
+        """Messages the effects call for, built from the state right after the command,
+        addressed to the streams open right now."""
+        out: list = []
+        agent_msgs: dict[str, agents_pb2.NodeMessage] = {}
+        call_msgs: dict[str, routing_pb2.CallUpdate] = {}
+        for e in effects:
+            if isinstance(e, model.CallChanged):
+                ws = self._watchers.get(e.call_id)
+                if not ws:
+                    continue
+                upd = call_msgs.get(e.call_id)
+                if upd is None:
+                    upd = call_msgs[e.call_id] = self.call_update(e.call_id)
+                out.extend((w, upd) for w in ws)
+                continue
+            stream = self._streams.get(e.agent_id)
+            if stream is None:
+                continue
+            if isinstance(e, model.AssignmentOffered):
+                msg = agents_pb2.NodeMessage(assignment=self.assignment_msg(e.assignment_id, e.call_id))
+            elif isinstance(e, model.AssignmentCancelled):
+                msg = agents_pb2.NodeMessage(
+                    cancelled=agents_pb2.AssignmentCancelled(
+                        assignment_id=e.assignment_id, call_id=e.call_id, reason=e.reason
+                    )
+                )
+            elif isinstance(e, model.CallConnected):
+                msg = agents_pb2.NodeMessage(
+                    connected=agents_pb2.Connected(assignment_id=e.assignment_id, call_id=e.call_id)
+                )
+            elif isinstance(e, model.AgentChanged):
+                msg = agent_msgs.get(e.agent_id)
+                if msg is None:
+                    msg = agent_msgs[e.agent_id] = agents_pb2.NodeMessage(
+                        agent=convert.agent_msg(self.engine.agent(e.agent_id))
+                    )
+            else:
+                continue
+            out.append((stream, msg))
+        return out
+
+    # --- views -------------------------------------------------------------------------
+
+    def assignment_msg(self, assignment_id: str, call_id: str) -> agents_pb2.Assignment:
+        call = self.engine.call(call_id)
+        return agents_pb2.Assignment(
+            assignment_id=assignment_id,
+            call=convert.call_msg(call),
+            screen_pop=convert.screen_pop_msg(call, self.engine.screen_pop(call_id)),
+            offer_timeout_s=self.site.routing.offer_timeout_s,
+        )
+
+    def call_update(self, call_id: str) -> routing_pb2.CallUpdate:
+        call = self.engine.call(call_id)
+        position, wait = self.position_of(call)
+        return routing_pb2.CallUpdate(call=convert.call_msg(call), position=position, expected_wait_s=wait)
+
+    def position_of(self, call: model.CallView) -> tuple[int, float]:
+        if call.state != "queued":
+            return 0, 0.0
+        return self.engine.position(call.call_id), self.engine.expected_wait(call.call_id)
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _rearm_timer(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is None or self._closing:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None:
+            if self._timer_at == deadline:
+                return
+            self._timer.cancel()
+        # +1 ms: the loop's monotonic clock and the wall clock drift apart a little
+        delay = max(0.0, deadline - time.time()) + 0.001
+        self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if self._closing or self.failed is not None:
+            return
+        try:
+            self.submit({"op": "tick", "t": self.now()})
+        except RoutingError as e:
+            log.error("tick refused: %r", e)
+        except NodeFailed:
+            pass
+        except Exception:  # noqa: BLE001 - a bug in a tick must not kill the loop
+            log.exception("tick failed")
+        if self._timer is None:
+            deadline = self.engine.next_deadline()
+            if deadline is not None and deadline <= time.time() and not self._closing:
+                # the engine did not move the deadline: retry soon, not in a busy loop
+                self._timer = self._loop.call_later(0.05, self._on_timer)
+                self._timer_at = math.nan
+
+    # --- compaction --------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        if self._compaction is not None or self.compact_every <= 0:
+            return
+        if getattr(self.journal, "records_since_snapshot", 0) >= self.compact_every:
+            self._compaction = self._loop.create_task(self._compact())
+
+    async def _compact(self) -> None:
+        try:
+            await asyncio.sleep(0)  # after the handler that triggered it
+            if self._closing:
+                return
+            # No await between the snapshot and compact(): the snapshot covers exactly
+            # the records appended so far.
+            started = time.perf_counter()
+            await maybe_await(self.journal.compact(self.engine.snapshot()))
+            log.info("journal compacted in %.3f s", time.perf_counter() - started)
+        except Exception:  # noqa: BLE001
+            log.exception("journal compaction failed (the journal keeps growing)")
+        finally:
+            self._compaction = None
+
+    # --- agent streams -----------------------------------------------------------------
+
+    async def open_agent_stream(self, agent_id: str) -> AgentStream:
+        """Register agent_id's Connect stream (replacing an older one) and queue its
+        first messages: the agent's state and the offers ringing at it."""
+        if self._closing:
+            raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        view = self.engine.agent(agent_id)
+        if view.state == "signed_out":
+            raise RoutingError(
+                "FAILED_PRECONDITION", "AGENT_NOT_SIGNED_IN", f"agent {agent_id} is not signed in",
+                agent_id=agent_id,
+            )
+        old = self._streams.get(agent_id)
+        if old is not None:
+            old.close("ABORTED", "STREAM_REPLACED", "a newer Connect for this agent replaced this stream")
+        stream = AgentStream(agent_id)
+        self._streams[agent_id] = stream
+        stream.deliver(agents_pb2.NodeMessage(agent=convert.agent_msg(view)))
+        for call_id in view.call_ids:
+            call = self.engine.call(call_id)
+            if call.state == "assigned" and call.agent_id == agent_id and call.assignment_id:
+                stream.deliver(
+                    agents_pb2.NodeMessage(assignment=self.assignment_msg(call.assignment_id, call_id))
+                )
+        await self.barrier()  # the state just queued must be durable before it is written
+        return stream
+
+    def close_agent_stream(self, stream: AgentStream) -> None:
+        """The stream ended. If it was still the agent's current one, the agent is
+        disconnected: ringing offers go back to the queue (engine ``disconnect``)."""
+        stream.closed = True
+        if self._streams.get(stream.agent_id) is not stream:
+            return
+        del self._streams[stream.agent_id]
+        if self._closing or self.failed is not None:
+            return  # a node shutting down keeps agent states as they are for the restart
+        try:
+            self.submit({"op": "disconnect", "t": self.now(), "agent_id": stream.agent_id})
+        except RoutingError as e:
+            log.info("disconnect of %s refused: %s", stream.agent_id, e.reason)
+        except NodeFailed:
+            pass
+
+    def agent_answer(self, stream: AgentStream, cmd: dict) -> None:
+        """An Accept / Reject from the agent's stream. Refused ones are logged and
+        ignored: the stream stays up (an answer that raced a timeout is normal)."""
+        if self._streams.get(stream.agent_id) is not stream:
+            return  # a replaced stream speaks for nobody
+        cmd["t"] = self.now()
+        cmd["agent_id"] = stream.agent_id
+        try:
+            self.submit(cmd)
+        except RoutingError as e:
+            log.info("%s from %s refused: %s %s", cmd["op"], stream.agent_id, e.reason, e.message)
+
+    # --- call watchers -----------------------------------------------------------------
+
+    async def open_watch(self, call_id: str) -> CallWatch:
+        if self._closing:
+            raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        if self._watcher_count >= self.max_watchers:
+            raise RoutingError(
+                "RESOURCE_EXHAUSTED", "TOO_MANY_WATCHERS",  # type: ignore[arg-type]
+                f"this node serves at most {self.max_watchers} WatchCall streams",
+            )
+        update = self.call_update(call_id)  # RoutingError CALL_NOT_FOUND
+        watch = CallWatch(call_id)
+        self._watchers.setdefault(call_id, set()).add(watch)
+        self._watcher_count += 1
+        watch.deliver(update)
+        await self.barrier()
+        return watch
+
+    def close_watch(self, watch: CallWatch) -> None:
+        watch.closed = True
+        ws = self._watchers.get(watch.call_id)
+        if ws is not None and watch in ws:
+            ws.discard(watch)
+            self._watcher_count -= 1
+            if not ws:
+                del self._watchers[watch.call_id]
+
+    @property
+    def watcher_count(self) -> int:
+        return self._watcher_count
+
+    @property
+    def connected_agents(self) -> list[str]:
+        return sorted(self._streams)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._rearm_timer()
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self.failed is not None:
+            return
+        self.failed = exc or RuntimeError("journal failure")
+        log.critical("journal failure, the node stops (state is ahead of the disk): %r", exc)
+        if self._stop_task is None:
+            self._stop_task = self._loop.create_task(self.stop(grace=0.5))
+
+    async def shutdown(self, drain_s: float | None = None) -> None:
+        """Graceful stop (SIGTERM): health NOT_SERVING, refuse new work (OfferCall,
+        SignIn: UNAVAILABLE NODE_DRAINING) for ``drain_s`` while in-flight work finishes,
+        then stop."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining")
+            if self.health is not None:
+                await self.health.enter_graceful_shutdown()
+            await asyncio.sleep(self.drain_s if drain_s is None else drain_s)
+        await self.stop(grace=1.0)
+
+    async def stop(self, grace: float | None = 0.5) -> None:
+        """Stop serving, flush and close the journal. Idempotent."""
+        if self._closing:
+            await self.stopped.wait()
+            return
+        self._closing = True
+        self.draining = True
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream in list(self._streams.values()):
+            stream.close("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        for ws in list(self._watchers.values()):
+            for w in list(ws):
+                w.close("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        try:
+            if self.server is not None:
+                await self.server.stop(grace)
+            if self._compaction is not None:
+                try:
+                    await self._compaction
+                except Exception:  # noqa: BLE001 - already logged
+                    pass
+            if self.failed is None:
+                try:
+                    await maybe_await(self.journal.flush())
+                except Exception as exc:  # noqa: BLE001
+                    log.error("journal flush at stop failed: %r", exc)
+                    self.failed = exc
+            try:
+                await maybe_await(self.journal.close())
+            except Exception as exc:  # noqa: BLE001
+                log.error("journal close failed: %r", exc)
+        finally:
+            self.stopped.set()
+            log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self.stopped.wait()

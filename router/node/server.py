@@ -1,0 +1,151 @@
+"""Build a site node: recover the engine from the journal, wire the gRPC server.
+
+    node, port = await build_node(site, data_dir, "127.0.0.1:0")
+    await node.start()
+    ...
+    await node.shutdown()      # SIGTERM path: drain, then stop
+    await node.stop()          # immediate stop (tests)
+
+The server serves router.v1 Routing, Agents, Admin and Diagnostics, the standard health
+service (overall "" and each service name SERVING until shutdown) and reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.config import SiteConfig
+from router.model import RoutingError
+from router.node.node import Node, maybe_await
+from router.node.services import AdminService, AgentsService, DiagnosticsService, RoutingService
+from router.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
+)
+
+log = logging.getLogger("tandem.node")
+
+# The largest request accepted (grpc refuses bigger ones with RESOURCE_EXHAUSTED): a 64 KiB
+# Echo payload plus its framing; an OfferCall at its documented limits is far below.
+MAX_REQUEST_BYTES = 64 * 1024 + 1024
+
+SERVICE_NAMES = (
+    routing_pb2.DESCRIPTOR.services_by_name["Routing"].full_name,
+    agents_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
+)
+
+
+class RecoveryError(RuntimeError):
+    """A journal record that applied once no longer applies: a bug (engine not
+    deterministic, or an incompatible journal). The node refuses to start."""
+
+
+def recover_engine(site: SiteConfig, snapshot: Any, records: list, queue_factory: Any = None) -> tuple[Any, float]:
+    """Engine from snapshot + records; returns it and the last command time."""
+    from router.engine import Engine
+
+    if snapshot is not None:
+        engine = Engine.restore(site, snapshot, queue_factory=queue_factory)
+    else:
+        engine = Engine(site, queue_factory=queue_factory)
+    last_t = 0.0
+    for i, rec in enumerate(records):
+        try:
+            engine.apply(rec)
+        except RoutingError as e:
+            log.critical("journal replay: record %d %r refused: %r", i, rec, e)
+            raise RecoveryError(
+                f"journal replay failed at record {i} (op {rec.get('op')!r}): {e.reason}: {e.message}"
+            ) from e
+        t = rec.get("t")
+        if isinstance(t, (int, float)) and t > last_t:
+            last_t = float(t)
+    return engine, last_t
+
+
+async def build_node(
+    site: SiteConfig,
+    data_dir: str | Path,
+    address: str = "127.0.0.1:0",
+    sync: str = "fdatasync",
+    *,
+    drain_s: float = 2.0,
+    max_watchers: int = 10_000,
+    compact_every: int = 20_000,
+    queue_factory: Any = None,
+) -> tuple[Node, int]:
+    """Recover the site's state from ``data_dir`` and bind a gRPC server on ``address``.
+
+    Returns the node (not started: call ``await node.start()``) and the bound port.
+    Raises RecoveryError when the journal does not replay, RuntimeError when the address
+    cannot be bound.
+    """
+    from router.journal import Journal
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    journal = await maybe_await(Journal.open(data_dir, sync=sync))
+    try:
+        snapshot, records = await maybe_await(journal.recover())
+        engine, last_t = recover_engine(site, snapshot, list(records), queue_factory)
+    except BaseException:
+        await maybe_await(journal.close())
+        raise
+    log.info(
+        "%s: recovered %s snapshot + %d records in %.3f s",
+        site.site.name, "a" if snapshot is not None else "no", len(records), time.perf_counter() - started,
+    )
+
+    node = Node(site, engine, journal, max_watchers=max_watchers, compact_every=compact_every, drain_s=drain_s)
+    node._last_t = last_t
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),  # two nodes must never share a port silently
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ]
+    )
+    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(node), server)
+    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsService(node), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(node), server)
+    diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsService(node), server)
+
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        await maybe_await(journal.close())
+        raise RuntimeError(f"cannot listen on {address}: {e}") from e
+    if port == 0:
+        await maybe_await(journal.close())
+        raise RuntimeError(f"cannot listen on {address}")
+    node.server = server
+    node.health = health_servicer
+    node.port = port
+    return node, port

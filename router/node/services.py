@@ -1,0 +1,293 @@
+"""gRPC servicers of a site node: Routing, Agents, Admin, Diagnostics.
+
+Thin on purpose: each handler converts its request (``convert``), hands a command to the
+:class:`~router.node.node.Node` (which applies, journals and waits for durability) or
+reads a view, and converts the answer back. Every handler is wrapped by
+:func:`~router.node.errors.guard` (RoutingError -> status + ErrorInfo, bug -> INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import time
+
+from router.model import RoutingError
+from router.node import convert
+from router.node.errors import abort, guard
+from router.node.node import FINAL_CALL_STATES, Node
+from router.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    agents_pb2,
+    agents_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
+)
+
+log = logging.getLogger("tandem.node")
+
+ECHO_MAX_PAYLOAD = 64 * 1024
+DEFAULT_WATCH_INTERVAL_S = 1.0
+MIN_WATCH_INTERVAL_S = 0.05
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+
+
+def _draining(node: Node) -> None:
+    if node.draining:
+        raise RoutingError(
+            "UNAVAILABLE", "NODE_DRAINING", "the node is shutting down; retry on another node"
+        )
+
+
+class RoutingService(routing_pb2_grpc.RoutingServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @guard
+    async def OfferCall(self, request, context):
+        _draining(self.node)
+        node = self.node
+        res = await node.execute(convert.offer_cmd(request, node.now()))
+        return routing_pb2.OfferCallResponse(
+            call=convert.call_msg(res.call),
+            position=res.position,
+            expected_wait_s=res.expected_wait_s,
+            decision=res.decision,
+        )
+
+    @guard
+    async def AbandonCall(self, request, context):
+        view = await self.node.execute(convert.abandon_cmd(request, self.node.now()))
+        return routing_pb2.AbandonCallResponse(call=convert.call_msg(view))
+
+    @guard
+    async def CompleteCall(self, request, context):
+        view = await self.node.execute(convert.complete_cmd(request, self.node.now()))
+        return routing_pb2.CompleteCallResponse(call=convert.call_msg(view))
+
+    @guard
+    async def GetCall(self, request, context):
+        node = self.node
+        call = node.engine.call(request.call_id)
+        position, wait = node.position_of(call)
+        msg = routing_pb2.GetCallResponse(call=convert.call_msg(call), position=position, expected_wait_s=wait)
+        await node.barrier()
+        return msg
+
+    @guard
+    async def EstimateWait(self, request, context):
+        q = self.node.engine.estimate(request.skill, convert.channel_str(request.channel), request.language)
+        return convert.estimate_msg(q)
+
+    @guard
+    async def WatchCall(self, request, context):
+        node = self.node
+        interval = request.interval_s
+        if not math.isfinite(interval) or interval <= 0:
+            interval = DEFAULT_WATCH_INTERVAL_S
+        interval = min(max(interval, MIN_WATCH_INTERVAL_S), 3600.0)
+        watch = await node.open_watch(request.call_id)
+        try:
+            last_key = None
+            last_sent = time.monotonic()
+            queued = True
+            while True:
+                timeout = None
+                if queued:
+                    timeout = max(0.0, last_sent + interval - time.monotonic())
+                try:
+                    if not watch.queue.empty():
+                        upd = watch.queue.get_nowait()
+                    else:
+                        upd = await asyncio.wait_for(watch.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    # periodic position / expected-wait refresh while queued
+                    try:
+                        call = node.engine.call(request.call_id)
+                    except RoutingError:
+                        return  # dropped from retention: nothing more to tell
+                    if call.state != "queued":
+                        last_sent = time.monotonic()  # the state change comes as an effect
+                        continue
+                    upd = node.call_update(request.call_id)
+                    key = (upd.position, round(upd.expected_wait_s, 1))
+                    if key == last_key:
+                        last_sent = time.monotonic()
+                        continue
+                    await node.barrier()
+                if upd is None:  # closed by the node
+                    if watch.end:
+                        await abort(context, *watch.end)
+                    return
+                last_key = (upd.position, round(upd.expected_wait_s, 1))
+                last_sent = time.monotonic()
+                yield upd
+                state = convert.call_state_str(upd.call.state)
+                if state in FINAL_CALL_STATES:
+                    return
+                queued = state == "queued"
+        finally:
+            node.close_watch(watch)
+
+
+class AgentsService(agents_pb2_grpc.AgentsServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @guard
+    async def SignIn(self, request, context):
+        _draining(self.node)
+        view = await self.node.execute({"op": "sign_in", "t": self.node.now(), "agent_id": request.agent_id})
+        return agents_pb2.SignInResponse(agent=convert.agent_msg(view))
+
+    @guard
+    async def SignOut(self, request, context):
+        view = await self.node.execute({"op": "sign_out", "t": self.node.now(), "agent_id": request.agent_id})
+        return agents_pb2.SignOutResponse(agent=convert.agent_msg(view))
+
+    @guard
+    async def SetState(self, request, context):
+        view = await self.node.execute(convert.set_state_cmd(request, self.node.now()))
+        return agents_pb2.SetStateResponse(agent=convert.agent_msg(view))
+
+    @guard
+    async def GetAgent(self, request, context):
+        msg = agents_pb2.GetAgentResponse(agent=convert.agent_msg(self.node.engine.agent(request.agent_id)))
+        await self.node.barrier()
+        return msg
+
+    @guard
+    async def Connect(self, request_iterator, context):
+        node = self.node
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello" or not first.hello.agent_id:
+            await abort(context, "INVALID_ARGUMENT", "MISSING_FIELD", "the first message must be a hello with agent_id", field="hello.agent_id")
+        stream = await node.open_agent_stream(first.hello.agent_id)
+        reader = asyncio.create_task(self._read(requests, stream))
+        try:
+            while True:
+                msg = await stream.queue.get()
+                if msg is None:
+                    break
+                await context.write(msg)
+            if stream.end is not None:
+                await abort(context, *stream.end)
+        finally:
+            reader.cancel()
+            node.close_agent_stream(stream)
+
+    async def _read(self, requests, stream) -> None:
+        """Accept / Reject from the agent. When the agent closes its side (or the
+        transport fails), the stream ends."""
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                if kind == "accept":
+                    self.node.agent_answer(stream, {"op": "accept", "assignment_id": msg.accept.assignment_id})
+                elif kind == "reject":
+                    self.node.agent_answer(
+                        stream,
+                        {"op": "reject", "assignment_id": msg.reject.assignment_id, "reason": msg.reject.reason},
+                    )
+                else:
+                    log.info("agent %s sent %s on an open stream; ignored", stream.agent_id, kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transport errors end the stream
+            log.info("agent %s stream read ended: %r", stream.agent_id, exc)
+        stream.close()
+
+
+def _encode_token(index: int, last_call_id: str) -> str:
+    raw = f"1:{index}:{last_call_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[int, str]:
+    bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued", field="page_token")
+    if len(token) > 200:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, index, last = raw.split(":", 2)
+        i = int(index)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if version != "1" or i < 1 or not index.isdigit():
+        raise bad
+    return i, last
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @guard
+    async def GetStatus(self, request, context):
+        node = self.node
+        eng = node.engine
+        info = node.site.site
+        msg = admin_pb2.GetStatusResponse(
+            site=info.name,
+            region=info.region,
+            kind=info.kind,
+            serving=not node.draining,
+            queues=[convert.queue_status_msg(q) for q in eng.queues()],
+            agents_by_state={k: int(v) for k, v in eng.agents_by_state().items()},
+            calls_by_state={k: int(v) for k, v in eng.counts_by_state().items()},
+        )
+        await node.barrier()
+        msg.journal_seq = node.durable_seq
+        return msg
+
+    @guard
+    async def ListCalls(self, request, context):
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise RoutingError(
+                "INVALID_ARGUMENT", "INVALID_PAGE_SIZE", f"page_size must be 0..{MAX_PAGE_SIZE}",
+                field="page_size",
+            )
+        start = 0
+        last_id = ""
+        if request.page_token:
+            start, last_id = _decode_token(request.page_token)
+        state = convert.call_state_str(request.state) or None
+        calls = self.node.engine.calls(state)
+        if last_id and 0 < start <= len(calls) and calls[start - 1].call_id != last_id:
+            # calls were dropped or changed state since the last page: resync on the id
+            for i, c in enumerate(calls):
+                if c.call_id == last_id:
+                    start = i + 1
+                    break
+        page = calls[start:start + size]
+        msg = admin_pb2.ListCallsResponse(calls=[convert.call_msg(c) for c in page])
+        end = start + len(page)
+        if page and end < len(calls):
+            msg.next_page_token = _encode_token(end, page[-1].call_id)
+        await self.node.barrier()
+        return msg
+
+
+class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @guard
+    async def Echo(self, request, context):
+        if len(request.payload) > ECHO_MAX_PAYLOAD:
+            raise RoutingError(
+                "INVALID_ARGUMENT", "FIELD_TOO_LONG", f"payload is over {ECHO_MAX_PAYLOAD} bytes", field="payload"
+            )
+        return diagnostics_pb2.EchoResponse(payload=request.payload)

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures. Keep this file small: helpers live in modules next to it
+(``node_fixtures.py`` for site nodes) and are registered here."""
+
+from __future__ import annotations
+
+import pytest
+
+from node_fixtures import make_site, running_node
+
+
+@pytest.fixture
+def site():
+    """A small test site (see node_fixtures.TEST_SITE)."""
+    return make_site()
+
+
+@pytest.fixture
+async def node(tmp_path):
+    """An in-process site node on 127.0.0.1:0 with a journal in tmp_path; ``node.stubs``
+    holds routing/agents/admin/diag/health stubs."""
+    async with running_node(make_site(), tmp_path / "node") as n:
+        yield n
