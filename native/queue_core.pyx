@@ -45,11 +45,17 @@ cdef extern from *:
     #endif
     #define TANDEM_MAX_HANDLE (((int64_t)1) << 62)
     #define TANDEM_FIB 0x9E3779B97F4A7C15ULL
+    #if defined(__GNUC__)
+    #  define TANDEM_PREFETCH(p) __builtin_prefetch((p), 1, 3)
+    #else
+    #  define TANDEM_PREFETCH(p) ((void)0)
+    #endif
     """
     bint likely "TANDEM_LIKELY"(bint)
     bint unlikely "TANDEM_UNLIKELY"(bint)
     const int64_t MAX_HANDLE "TANDEM_MAX_HANDLE"
     const uint64_t FIB "TANDEM_FIB"
+    void prefetch_w "TANDEM_PREFETCH"(const void*) noexcept nogil
 
 
 ctypedef struct Entry:
@@ -220,7 +226,14 @@ cdef class IndexedPQ:
     # -- hash table ----------------------------------------------------------
 
     cdef inline Py_ssize_t _home(self, int64_t handle) noexcept:
-        return <Py_ssize_t>((<uint64_t>handle * FIB) >> self._tshift)
+        # Handles are issued in arrival order, so pushes come in runs of
+        # consecutive handles: keep each aligned run of 8 together in one
+        # cache line of _thandle (low 3 bits kept) and scatter the runs with
+        # Fibonacci hashing of the rest. Strided handles still spread, at
+        # worst over one home in 8 -- short probes at load <= 1/2.
+        return <Py_ssize_t>(
+            (((<uint64_t>handle >> 3) * FIB) >> self._tshift) & ~(<uint64_t>7)
+            | (<uint64_t>handle & 7))
 
     cdef inline Py_ssize_t _probe(self, int64_t handle) noexcept:
         """The slot holding ``handle``, or the free slot where it would go."""
@@ -317,16 +330,19 @@ cdef class IndexedPQ:
 
     cdef void _delete_at(self, Py_ssize_t pos) noexcept:
         """Drop the entry at heap position ``pos`` (table slot included)."""
+        cdef int32_t slot = self._hslot[pos]
         cdef Py_ssize_t last
-        self._table_delete(self._hslot[pos])
+        # The table line of a dequeued call is usually cold: fetch it while
+        # the heap is repaired, then free the slot (nothing reads it meanwhile).
+        prefetch_w(&self._thandle[slot])
         self._n -= 1
         last = self._n
-        if pos == last:
-            return
-        if pos > 0 and _before(&self._heap[last], &self._heap[(pos - 1) // ARITY]):
-            self._sift_up(pos, self._heap[last], self._hslot[last])
-        else:
-            self._sift_down(pos, self._heap[last], self._hslot[last])
+        if pos != last:
+            if pos > 0 and _before(&self._heap[last], &self._heap[(pos - 1) // ARITY]):
+                self._sift_up(pos, self._heap[last], self._hslot[last])
+            else:
+                self._sift_down(pos, self._heap[last], self._hslot[last])
+        self._table_delete(slot)
 
     # -- public API ----------------------------------------------------------
 
