@@ -1,0 +1,546 @@
+"""Local write-ahead journal of a site node: append-only segments, group commit, snapshots.
+
+The node is event-sourced: it applies a command (a JSON-able dict) to its in-memory engine,
+appends the command here and acknowledges the client only once `append`'s future resolves,
+i.e. once the record is on disk (DESIGN.md invariant 4). On start it calls `recover()` and
+replays the records after the latest snapshot.
+
+Files in data_dir:
+
+    LOCK                          flock'ed while a Journal is open: one writer per directory
+    journal-<first_seq:016d>.log  segments; each record is u32 length, u32 crc32(payload),
+                                  payload (little-endian header)
+    snapshot-<seq:016d>.json      {"seq": S, "state": ...}: the state after records 1..S
+    snapshot-<seq:016d>.json.tmp  a snapshot being written; recovery removes it
+
+A payload is compact UTF-8 JSON `{"seq": n, "b": b, "rec": {...}}` where b is the seq of the
+first record of the write() that carried it. Only the last write can be damaged by a crash
+(every earlier write was synced before it), so b lets recovery tell a hole left by a lost
+power in the last, never-acknowledged write (tolerated) from damage to acknowledged data
+(JournalCorrupt).
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import re
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Journal", "JournalCorrupt", "JournalError", "JournalStats", "MAX_RECORD"]
+
+HEADER = struct.Struct("<II")
+MIN_PAYLOAD = 2            # '{}'; also rejects zero-filled space, as crc32(b"") == 0
+MAX_RECORD = 16 << 20      # bytes of payload; larger lengths are treated as damage
+_SEGMENT = re.compile(r"journal-(\d{16})\.log")
+_SNAPSHOT = re.compile(r"snapshot-(\d{16})\.json")
+_SYNC_MODES = {"fsync": os.fsync, "fdatasync": os.fdatasync, "none": None}
+_ROTATE = object()         # queue item: records from this seq on go to a new segment
+_BARRIER = object()        # queue item: resolves once everything queued before it is durable
+
+
+class JournalError(Exception):
+    """The journal cannot take or make durable a record: disk error, closed, or in use."""
+
+
+class JournalCorrupt(JournalError):
+    """Recovery found damage that is not a crash tail (acknowledged data would be lost).
+    Raised by `Journal.open` before it modifies any file."""
+
+
+@dataclass
+class JournalStats:
+    """Counters since open: records made durable, write rounds, data syncs, bytes written."""
+    records: int = 0
+    batches: int = 0
+    syncs: int = 0
+    bytes: int = 0
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"journal-{first_seq:016d}.log"
+
+
+def _snapshot_name(seq: int) -> str:
+    return f"snapshot-{seq:016d}.json"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- recovery (pure reads)
+
+def _read_at(data: bytes, off: int) -> tuple[int, int, dict, int] | None:
+    """The intact record at `off` as (seq, b, rec, end offset), or None."""
+    if off + HEADER.size > len(data):
+        return None
+    length, crc = HEADER.unpack_from(data, off)
+    end = off + HEADER.size + length
+    if not MIN_PAYLOAD <= length <= MAX_RECORD or end > len(data):
+        return None
+    payload = data[off + HEADER.size:end]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        obj = json.loads(payload)
+        seq, batch, rec = obj["seq"], obj["b"], obj["rec"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if type(seq) is not int or type(batch) is not int or not isinstance(rec, dict):
+        return None
+    return seq, batch, rec, end
+
+
+@dataclass
+class _Segment:
+    path: Path
+    first_seq: int
+    records: list[dict]
+    good_end: int          # offset after the last record kept
+    size: int
+
+    @property
+    def end_seq(self) -> int:       # seq of the record that would come next
+        return self.first_seq + len(self.records)
+
+
+def _scan_segment(path: Path, first_seq: int) -> _Segment:
+    """Parse a segment; find where its crash tail starts (if any). Raises JournalCorrupt."""
+    data = path.read_bytes()
+    records: list[dict] = []
+    off, expect = 0, first_seq
+    while (r := _read_at(data, off)) is not None:
+        seq, _, rec, end = r
+        if seq != expect:
+            raise JournalCorrupt(f"{path}: record at offset {off} has seq {seq}, expected {expect}")
+        records.append(rec)
+        off, expect = end, expect + 1
+    if off < len(data):
+        _check_tail(path, data, off, expect)
+    return _Segment(path, first_seq, records, off, len(data))
+
+
+def _check_tail(path: Path, data: bytes, bad: int, expect: int) -> None:
+    """Bytes from `bad` on are no intact record: accept them as a crash tail, or raise.
+
+    A tail is what a crash leaves: a torn record or garbage with no intact record after it,
+    or a hole inside the last write (its sync never finished, so none of it was
+    acknowledged), recognised by every later intact record carrying that write's `b`.
+    """
+    later: list[tuple[int, int, int]] = []          # (offset, seq, b)
+    pos = bad + 1
+    while pos + HEADER.size + MIN_PAYLOAD <= len(data):
+        r = _read_at(data, pos)
+        if r is None:
+            pos += 1
+            continue
+        later.append((pos, r[0], r[1]))
+        pos = r[3]
+    if not later:
+        return
+    last_write = later[-1][2]
+    if last_write <= expect and all(b == last_write and seq >= expect for _, seq, b in later):
+        return
+    raise JournalCorrupt(
+        f"{path}: damaged record at offset {bad} (seq {expect}) is followed by intact "
+        f"records (first at offset {later[0][0]}, seq {later[0][1]}): not a crash tail")
+
+
+# ---------------------------------------------------------------- the journal
+
+class Journal:
+    """Append-only journal of one site node; see the module docstring for the format.
+
+    Not thread-safe: every method is called from the thread of the event loop that made
+    the first `append`/`compact` call. `open` and `recover` are plain calls.
+    """
+
+    def __init__(self, data_dir: Path, sync: str, lock_fd: int) -> None:
+        self._dir = data_dir
+        self._sync_file: Callable[[int], None] | None = _SYNC_MODES[sync]
+        self._lock_fd = lock_fd
+        self.stats = JournalStats()
+        # test hook, called in the I/O threads after each step that changes files
+        self._probe: Callable[[str], None] | None = None
+        snap_seq, snap_state, replay, fd, seg_first = self._recover_files()
+        self._snap_seq = snap_seq
+        self._recovered: tuple[Any, list[dict]] | None = (snap_state, replay)
+        self._next_seq = snap_seq + len(replay) + 1
+        self._durable_seq = self._next_seq - 1
+        self._fd, self._seg_first = fd, seg_first            # owned by the writer thread
+        self._pending: list[tuple[int, Any, asyncio.Future]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal-writer")
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="journal-compact")
+        self._compact_lock = asyncio.Lock()
+        self._failure: BaseException | None = None
+        self._closing = self._closed = False
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike, *, sync: str = "fdatasync") -> "Journal":
+        """Open/create the journal in data_dir (created if missing), taking its LOCK.
+
+        Recovers the files: removes leftover tmp files and files made obsolete by the
+        latest snapshot, truncates a torn or garbage tail left by a crash, and makes what
+        it recovered durable. Starts no I/O task or thread work; call `recover()` next.
+        sync: "fsync" | "fdatasync" | "none" ("none" only for tests that don't check
+        durability). Raises JournalCorrupt (having changed nothing) if acknowledged data
+        is damaged or missing, JournalError if another Journal holds the directory.
+        """
+        if sync not in _SYNC_MODES:
+            raise ValueError(f"sync must be one of {sorted(_SYNC_MODES)}, not {sync!r}")
+        path = Path(data_dir)
+        if not path.is_dir():
+            created = [p for p in (path, *path.parents) if not p.exists()]
+            path.mkdir(parents=True)
+            if sync != "none":
+                for new_dir in reversed(created):     # each new entry, top down
+                    _fsync_dir(new_dir.parent)
+        lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise JournalError(f"{path} is in use by another Journal (LOCK is held)") from None
+        try:
+            return cls(path, sync, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def _recover_files(self) -> tuple[int, Any, list[dict], int, int]:
+        """Validate everything first, then repair: (snap seq, snap state, replay, fd, first)."""
+        d = self._dir
+        names = os.listdir(d)
+        snaps = sorted(int(m[1]) for n in names if (m := _SNAPSHOT.fullmatch(n)))
+        segs = sorted(int(m[1]) for n in names if (m := _SEGMENT.fullmatch(n)))
+        snap_seq, state, has_snap = 0, None, bool(snaps)
+        if snaps:
+            snap_seq = snaps[-1]
+            path = d / _snapshot_name(snap_seq)
+            try:
+                doc = json.loads(path.read_bytes())
+                ok = isinstance(doc, dict) and doc.get("seq") == snap_seq and "state" in doc
+            except ValueError:
+                ok = False
+            if not ok:
+                raise JournalCorrupt(f"{path}: unreadable snapshot")
+            state = doc["state"]
+        # A segment is obsolete once the next one starts within the snapshot.
+        live = [f for i, f in enumerate(segs) if i == len(segs) - 1 or segs[i + 1] - 1 > snap_seq]
+        scans = [_scan_segment(d / _segment_name(f), f) for f in live]
+        if scans and scans[0].first_seq > snap_seq + 1:
+            raise JournalCorrupt(f"{scans[0].path}: records {snap_seq + 1}.."
+                                 f"{scans[0].first_seq - 1} are missing")
+        for prev, seg in zip(scans, scans[1:]):
+            if prev.end_seq != seg.first_seq:
+                raise JournalCorrupt(f"{prev.path}: ends at offset {prev.good_end} before seq "
+                                     f"{prev.end_seq}, but the next segment starts at "
+                                     f"{seg.first_seq}: records are missing")
+        replay = [rec for seg in scans for i, rec in enumerate(seg.records)
+                  if seg.first_seq + i > snap_seq]
+        next_seq = snap_seq + len(replay) + 1
+        # Repair. From here on everything is redone identically if we crash part-way.
+        sync = self._sync_file is not None
+        active = scans[-1] if scans and scans[-1].end_seq == next_seq else None
+        if has_snap and sync:
+            _fsync_path(d / _snapshot_name(snap_seq))
+        if sync:
+            _fsync_dir(d)          # the snapshot's rename is durable before we delete
+        for seg in scans:
+            truncated = seg is active and seg.good_end < seg.size
+            if truncated:
+                os.truncate(seg.path, seg.good_end)
+            if sync and (truncated or seg.end_seq > snap_seq + 1):
+                _fsync_path(seg.path)   # what we replay may have been written, never synced
+        for n in names:
+            if (n.endswith(".tmp")
+                    or ((m := _SNAPSHOT.fullmatch(n)) and int(m[1]) < snap_seq)
+                    or ((m := _SEGMENT.fullmatch(n)) and int(m[1]) not in live)):
+                os.unlink(d / n)
+        for seg in scans:
+            if seg is not active and seg.end_seq <= snap_seq + 1:
+                os.unlink(seg.path)       # its records all precede the snapshot
+        if active is not None:
+            fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+            return snap_seq, state, replay, fd, active.first_seq
+        fd = os.open(d / _segment_name(next_seq), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if sync:
+            _fsync_dir(d)
+        return snap_seq, state, replay, fd, next_seq
+
+    def recover(self) -> tuple[dict | None, list[dict]]:
+        """(latest snapshot or None, records appended after that snapshot, in append order).
+
+        This is what was on disk at `open()`; it is only available until the first
+        `append`/`compact` (raises JournalError afterwards, as it would be stale).
+        """
+        if self._recovered is None:
+            raise JournalError("recover() is only available before the first append/compact")
+        return self._recovered
+
+    @property
+    def records_since_snapshot(self) -> int:
+        """Records appended (durable or not) after the latest completed snapshot."""
+        return self._next_seq - 1 - self._snap_seq
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last record appended (0 if none ever was)."""
+        return self._next_seq - 1
+
+    # ------------------------------------------------------------ appends
+
+    def append(self, record: dict) -> "asyncio.Future[int]":
+        """Queue a record; returns a future resolving to its sequence number once it is
+        durable (written and synced). Records become durable in append order.
+
+        Must be called from the event loop thread. Never blocks the loop: the record is
+        serialized here (so the caller may mutate it afterwards), the write+sync happens in
+        a worker thread, and all records queued while a sync is in flight go together in the
+        next write+sync (group commit). Cancelling the future does not withdraw the record.
+        If a write or sync fails (disk error), its futures and all queued ones fail with
+        JournalError and the journal refuses further appends (raises JournalError): the
+        node must restart and recover. Raises TypeError/ValueError, changing nothing, for a
+        record that is not a dict, not strict JSON, or larger than MAX_RECORD.
+        """
+        self._check_usable()
+        if not isinstance(record, dict):
+            raise TypeError(f"a journal record is a dict, not {type(record).__name__}")
+        data = _dumps(record)
+        if len(data) > MAX_RECORD - 64:
+            raise ValueError(f"journal record of {len(data)} bytes exceeds MAX_RECORD")
+        fut = self._start().create_future()
+        seq = self._next_seq
+        self._next_seq += 1
+        self._enqueue(seq, data, fut)
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is durable (JournalError if it cannot be)."""
+        if self._durable_seq >= self._next_seq - 1 or self._closed:
+            self._raise_if_failed()
+            return
+        self._check_usable(closing_ok=True)
+        barrier = self._start().create_future()
+        self._enqueue(self._next_seq - 1, _BARRIER, barrier)
+        await barrier
+
+    async def compact(self, snapshot: dict) -> None:
+        """Make `snapshot` the new recovery base and drop what it covers.
+
+        snapshot must reflect every record appended (not necessarily durable) before this
+        call; it is serialized before compact() first yields, so the caller may go on
+        changing its state and appending. Waits until those records are durable and a new
+        segment has started, then writes the snapshot atomically (tmp file, fsync, rename,
+        fsync dir) in a separate thread, so appends go on meanwhile, and deletes segments
+        and snapshots made obsolete. Safe against SIGKILL at any point: recovery afterwards
+        yields a state equal to snapshot + later records (or to the previous base + all
+        records, if the rename did not happen). Concurrent calls run one after the other.
+        Raises JournalError if the records could not be made durable (the journal has
+        failed) or the snapshot could not be written (the journal remains usable).
+        """
+        self._check_usable()
+        seq = self._next_seq - 1
+        data = _dumps({"seq": seq, "state": snapshot})
+        rotated = self._start().create_future()
+        self._enqueue(seq + 1, _ROTATE, rotated)
+        async with self._compact_lock:
+            await rotated
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._compactor, self._write_snapshot, seq, data)
+            except OSError as exc:     # the segments still hold everything: appends go on
+                raise JournalError(f"snapshot {seq} not written: {exc!r}") from exc
+            self._snap_seq = max(self._snap_seq, seq)
+
+    async def close(self) -> None:
+        """Flush, wait for a running compaction, stop the worker, close files, release LOCK.
+
+        Idempotent. Does not raise for an earlier write failure (the futures reported it).
+        """
+        if self._closed:
+            return
+        self._closing = True
+        try:
+            if self._failure is None:
+                try:
+                    await self.flush()
+                except JournalError:
+                    pass
+            async with self._compact_lock:
+                pass
+        finally:
+            if self._task is not None:
+                self._wake.set()
+                await asyncio.wait([self._task])
+            self._writer.shutdown(wait=True)
+            self._compactor.shutdown(wait=True)
+            os.close(self._fd)
+            os.close(self._lock_fd)
+            self._closed = True
+
+    async def __aenter__(self) -> "Journal":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ loop side
+
+    def _check_usable(self, closing_ok: bool = False) -> None:
+        self._raise_if_failed()
+        if self._closed or (self._closing and not closing_ok):
+            raise JournalError("journal is closed")
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise JournalError(f"journal failed earlier: {self._failure}") from self._failure
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        """The loop of this call; starts the writer task on first use."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop, self._wake = loop, asyncio.Event()
+            self._task = loop.create_task(self._write_loop(), name="journal-writer")
+            self._recovered = None
+        elif loop is not self._loop:
+            raise RuntimeError("Journal used from a second event loop")
+        return loop
+
+    def _enqueue(self, seq: int, data: Any, fut: asyncio.Future) -> None:
+        self._pending.append((seq, data, fut))
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            items, self._pending = self._pending, []
+            if items:
+                try:
+                    await loop.run_in_executor(self._writer, self._write_batch, items)
+                except BaseException as exc:
+                    self._fail(items, exc)
+                    if isinstance(exc, Exception):
+                        return          # a disk error: the journal is done
+                    raise
+                for seq, data, fut in items:
+                    if data is not _BARRIER and data is not _ROTATE:
+                        self._durable_seq = seq
+                    if not fut.done():
+                        fut.set_result(seq)
+            elif self._closing:
+                return
+
+    def _fail(self, items: list, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):      # cancelled with the loop: not a disk error
+            exc = JournalError("journal writer stopped")
+        self._failure = exc
+        err = JournalError(f"journal write failed: {exc!r}")
+        for _, _, fut in items + self._pending:
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending = []
+
+    # ------------------------------------------------------------ I/O threads
+
+    def _write_batch(self, items: list[tuple[int, Any, asyncio.Future]]) -> None:
+        """Writer thread: frame records, one write+sync per segment touched."""
+        buf, first, count = bytearray(), 0, 0
+        for seq, data, _ in items:
+            if data is _ROTATE:
+                self._write_sync(buf, count)
+                buf, count = bytearray(), 0
+                self._rotate(seq)
+            elif data is not _BARRIER:
+                if not buf:
+                    first = seq
+                payload = b'{"seq":%d,"b":%d,"rec":%b}' % (seq, first, data)
+                buf += HEADER.pack(len(payload), zlib.crc32(payload))
+                buf += payload
+                count += 1
+        self._write_sync(buf, count)
+
+    def _write_sync(self, buf: bytearray, count: int) -> None:
+        if not buf:
+            return
+        _write_all(self._fd, buf)
+        if self._sync_file is not None:
+            self._sync_file(self._fd)
+            self.stats.syncs += 1
+        self.stats.batches += 1
+        self.stats.records += count
+        self.stats.bytes += len(buf)
+
+    def _rotate(self, first_seq: int) -> None:
+        if first_seq == self._seg_first:        # current segment is still empty
+            return
+        path = self._dir / _segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(self._fd)
+        self._fd, self._seg_first = fd, first_seq
+        if self._sync_file is not None:
+            _fsync_dir(self._dir)    # the file must exist after a crash before we ack into it
+        self._step("rotated")
+
+    def _write_snapshot(self, seq: int, data: bytes) -> None:
+        """Compaction thread: atomic snapshot write, then delete what it made obsolete."""
+        final = self._dir / _snapshot_name(seq)
+        tmp = final.with_name(final.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            self._step("tmp-written")
+            if self._sync_file is not None:
+                self._sync_file(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        self._step("renamed")
+        if self._sync_file is not None:
+            _fsync_dir(self._dir)
+        self._step("dir-synced")
+        # Segments are contiguous and one starts at seq + 1, so any starting at or before
+        # seq ends at or before it.
+        for name in sorted(os.listdir(self._dir)):
+            m = _SEGMENT.fullmatch(name) or _SNAPSHOT.fullmatch(name)
+            if m and (int(m[1]) <= seq if m.re is _SEGMENT else int(m[1]) < seq):
+                os.unlink(self._dir / name)
+                self._step(f"deleted {name}")
+
+    def _step(self, name: str) -> None:
+        if self._probe is not None:
+            self._probe(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
