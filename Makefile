@@ -44,6 +44,7 @@ test: build
 
 bench: build
 	$(PY) bench/queue_core.py --json
+	$(PY) bench/journal.py --json
 	$(PY) bench/route.py --json
 
 clean:
