@@ -1,0 +1,267 @@
+"""Benchmark routing throughput and latency against the node's own echo RPC.
+
+One ``tandem node`` process serves a bench site made in code (one voice queue, wrap-up
+0, ``--agents`` agents, a queue long enough for every bounded offer). A separate process
+plays the agents (:class:`router.loadgen_agents.SimAgent`: accept at once, complete at
+once), draining the queue while this process runs closed-loop clients: ``c`` coroutines
+that each offer a call (``Routing.OfferCall``, a fresh call id and caller each time) as
+soon as the previous one returned. Then, on the same server at the same concurrency,
+the same clients call ``Diagnostics.Echo`` (a 64-byte payload): the transport's ceiling
+with no routing work.
+
+For each concurrency (1, 16, 64) and each of ``--runs`` runs: a warm-up, a routing
+phase and an echo phase, each bounded by ``--calls`` calls and ``--seconds`` seconds;
+between runs the agents drain the queue (bounded). Printed per concurrency (``--json``:
+one JSON line each) — medians over the runs:
+
+    {"concurrency", "route_calls_per_s", "echo_calls_per_s", "ratio", "p50_ms", "p99_ms",
+     "drained_calls_per_s"}
+
+``ratio`` = route / echo throughput (median of the per-run ratios); p50/p99 are OfferCall
+latencies; ``drained_calls_per_s`` is how fast the agents completed calls during the
+routing phase. At the end every call offered must be COMPLETED on the node exactly once
+(checked with Admin.ListCalls and the agents' ledger); otherwise the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import yaml  # noqa: E402
+
+from router.loadgen_rpc import NodeClient  # noqa: E402
+from router.nodeproc import running_nodes  # noqa: E402
+from router.v1 import admin_pb2, diagnostics_pb2, routing_pb2, types_pb2  # noqa: E402
+
+CONCURRENCIES = (1, 16, 64)
+
+
+def bench_site(agents: int, max_length: int) -> dict:
+    return {
+        "site": {"name": "bench", "region": "bench", "kind": "inhouse"},
+        "routing": {"offer_timeout_s": 30, "repeat_window_h": 0},
+        "queues": [
+            {"name": "bench-voice", "skill": "bench", "channel": "voice", "wrap_up_s": 0,
+             "max_length": max_length, "aht_s": 1},
+        ],
+        "agents": [{"id": "bench", "count": agents, "skills": {"bench": 5}, "capacity": {"voice": 1}}],
+    }
+
+
+# --- the agents' process ------------------------------------------------------------------
+
+
+def agents_main(address: str, agent_ids: list[str], stop, ready, results) -> None:
+    """Child process: play the agents until ``stop`` is set; report counts."""
+    import uvloop
+
+    uvloop.run(_agents(address, agent_ids, stop, ready, results))
+
+
+async def _agents(address, agent_ids, stop, ready, results) -> None:
+    from router.loadgen_agents import AgentBehaviour, Ledger, SimAgent
+
+    client = NodeClient("bench", address)
+    ledger = Ledger()
+    force = asyncio.Event()
+    behaviour = AgentBehaviour(resolved_p=1.0, csat_p=0.0)
+    agents = [
+        SimAgent(client, aid, ledger, behaviour, time_scale=1.0, rng=random.Random(i),
+                 rpc_timeout=10.0, stream_timeout=3600.0, force=force)
+        for i, aid in enumerate(agent_ids)
+    ]
+    await client.wait_ready(15.0)
+    await asyncio.gather(*(a.start() for a in agents))
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*(a.stop(5.0) for a in agents), return_exceptions=True)
+    await client.close()
+    results.put({
+        "connected": sum(ledger.connects.values()),
+        "duplicates": len(ledger.duplicates),
+        "anomalies": ledger.anomalies[:5],
+        "errors": sum(a.errors for a in agents),
+    })
+
+
+# --- the clients ----------------------------------------------------------------------------
+
+
+class Offers:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.seq = 0
+
+    def next(self) -> routing_pb2.OfferCallRequest:
+        self.seq += 1
+        return routing_pb2.OfferCallRequest(
+            call_id=f"{self.prefix}-{self.seq:08d}", channel=types_pb2.CHANNEL_VOICE,
+            skill="bench", caller=f"+1555{self.seq % 10_000_000:07d}",
+        )
+
+
+async def closed_loop(concurrency: int, make_call, calls: int, seconds: float) -> tuple[float, list[float]]:
+    """``concurrency`` workers call ``make_call()`` back to back until ``calls`` calls
+    were started or ``seconds`` passed. Returns (calls per second, latencies in s)."""
+    latencies: list[float] = []
+    started = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal started
+        while started < calls and time.perf_counter() < deadline:
+            started += 1
+            t = time.perf_counter()
+            await make_call()
+            latencies.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return len(latencies) / elapsed, latencies
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def queue_length(client: NodeClient) -> int:
+    st = await client.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5.0)
+    return sum(q.length for q in st.queues) + st.calls_by_state.get("assigned", 0) + st.calls_by_state.get("connected", 0)
+
+
+async def wait_drained(client: NodeClient, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await queue_length(client) == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def completed_count(client: NodeClient) -> int:
+    st = await client.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5.0)
+    return sum(q.answered for q in st.queues)
+
+
+async def bench(address: str, args) -> tuple[list[dict], int]:
+    client = NodeClient("bench", address)
+    await client.wait_ready(15.0)
+    offers = Offers(f"b{int(time.time()) % 100000}")
+    payload = diagnostics_pb2.EchoRequest(payload=b"x" * 64)
+
+    async def offer() -> None:
+        await client.routing.OfferCall(offers.next(), timeout=10.0)
+
+    async def echo() -> None:
+        await client.diagnostics.Echo(payload, timeout=10.0)
+
+    rows = []
+    for c in args.concurrency:
+        runs = []
+        await closed_loop(c, offer, max(50, c * 20), 0.5)  # warm-up
+        await closed_loop(c, echo, max(50, c * 20), 0.5)
+        for _ in range(args.runs):
+            await wait_drained(client, args.drain_timeout)
+            done0 = await completed_count(client)
+            t0 = time.perf_counter()
+            route_rate, lat = await closed_loop(c, offer, args.calls, args.seconds)
+            done1 = await completed_count(client)
+            drained = (done1 - done0) / (time.perf_counter() - t0)
+            await wait_drained(client, args.drain_timeout)
+            echo_rate, _ = await closed_loop(c, echo, args.calls, args.seconds)
+            runs.append({
+                "route": route_rate, "echo": echo_rate, "ratio": route_rate / echo_rate,
+                "p50": pct(lat, 0.50) * 1000, "p99": pct(lat, 0.99) * 1000, "drained": drained,
+            })
+        med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+        rows.append({
+            "concurrency": c,
+            "route_calls_per_s": round(med("route"), 1),
+            "echo_calls_per_s": round(med("echo"), 1),
+            "ratio": round(med("ratio"), 3),
+            "p50_ms": round(med("p50"), 3),
+            "p99_ms": round(med("p99"), 3),
+            "drained_calls_per_s": round(med("drained"), 1),
+        })
+        print(f"concurrency {c}: " + ", ".join(
+            f"route {r['route']:.0f}/s echo {r['echo']:.0f}/s p99 {r['p99']:.2f} ms" for r in runs),
+            file=sys.stderr, flush=True)
+    await wait_drained(client, args.drain_timeout)
+    calls = [x for x in await client.list_calls() if x.call_id.startswith(offers.prefix + "-")]
+    await client.close()
+    bad = sum(1 for x in calls if x.state != types_pb2.CALL_STATE_COMPLETED)
+    ids = [x.call_id for x in calls]
+    problems = 0
+    if len(ids) != offers.seq or len(set(ids)) != len(ids) or bad:
+        print(f"INVARIANT: offered {offers.seq}, node lists {len(ids)} ({len(set(ids))} distinct), "
+              f"{bad} not completed", file=sys.stderr)
+        problems += 1
+    return rows, problems
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--calls", type=int, default=3000, help="max calls per phase")
+    p.add_argument("--seconds", type=float, default=3.0, help="max seconds per phase")
+    p.add_argument("--agents", type=int, default=100)
+    p.add_argument("--drain-timeout", type=float, default=20.0)
+    p.add_argument("--sync", default="fdatasync", help="the node's journal sync mode")
+    args = p.parse_args()
+    import uvloop
+
+    # Every offer is bounded, so this queue length can never be reached.
+    n_offers = len(args.concurrency) * (args.runs * args.calls + 64 * 20) + 1000
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        site_file = Path(tmp) / "bench.yaml"
+        site_file.write_text(yaml.safe_dump(bench_site(args.agents, min(1_000_000, n_offers))))
+        with running_nodes([site_file], Path(tmp) / "nodes", extra_args=["--sync", args.sync]) as nodes:
+            address = nodes["bench"].address
+            ctx = mp.get_context("spawn")
+            stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
+            ids = [f"bench-{n:03d}" for n in range(1, args.agents + 1)]
+            child = ctx.Process(target=agents_main, args=(address, ids, stop, ready, results), daemon=True)
+            child.start()
+            try:
+                if not ready.wait(30):
+                    print("the agents' process did not get ready in 30 s", file=sys.stderr)
+                    return 1
+                rows, problems = uvloop.run(bench(address, args))
+            finally:
+                stop.set()
+                agent_stats = results.get(timeout=30) if child.is_alive() or not results.empty() else {}
+                child.join(10)
+                if child.is_alive():
+                    child.kill()
+    if agent_stats.get("duplicates"):
+        print(f"INVARIANT: agents saw duplicates: {agent_stats}", file=sys.stderr)
+        problems += 1
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"c={r['concurrency']:>3}  route {r['route_calls_per_s']:>8.1f}/s  echo "
+                  f"{r['echo_calls_per_s']:>8.1f}/s  ratio {r['ratio']:.2f}  p50 {r['p50_ms']:.2f} ms"
+                  f"  p99 {r['p99_ms']:.2f} ms  drained {r['drained_calls_per_s']:.0f}/s")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""``tandem demo``: the example cluster under load, on compressed time.
+
+:func:`run_demo` starts one node per site file (:mod:`router.nodeproc`) on scaled copies
+of the site files, signs in every configured agent (simulated by :mod:`router.loadgen`),
+offers traffic for ``duration`` real seconds at ``time_scale`` simulated seconds per real
+second (default 60: one simulated hour per real minute), shows a live view while it runs,
+then prints KPI tables per site and queue computed from the nodes' own records
+(``Admin.ListCalls``) and reconciles those records with the generator's.
+
+Traffic: :data:`DEMO_LOAD` gives each queue of the example sites an offered load in
+Erlangs, chosen for ~85-90% agent occupancy in Lyon and the partner and a little over 95%
+in Montréal, whose English support queue is overloaded — so service levels differ by site.
+Queues of other site files get a share of 85% of their site's voice agents.
+
+Output: with ``json_out`` the tables go to stderr and stdout holds exactly one line, the
+JSON summary; without, the tables go to stdout. The live view is drawn only on a terminal
+and without ``json_out``. JSON keys: ``duration_s``, ``offered``, ``answered``,
+``abandoned``, ``rejected``, ``lost``, ``duplicates``, ``service_level``, ``asa_s``,
+``sites`` {name: {``offered``, ``answered``, ``abandoned``, ``rejected``,
+``service_level``, ``asa_s``, ``aht_s``, ``abandon_rate``, ``csat``}}, plus
+``time_scale``. **Every time in it is in simulated seconds** (real seconds multiplied back
+by the time scale), ``duration_s`` included; rates and service levels are fractions,
+null when undefined (nothing answered).
+
+Exit code: 0 when ``lost`` and ``duplicates`` are both 0; 1 otherwise; 2 when the nodes
+could not be started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from router.config import Channel, SiteConfig, load_sites
+from router.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
+from router.loadgen_agents import AgentBehaviour
+from router.loadgen_report import QueueKpi, Reconciliation, queue_kpis, reconcile, total
+from router.nodeproc import NodeStartError, running_nodes
+from router.v1 import admin_pb2
+
+DEMO_TIME_SCALE = 60.0
+# A real offer timeout below this would be a race with the generator's own latency.
+MIN_OFFER_TIMEOUT_S = 1.0
+
+# Offered load in Erlangs per (site, queue) of the example cluster.
+#   Lyon, 28 voice agents: 24.5 E  -> ~88% occupancy before abandons.
+#   Montréal, 26 voice agents: 25.5 E -> overloaded, support-en-voice hardest hit.
+#   CallPro, 18 voice agents: 15 E -> ~83%.
+# Chat and e-mail run on their own capacity (agents' chat/e-mail slots).
+DEMO_LOAD = {
+    ("lyon", "billing-fr-voice"): 10.0,
+    ("lyon", "billing-en-voice"): 3.0,
+    ("lyon", "support-fr-voice"): 6.0,
+    ("lyon", "sales-voice"): 5.5,
+    ("lyon", "support-chat"): 6.0,
+    ("lyon", "billing-email"): 8.0,
+    ("montreal", "billing-en-voice"): 9.0,
+    ("montreal", "billing-fr-voice"): 2.0,
+    ("montreal", "support-en-voice"): 10.0,
+    ("montreal", "sales-voice"): 4.5,
+    ("montreal", "support-chat"): 6.0,
+    ("montreal", "screening-voice"): 0.0,  # only blacklisted callers land here
+    ("callpro", "billing-en-voice"): 6.0,
+    ("callpro", "support-en-voice"): 9.0,
+    ("callpro", "support-chat"): 6.0,
+}
+# Mean talk time (simulated s) by skill and channel; patience by channel (None: waits).
+TALK_S = {"billing": 240.0, "support": 360.0, "sales": 300.0, "screening": 420.0}
+TALK_S_BY_CHANNEL = {Channel.CHAT: 600.0, Channel.EMAIL: 300.0}
+PATIENCE_S = {Channel.VOICE: 180.0, Channel.CHAT: 420.0, Channel.EMAIL: None, Channel.SOCIAL: None}
+BEHAVIOUR = AgentBehaviour(
+    reject_p=0.01, no_answer_p=0.005, ring_s=3.0, recover_s=30.0, resolved_p=0.8, csat_p=0.35
+)
+
+
+# --- scaled site files ------------------------------------------------------------------
+
+
+def scaled_site(site: SiteConfig, scale: float, min_offer_timeout_s: float = MIN_OFFER_TIMEOUT_S) -> dict:
+    """The site file, as a dict, with every duration divided by ``scale`` (service-level
+    thresholds, wrap-up, first AHT estimate, head starts, offer timeout — floored at
+    ``min_offer_timeout_s`` real seconds —, service-level and repeat-caller windows)."""
+    d = site.model_dump(mode="json", exclude_none=True)
+    d["site"]["listen"] = "127.0.0.1:0"
+    r = d["routing"]
+    r["head_start_s"] = {k: v / scale for k, v in r["head_start_s"].items()}
+    r["offer_timeout_s"] = max(min_offer_timeout_s, r["offer_timeout_s"] / scale)
+    r["repeat_window_h"] = r["repeat_window_h"] / scale
+    r["service_level_window_s"] = r["service_level_window_s"] / scale
+    for q in d["queues"]:
+        q["service_level"]["threshold_s"] = q["service_level"]["threshold_s"] / scale
+        q["wrap_up_s"] = q["wrap_up_s"] / scale
+        q["aht_s"] = q["aht_s"] / scale
+    return d
+
+
+def write_scaled_sites(sites: list[SiteConfig], directory: Path, scale: float) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in sites:
+        p = directory / f"{s.site.name}.yaml"
+        header = f"# {s.site.name}, every duration divided by {scale:g} (tandem demo)\n"
+        p.write_text(header + yaml.safe_dump(scaled_site(s, scale), sort_keys=False))
+        paths.append(p)
+    return paths
+
+
+# --- traffic ------------------------------------------------------------------------------
+
+
+def _voice_agents(site: SiteConfig) -> int:
+    return sum(
+        1 for g in site.agent_profiles().values() if g.capacity.get(Channel.VOICE, 0) > 0
+    )
+
+
+def demo_streams(sites: list[SiteConfig]) -> list[CallStream]:
+    """One Poisson stream per queue, at the load of :data:`DEMO_LOAD`."""
+    streams = []
+    for site in sites:
+        voice = [q for q in site.queues if q.channel == Channel.VOICE]
+        default_share = 0.85 * _voice_agents(site) / max(1, len(voice))
+        for q in site.queues:
+            erlangs = DEMO_LOAD.get((site.site.name, q.name))
+            if erlangs is None:
+                erlangs = default_share if q.channel == Channel.VOICE else 2.0
+            talk = TALK_S_BY_CHANNEL.get(q.channel, TALK_S.get(q.skill, 300.0))
+            if erlangs <= 0:
+                continue
+            streams.append(
+                CallStream(
+                    site=site.site.name, skill=q.skill, channel=q.channel.value,
+                    language=q.language or "", rate_per_h=erlangs * 3600.0 / (talk + q.wrap_up_s),
+                    talk_s=talk, talk_dist="lognormal", talk_cv=0.7,
+                    patience_s=PATIENCE_S[q.channel], name=q.name,
+                )
+            )
+    return streams
+
+
+def caller_pools(sites: list[SiteConfig], streams: list[CallStream], duration_sim_s: float) -> dict[str, CallerPool]:
+    """Pools sized so that roughly a third of the callers call more than once."""
+    pools = {}
+    prefixes = {"emea": "+3361", "amer": "+1514", "apac": "+6327"}
+    for s in sites:
+        expected = sum(st.rate_per_h for st in streams if st.site == s.site.name) * duration_sim_s / 3600
+        pools[s.site.name] = CallerPool(
+            prefix=prefixes.get(s.site.region, "+1555"),
+            size=max(50, int(expected * 1.2)),
+            vip=tuple(s.lists.vip), whitelist=tuple(s.lists.whitelist),
+            blacklist=tuple(s.lists.blacklist),
+        )
+    return pools
+
+
+# --- live view and tables -----------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}s"
+
+
+def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float) -> Table:
+    elapsed = (time.time() - t0) * scale if t0 else 0.0
+    t = Table(title=f"tandem demo — simulated {elapsed / 60:.0f} min (x{scale:g})", title_justify="left")
+    for col in ("site", "offered", "answered", "abandoned", "rejected", "queued", "talking",
+                "agents ready", "SL (node, recent)"):
+        t.add_column(col, justify="left" if col == "site" else "right")
+    for site, c in gen.counters.items():
+        st = status.get(site)
+        queued = ready = "-"
+        sl = "-"
+        if st is not None:
+            queued = str(sum(q.length for q in st.queues))
+            ready = str(st.agents_by_state.get("ready", 0))
+            vals = [(q.service_level, q.answered) for q in st.queues if q.service_level >= 0]
+            if vals and sum(n for _, n in vals):
+                sl = _pct(sum(v * n for v, n in vals) / sum(n for _, n in vals))
+        t.add_row(site, str(c.offered), str(c.answered), str(c.abandoned), str(c.rejected),
+                  queued, str(c.talking), ready, sl)
+    return t
+
+
+def kpi_tables(kpis: dict[str, dict[str, QueueKpi]]) -> Group:
+    sites = Table(title="KPIs per site (simulated time; from the nodes' records)", title_justify="left")
+    cols = ("offered", "answered", "abandoned", "rejected", "service level", "ASA", "AHT",
+            "abandon rate", "CSAT")
+    sites.add_column("site")
+    for c in cols:
+        sites.add_column(c, justify="right")
+    queues = Table(title="KPIs per queue", title_justify="left")
+    queues.add_column("site")
+    queues.add_column("queue")
+    queues.add_column("SL def", justify="left")
+    for c in cols:
+        queues.add_column(c, justify="right")
+
+    def row(k: QueueKpi) -> list[str]:
+        return [str(k.offered), str(k.answered), str(k.abandoned), str(k.rejected),
+                _pct(k.service_level), _secs(k.asa_s), _secs(k.aht_s), _pct(k.abandon_rate),
+                "-" if k.csat is None else f"{k.csat:.2f}"]
+
+    for site, per in kpis.items():
+        sites.add_row(site, *row(total(per.values(), site)))
+        for name, k in per.items():
+            sl_def = "" if name == "(rejected)" else f"{k.threshold_s:g}s, {k.abandons}"
+            queues.add_row(site, name, sl_def, *row(k))
+    all_k = total([total(per.values()) for per in kpis.values()])
+    sites.add_row("all", *row(all_k), style="bold")
+    return Group(sites, queues)
+
+
+def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float, scale: float) -> dict:
+    def rnd(x: float | None, n: int = 4) -> float | None:
+        return None if x is None or math.isnan(x) else round(x, n)
+
+    sites = {}
+    for site, per in kpis.items():
+        k = total(per.values(), site)
+        sites[site] = {
+            "offered": k.offered, "answered": k.answered, "abandoned": k.abandoned,
+            "rejected": k.rejected, "service_level": rnd(k.service_level),
+            "asa_s": rnd(k.asa_s, 2), "aht_s": rnd(k.aht_s, 2),
+            "abandon_rate": rnd(k.abandon_rate), "csat": rnd(k.csat, 3),
+        }
+    a = total([total(per.values()) for per in kpis.values()])
+    return {
+        "duration_s": round(duration_sim_s, 1),
+        "offered": a.offered, "answered": a.answered, "abandoned": a.abandoned,
+        "rejected": a.rejected, "lost": rec.lost, "duplicates": rec.duplicates,
+        "service_level": rnd(a.service_level), "asa_s": rnd(a.asa_s, 2),
+        "sites": sites, "time_scale": scale,
+    }
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for site, client in gen.clients.items():
+            with contextlib.suppress(Exception):
+                status[site] = await client.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=1.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: float, scale: float,
+                 seed: int, live_console: Console | None, log_console: Console) -> tuple:
+    streams = demo_streams(sites)
+    cfg = LoadGenConfig(
+        addresses=addresses,
+        streams=streams,
+        agents={s.site.name: list(s.agent_profiles()) for s in sites},
+        time_scale=scale,
+        behaviour=BEHAVIOUR,
+        callers=caller_pools(sites, streams, duration * scale),
+        seed=seed,
+        drain_s=min(20.0, max(5.0, duration / 4)),
+        max_calls=200_000,
+    )
+    gen = LoadGen(cfg)
+    status: dict = {}
+    stop = asyncio.Event()
+    poller = asyncio.create_task(_poll_status(gen, status, stop))
+    t0 = time.time()
+    try:
+        if live_console is not None:
+            with Live(console=live_console, refresh_per_second=2, transient=False,
+                      get_renderable=lambda: _progress_table(gen, status, scale, gen.started_at)):
+                await gen.run(duration)
+        else:
+            await gen.run(duration)
+    finally:
+        stop.set()
+        await asyncio.gather(poller, return_exceptions=True)
+    log_console.print(f"traffic and drain took {time.time() - t0:.1f} s; reading the nodes' records")
+    node_calls = {}
+    for site, addr in addresses.items():
+        from router.loadgen_rpc import NodeClient
+
+        client = NodeClient(site, addr)
+        try:
+            calls = await client.list_calls(timeout=10.0)
+        finally:
+            await client.close()
+        node_calls[site] = [c for c in calls if c.call_id.startswith(gen.run_id + "-")]
+    rec = reconcile(gen.records.values(), node_calls, gen.ledger, gen.run_id)
+    return gen, node_calls, rec
+
+
+def run_demo(
+    sites_dir: Path,
+    duration: float = 60.0,
+    data_dir: Path | None = None,
+    json_out: bool = False,
+    seed: int = 1,
+    time_scale: float = DEMO_TIME_SCALE,
+) -> int:
+    """Run the demo; returns the process exit code (see the module docstring)."""
+    import uvloop
+
+    out = Console(file=sys.stderr if json_out else sys.stdout, highlight=False)
+    err = Console(file=sys.stderr, highlight=False)
+    sites = load_sites(sites_dir)
+    if not sites:
+        err.print(f"no site files (*.yaml) in {sites_dir}")
+        return 2
+    live = out if (out.is_terminal and not json_out) else None
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tandem-demo-")))
+        else:
+            root = Path(data_dir)
+            root.mkdir(parents=True, exist_ok=True)
+        files = write_scaled_sites(sites, root / "sites", time_scale)
+        err.print(f"starting {len(files)} nodes ({', '.join(s.site.name for s in sites)}); data in {root}")
+        try:
+            with running_nodes(files, root / "nodes") as nodes:
+                addresses = {name: n.address for name, n in nodes.items()}
+                err.print("nodes: " + ", ".join(f"{k} {v}" for k, v in addresses.items()))
+                gen, node_calls, rec = uvloop.run(
+                    _drive(addresses, sites, duration, time_scale, seed, live, err)
+                )
+        except NodeStartError as e:
+            err.print(f"[red]could not start the nodes:[/red] {e}")
+            return 2
+    kpis = queue_kpis(node_calls, {s.site.name: s for s in sites}, time_scale)
+    out.print(kpi_tables(kpis))
+    out.print(
+        f"reconciliation: {rec.offered} calls offered by the generator, lost {rec.lost}, "
+        f"duplicates {rec.duplicates}, unfinished by the generator {rec.unfinished}, "
+        f"unknown {rec.unknown}; agent rejects {gen.ledger.rejects}, no-answers "
+        f"{gen.ledger.no_answers}; callers still waiting at the end {gen.totals().forced_abandons}"
+    )
+    for ex in rec.examples[:10]:
+        out.print(f"  {ex}")
+    for e in gen.errors[:10]:
+        out.print(f"  generator: {e}")
+    if json_out:
+        sys.stdout.write(json.dumps(summary(kpis, rec, duration * time_scale, time_scale)) + "\n")
+        sys.stdout.flush()
+    return 0 if rec.lost == 0 and rec.duplicates == 0 else 1

@@ -1,0 +1,341 @@
+"""Simulated agents for the load generator: one :class:`SimAgent` per configured agent.
+
+An agent signs in, opens its ``Connect`` stream (hello first), becomes READY and then
+answers what the node pushes:
+
+* ``Assignment`` — reject it (probability ``reject_p``), let it ring out (``no_answer_p``;
+  the node withdraws it after ``offer_timeout_s``) or accept it after ``ring_s``;
+* ``Connected`` — talk for the call's handle time, then ``CompleteCall`` with a
+  disposition (resolved, CSAT); the node's wrap-up makes the agent READY again;
+* its own state NOT_READY after a reject / no-answer — READY again after ``recover_s``.
+
+Every duration is *simulated* seconds divided by the generator's ``time_scale``. What the
+agent sees goes to the shared :class:`Ledger`, which flags a call offered to two agents
+at once or connected twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from router.loadgen_rpc import NodeClient, call_with_retry, describe, error_reason
+from router.v1 import agents_pb2, routing_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from router.loadgen import CallRecord
+
+log = logging.getLogger("tandem.loadgen")
+
+
+@dataclass(frozen=True)
+class AgentBehaviour:
+    """How simulated agents answer (durations in simulated seconds)."""
+
+    reject_p: float = 0.0
+    no_answer_p: float = 0.0
+    ring_s: float = 0.0  # from the offer to the accept
+    recover_s: float = 10.0  # NOT_READY after a reject / no-answer, then READY again
+    resolved_p: float = 0.8
+    csat_p: float = 0.3  # share of callers who leave a CSAT score
+    default_talk_s: float = 0.0  # for calls the generator did not offer itself
+
+
+@dataclass
+class Ledger:
+    """The generator's own record of calls, and the anomalies its agents saw."""
+
+    records: dict[str, "CallRecord"] = field(default_factory=dict)
+    holders: dict[str, set[str]] = field(default_factory=dict)  # call -> agents ringing/talking
+    connects: dict[str, int] = field(default_factory=dict)
+    dup_assigned: set[str] = field(default_factory=set)
+    dup_connected: set[str] = field(default_factory=set)
+    anomalies: list[str] = field(default_factory=list)
+    assignments: int = 0
+    rejects: int = 0
+    no_answers: int = 0
+
+    def note(self, text: str) -> None:
+        if len(self.anomalies) < 50:
+            self.anomalies.append(text)
+
+    def assigned(self, agent_id: str, call_id: str) -> None:
+        self.assignments += 1
+        held = self.holders.setdefault(call_id, set())
+        if held - {agent_id}:
+            self.dup_assigned.add(call_id)
+            self.note(f"{call_id} offered to {agent_id} while held by {sorted(held)}")
+        held.add(agent_id)
+        rec = self.records.get(call_id)
+        if rec is not None:
+            rec.assign_recv_at = time.time()
+            rec.assignments += 1
+
+    def released(self, agent_id: str, call_id: str) -> None:
+        held = self.holders.get(call_id)
+        if held is not None:
+            held.discard(agent_id)
+            if not held:
+                del self.holders[call_id]
+
+    def connected(self, agent_id: str, call_id: str) -> None:
+        n = self.connects.get(call_id, 0) + 1
+        self.connects[call_id] = n
+        if n > 1:
+            self.dup_connected.add(call_id)
+            self.note(f"{call_id} connected {n} times (last at {agent_id})")
+        rec = self.records.get(call_id)
+        if rec is not None and not rec.answered_at:
+            rec.answered_at = time.time()
+            rec.agent_id = agent_id
+            rec.wake.set()
+
+    @property
+    def duplicates(self) -> set[str]:
+        return self.dup_assigned | self.dup_connected
+
+
+class SimAgent:
+    """One simulated agent desktop on one node."""
+
+    def __init__(
+        self,
+        client: NodeClient,
+        agent_id: str,
+        ledger: Ledger,
+        behaviour: AgentBehaviour,
+        *,
+        time_scale: float,
+        rng: random.Random,
+        rpc_timeout: float,
+        stream_timeout: float,
+        force: asyncio.Event,
+    ) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.ledger = ledger
+        self.b = behaviour
+        self.scale = time_scale
+        self.rng = rng
+        self.rpc_timeout = rpc_timeout
+        self.stream_timeout = stream_timeout
+        self.force = force  # set at the end of a run: talk no longer, answer nothing
+        self.state = types_pb2.AGENT_STATE_UNSPECIFIED
+        self.reason = ""
+        self.stopping = False
+        self.ready_once = asyncio.Event()
+        self.errors = 0
+        self._stream: grpc.aio.StreamStreamCall | None = None
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._accepts: dict[str, asyncio.Task] = {}  # assignment id -> pending accept
+        self._talking: set[str] = set()
+        self._recovering = False
+        self._reader: asyncio.Task | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Sign in, connect, hello, READY. Raises if the node refuses."""
+        try:
+            await self.client.agents.SignIn(
+                agents_pb2.SignInRequest(agent_id=self.agent_id), timeout=self.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if error_reason(e) != "AGENT_ALREADY_SIGNED_IN":
+                raise
+        self._stream = self.client.agents.Connect(timeout=self.stream_timeout)
+        await self._write(agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id=self.agent_id)))
+        self._reader = asyncio.create_task(self._read_loop(), name=f"agent-{self.agent_id}")
+        await self._set_state(types_pb2.AGENT_STATE_READY)
+
+    async def stop(self, timeout: float) -> None:
+        """End of shift: NOT_READY, wait (bounded) for calls in hand, close the stream,
+        sign out. Never raises."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(Exception):
+            await self._set_state(types_pb2.AGENT_STATE_NOT_READY, "end_of_shift")
+        while (self._talking or self._accepts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stream.done_writing(), 1.0)
+            self._stream.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 1.0)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while time.monotonic() < deadline:
+            try:
+                await self.client.agents.SignOut(
+                    agents_pb2.SignOutRequest(agent_id=self.agent_id), timeout=self.rpc_timeout
+                )
+                return
+            except grpc.aio.AioRpcError as e:
+                if error_reason(e) == "AGENT_NOT_SIGNED_IN":
+                    return
+                if error_reason(e) != "AGENT_BUSY" and e.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    log.warning("%s: sign-out failed: %s", self.agent_id, describe(e))
+                    return
+            await asyncio.sleep(0.05)
+
+    # --- stream -------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def _write(self, msg: agents_pb2.AgentMessage) -> None:
+        async with self._write_lock:
+            await self._stream.write(msg)
+
+    async def _read_loop(self) -> None:
+        stream = self._stream
+        try:
+            while True:
+                msg = await stream.read()
+                if msg is grpc.aio.EOF:
+                    break
+                kind = msg.WhichOneof("kind")
+                if kind == "assignment":
+                    self._on_assignment(msg.assignment)
+                elif kind == "cancelled":
+                    c = msg.cancelled
+                    task = self._accepts.pop(c.assignment_id, None)
+                    if task is not None:
+                        task.cancel()
+                    self.ledger.released(self.agent_id, c.call_id)
+                elif kind == "connected":
+                    self._accepts.pop(msg.connected.assignment_id, None)
+                    self.ledger.connected(self.agent_id, msg.connected.call_id)
+                    self._talking.add(msg.connected.call_id)
+                    self._spawn(self._talk(msg.connected.call_id))
+                elif kind == "agent":
+                    self._on_state(msg.agent)
+        except grpc.aio.AioRpcError as e:
+            if not self.stopping:
+                self.errors += 1
+                log.warning("%s: stream ended: %s", self.agent_id, describe(e))
+        except asyncio.CancelledError:
+            pass
+
+    def _on_state(self, agent: agents_pb2.Agent) -> None:
+        self.state, self.reason = agent.state, agent.reason
+        if agent.state == types_pb2.AGENT_STATE_READY:
+            self.ready_once.set()
+        if (
+            agent.state == types_pb2.AGENT_STATE_NOT_READY
+            and agent.reason in ("rejected", "no_answer")
+            and not self.stopping
+            and not self._recovering
+        ):
+            self._recovering = True
+            self._spawn(self._recover())
+
+    async def _recover(self) -> None:
+        try:
+            await asyncio.sleep(self.b.recover_s / self.scale)
+            if not self.stopping:
+                await self._set_state(types_pb2.AGENT_STATE_READY)
+        except grpc.aio.AioRpcError as e:
+            self.errors += 1
+            log.warning("%s: back to READY failed: %s", self.agent_id, describe(e))
+        finally:
+            self._recovering = False
+
+    def _on_assignment(self, a: agents_pb2.Assignment) -> None:
+        call_id = a.call.call_id
+        self.ledger.assigned(self.agent_id, call_id)
+        if self.stopping or self.force.is_set():
+            # End of the run: let the caller's abandon (or the offer timeout) take it back.
+            self.ledger.released(self.agent_id, call_id)
+            self._spawn(self._reject(a.assignment_id, call_id, "end_of_shift"))
+            return
+        u = self.rng.random()
+        if u < self.b.reject_p:
+            self.ledger.rejects += 1
+            self.ledger.released(self.agent_id, call_id)
+            self._spawn(self._reject(a.assignment_id, call_id, "busy"))
+        elif u < self.b.reject_p + self.b.no_answer_p:
+            self.ledger.no_answers += 1
+            self.ledger.released(self.agent_id, call_id)  # it rings out; nobody picks up
+        else:
+            self._accepts[a.assignment_id] = self._spawn(self._accept(a.assignment_id))
+
+    async def _reject(self, assignment_id: str, call_id: str, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._write(
+                agents_pb2.AgentMessage(
+                    reject=agents_pb2.Reject(assignment_id=assignment_id, reason=reason)
+                )
+            )
+
+    async def _accept(self, assignment_id: str) -> None:
+        if self.b.ring_s > 0:
+            await asyncio.sleep(self.b.ring_s / self.scale)
+        try:
+            await self._write(
+                agents_pb2.AgentMessage(accept=agents_pb2.Accept(assignment_id=assignment_id))
+            )
+        except Exception as e:  # noqa: BLE001 - the stream is gone; the node re-queues
+            self.errors += 1
+            log.warning("%s: accept failed: %s", self.agent_id, describe(e))
+
+    async def _talk(self, call_id: str) -> None:
+        rec = self.ledger.records.get(call_id)
+        talk = rec.talk_s if rec is not None else self.b.default_talk_s
+        try:
+            if talk > 0 and not self.force.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.force.wait(), talk / self.scale)
+            disposition = self._disposition(rec)
+            resp = await call_with_retry(
+                self.client.routing.CompleteCall,
+                routing_pb2.CompleteCallRequest(call_id=call_id, disposition=disposition),
+                timeout=self.rpc_timeout,
+            )
+            if rec is not None:
+                rec.completed(resp.call)
+        except grpc.aio.AioRpcError as e:
+            self.errors += 1
+            self.ledger.note(f"{call_id}: CompleteCall by {self.agent_id} failed: {describe(e)}")
+            if rec is not None:
+                rec.complete_failed = describe(e)
+                rec.wake.set()
+        finally:
+            self._talking.discard(call_id)
+            self.ledger.released(self.agent_id, call_id)
+
+    def _disposition(self, rec: "CallRecord | None") -> types_pb2.Disposition:
+        resolved = self.rng.random() < self.b.resolved_p
+        csat = 0
+        if self.rng.random() < self.b.csat_p:
+            # Happier callers when they waited little and the issue was resolved.
+            waited = rec.wait_sim(self.scale) if rec is not None else 0.0
+            base = 4.6 if resolved else 3.0
+            score = base - min(2.0, waited / 120.0) + self.rng.gauss(0, 0.7)
+            csat = int(min(5, max(1, round(score))))
+        return types_pb2.Disposition(resolved=resolved, csat=csat, wrap_up_code="sim")
+
+    async def _set_state(self, state: int, reason: str = "") -> None:
+        await call_with_retry(
+            self.client.agents.SetState,
+            agents_pb2.SetStateRequest(agent_id=self.agent_id, state=state, reason=reason),
+            timeout=self.rpc_timeout,
+        )

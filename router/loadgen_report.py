@@ -1,0 +1,228 @@
+"""After a load-generator run: reconcile with the nodes, and KPIs from the nodes' records.
+
+:func:`reconcile` compares the generator's own record of every call with what the nodes
+say (``Admin.ListCalls``):
+
+* ``lost`` — a call the generator offered successfully that no node knows, whose final
+  state on the node differs from the generator's (completed / abandoned / rejected), or
+  that the generator saw connected while the node never answered it;
+* ``duplicates`` — a call listed twice by a node or by two nodes, offered to two of our
+  agents at once, connected twice, or connected to one agent by our account and to
+  another by the node's;
+* ``unfinished`` — calls the generator could not take to an end itself (an RPC of its own
+  failed); not a node fault, listed for the curious.
+
+:func:`queue_kpis` computes per site and queue: offered, answered, abandoned, rejected,
+service level by the queue's own definition (``ServiceLevelDefinition``), ASA, AHT (talk
+time on the node plus the queue's configured wrap-up), abandon rate and CSAT. The nodes
+ran on compressed time, so every duration is multiplied by ``time_scale`` back to
+simulated seconds and compared with the *unscaled* site configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from router.config import SiteConfig
+from router.loadgen import CallRecord
+from router.loadgen_agents import Ledger
+from router.v1 import types_pb2
+
+_STATE_OF_OUTCOME = {
+    "completed": types_pb2.CALL_STATE_COMPLETED,
+    "abandoned": types_pb2.CALL_STATE_ABANDONED,
+    "rejected": types_pb2.CALL_STATE_REJECTED,
+}
+
+
+@dataclass
+class Reconciliation:
+    offered: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    unfinished: int = 0
+    unknown: int = 0  # calls of this run on a node that the generator never offered
+    examples: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if len(self.examples) < 20:
+            self.examples.append(text)
+
+
+def reconcile(
+    records: Iterable[CallRecord],
+    node_calls: dict[str, list],
+    ledger: Ledger,
+    run_id: str,
+) -> Reconciliation:
+    r = Reconciliation()
+    where: dict[str, list[tuple[str, object]]] = {}
+    dup: set[str] = set()
+    for site, calls in node_calls.items():
+        seen: set[str] = set()
+        for call in calls:
+            if call.call_id in seen:
+                dup.add(call.call_id)
+                r.note(f"{call.call_id}: listed twice by {site}")
+            seen.add(call.call_id)
+            where.setdefault(call.call_id, []).append((site, call))
+    for call_id, copies in where.items():
+        if len({s for s, _ in copies}) > 1 and not any(c.transfer_count for _, c in copies):
+            dup.add(call_id)
+            r.note(f"{call_id}: known to {sorted({s for s, _ in copies})}")
+    for call_id in ledger.duplicates:
+        dup.add(call_id)
+    r.examples.extend(ledger.anomalies[: max(0, 20 - len(r.examples))])
+
+    offered_ids: set[str] = set()
+    for rec in records:
+        offered_ids.add(rec.call_id)
+        if not rec.acked_at:  # the offer itself failed; nothing to hold the node to
+            if rec.outcome != "offer_failed":
+                r.unfinished += 1
+            continue
+        r.offered += 1
+        copies = where.get(rec.call_id, [])
+        own = [c for s, c in copies if s == rec.site] or [c for _, c in copies]
+        if not own:
+            r.lost += 1
+            r.note(f"{rec.call_id}: offered to {rec.site}, known to no node")
+            continue
+        call = own[-1]
+        if rec.outcome in _STATE_OF_OUTCOME:
+            if call.state != _STATE_OF_OUTCOME[rec.outcome]:
+                r.lost += 1
+                r.note(
+                    f"{rec.call_id}: generator saw {rec.outcome}, node {rec.site} says "
+                    f"{types_pb2.CallState.Name(call.state)}"
+                )
+                continue
+        elif rec.outcome == "pending":
+            r.unfinished += 1
+            r.note(f"{rec.call_id}: unfinished by the generator ({rec.complete_failed or rec.offer_error})"
+                   f"; node says {types_pb2.CallState.Name(call.state)}")
+        if rec.answered_at and not call.answered_at:
+            r.lost += 1
+            r.note(f"{rec.call_id}: our agent {rec.agent_id} was connected, node never answered it")
+            continue
+        if rec.agent_id and call.agent_id and rec.agent_id != call.agent_id:
+            dup.add(rec.call_id)
+            r.note(f"{rec.call_id}: connected to {rec.agent_id}, node says {call.agent_id}")
+    prefix = f"{run_id}-"
+    r.unknown = sum(1 for cid in where if cid.startswith(prefix) and cid not in offered_ids)
+    r.duplicates = len(dup)
+    return r
+
+
+@dataclass
+class QueueKpi:
+    site: str
+    queue: str
+    threshold_s: float = 20.0
+    abandons: str = "short_excluded"
+    wrap_up_s: float = 0.0
+    offered: int = 0
+    answered: int = 0
+    abandoned: int = 0
+    rejected: int = 0
+    active: int = 0  # not ended when the records were read
+    answered_in_t: int = 0
+    abandoned_after_t: int = 0
+    wait_sum: float = 0.0
+    talk_sum: float = 0.0
+    talk_n: int = 0
+    csat_sum: int = 0
+    csat_n: int = 0
+    # An aggregate's service level sums each queue's own numerator and denominator.
+    sl_num_den_parts: list = field(default_factory=list)
+
+    def add(self, other: "QueueKpi") -> None:
+        for k in ("offered", "answered", "abandoned", "rejected", "active", "answered_in_t",
+                  "abandoned_after_t", "wait_sum", "talk_sum", "talk_n", "csat_sum", "csat_n"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.sl_num_den_parts.append(other.sl_parts())
+
+    def sl_parts(self) -> tuple[int, int]:
+        if self.sl_num_den_parts:
+            return (sum(n for n, _ in self.sl_num_den_parts), sum(d for _, d in self.sl_num_den_parts))
+        if self.abandons == "count_against":
+            den = self.answered + self.abandoned
+        elif self.abandons == "exclude":
+            den = self.answered
+        else:
+            den = self.answered + self.abandoned_after_t
+        return self.answered_in_t, den
+
+    @property
+    def service_level(self) -> float | None:
+        num, den = self.sl_parts()
+        return num / den if den else None
+
+    @property
+    def asa_s(self) -> float | None:
+        return self.wait_sum / self.answered if self.answered else None
+
+    @property
+    def aht_s(self) -> float | None:
+        return self.talk_sum / self.talk_n if self.talk_n else None
+
+    @property
+    def abandon_rate(self) -> float | None:
+        n = self.answered + self.abandoned
+        return self.abandoned / n if n else None
+
+    @property
+    def csat(self) -> float | None:
+        return self.csat_sum / self.csat_n if self.csat_n else None
+
+
+def queue_kpis(
+    node_calls: dict[str, list], sites: dict[str, SiteConfig], time_scale: float
+) -> dict[str, dict[str, QueueKpi]]:
+    """site -> queue -> KPIs (rejected calls, which have no queue, under "(rejected)")."""
+    out: dict[str, dict[str, QueueKpi]] = {}
+    for site, calls in node_calls.items():
+        cfg = sites.get(site)
+        qcfg = {q.name: q for q in cfg.queues} if cfg else {}
+        per: dict[str, QueueKpi] = {}
+        for call in calls:
+            name = call.queue or "(rejected)"
+            k = per.get(name)
+            if k is None:
+                q = qcfg.get(call.queue)
+                k = per[name] = QueueKpi(site, name)
+                if q is not None:
+                    k.threshold_s = q.service_level.threshold_s
+                    k.abandons = q.service_level.abandons
+                    k.wrap_up_s = q.wrap_up_s
+            k.offered += 1
+            start = call.queued_at or call.offered_at
+            if call.state == types_pb2.CALL_STATE_REJECTED:
+                k.rejected += 1
+            elif call.answered_at:
+                k.answered += 1
+                wait = max(0.0, call.answered_at - start) * time_scale
+                k.wait_sum += wait
+                k.answered_in_t += wait <= k.threshold_s
+                if call.state == types_pb2.CALL_STATE_COMPLETED and call.ended_at:
+                    k.talk_sum += (call.ended_at - call.answered_at) * time_scale + k.wrap_up_s
+                    k.talk_n += 1
+                    if call.disposition.csat:
+                        k.csat_sum += call.disposition.csat
+                        k.csat_n += 1
+            elif call.state == types_pb2.CALL_STATE_ABANDONED:
+                k.abandoned += 1
+                waited = max(0.0, (call.ended_at or start) - start) * time_scale
+                k.abandoned_after_t += waited > k.threshold_s
+            else:
+                k.active += 1
+        out[site] = dict(sorted(per.items()))
+    return out
+
+
+def total(kpis: Iterable[QueueKpi], site: str = "", queue: str = "") -> QueueKpi:
+    agg = QueueKpi(site, queue)
+    for k in kpis:
+        agg.add(k)
+    return agg
