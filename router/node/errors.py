@@ -36,6 +36,22 @@ _CODES = {
 }
 
 
+class Malformed:
+    """Stands in for a request whose bytes did not parse (see server.add_service)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def WhichOneof(self, _name: str) -> None:  # so a stream handler can inspect it safely
+        return None
+
+
+def malformed_error(m: Malformed) -> RoutingError:
+    return RoutingError("INVALID_ARGUMENT", "MALFORMED_REQUEST", f"the request does not parse: {m.error}")
+
+
 def error_status(code: str, reason: str, message: str, metadata: dict | None = None) -> grpc.Status:
     """The grpc.Status for ``context.abort_with_status`` (google.rpc.Status with ErrorInfo)."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
@@ -62,8 +78,23 @@ def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+async def abort_status(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """``context.abort_with_status``, unless the RPC is already over (the client went
+    away: there is nobody to tell, and grpc would raise)."""
+    done = getattr(context, "done", None)
+    if done is not None and done():
+        raise asyncio.CancelledError()
+    try:
+        await context.abort_with_status(status)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the call finished under us
+        log.debug("could not send status: %r", exc)
+        raise asyncio.CancelledError() from exc
+
+
 async def abort(context: grpc.aio.ServicerContext, code: str, reason: str, message: str, **md: str) -> None:
-    await context.abort_with_status(error_status(code, reason, message, {k: str(v) for k, v in md.items()}))
+    await abort_status(context, error_status(code, reason, message, {k: str(v) for k, v in md.items()}))
 
 
 def guard(method: Callable) -> Callable:
@@ -74,10 +105,11 @@ def guard(method: Callable) -> Callable:
 
     async def _fail(context: Any, exc: BaseException) -> None:
         if isinstance(exc, RoutingError):
-            await context.abort_with_status(status_of(exc))
-        log.exception("unexpected error in %s", name, exc_info=exc)
-        await context.abort_with_status(
-            error_status("INTERNAL", "INTERNAL", f"internal error in {name}; see the node log")
+            await abort_status(context, status_of(exc))
+            return
+        log.error("unexpected error in %s", name, exc_info=exc)
+        await abort_status(
+            context, error_status("INTERNAL", "INTERNAL", f"internal error in {name}; see the node log")
         )
 
     if inspect.isasyncgenfunction(method):
@@ -85,6 +117,8 @@ def guard(method: Callable) -> Callable:
         @functools.wraps(method)
         async def gen_wrapper(self: Any, request: Any, context: Any) -> Any:
             try:
+                if isinstance(request, Malformed):
+                    raise malformed_error(request)
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -97,6 +131,8 @@ def guard(method: Callable) -> Callable:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
+            if isinstance(request, Malformed):
+                raise malformed_error(request)
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

@@ -18,23 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router.config import SiteConfig
 from router.model import RoutingError
+from router.node.errors import Malformed
 from router.node.node import Node, maybe_await
 from router.node.services import AdminService, AgentsService, DiagnosticsService, RoutingService
-from router.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    agents_pb2,
-    agents_pb2_grpc,
-    diagnostics_pb2,
-    diagnostics_pb2_grpc,
-    routing_pb2,
-    routing_pb2_grpc,
-)
+from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
 
@@ -48,6 +41,43 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
 )
+
+
+def _tolerant(parse: Any) -> Any:
+    """A request deserializer that hands a :class:`Malformed` to the handler instead of
+    raising (grpc would answer UNKNOWN; the handler answers INVALID_ARGUMENT)."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends
+            return Malformed(str(e))
+
+    return deserialize
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(server: grpc.aio.Server, servicer: Any, file_descriptor: Any, service: str) -> None:
+    """Like the generated ``add_XServicer_to_server``, with tolerant deserializers."""
+    sd = file_descriptor.services_by_name[service]
+    handlers = {}
+    for m in sd.methods:
+        req = message_factory.GetMessageClass(m.input_type)
+        resp = message_factory.GetMessageClass(m.output_type)
+        handlers[m.name] = _HANDLER_KINDS[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name),
+            request_deserializer=_tolerant(req.FromString),
+            response_serializer=resp.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(sd.full_name, handlers),))
+    server.add_registered_method_handlers(sd.full_name, handlers)
 
 
 class RecoveryError(RuntimeError):
@@ -114,6 +144,7 @@ async def build_node(
 
     node = Node(site, engine, journal, max_watchers=max_watchers, compact_every=compact_every, drain_s=drain_s)
     node._last_t = last_t
+    node.durable_seq = int(getattr(journal, "last_seq", 0) or 0)  # all recovered records are on disk
 
     server = grpc.aio.server(
         options=[
@@ -124,10 +155,10 @@ async def build_node(
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(node), server)
-    agents_pb2_grpc.add_AgentsServicer_to_server(AgentsService(node), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(node), server)
-    diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsService(node), server)
+    add_service(server, RoutingService(node), routing_pb2.DESCRIPTOR, "Routing")
+    add_service(server, AgentsService(node), agents_pb2.DESCRIPTOR, "Agents")
+    add_service(server, AdminService(node), admin_pb2.DESCRIPTOR, "Admin")
+    add_service(server, DiagnosticsService(node), diagnostics_pb2.DESCRIPTOR, "Diagnostics")
 
     health_servicer = health.aio.HealthServicer()
     for name in ("", *SERVICE_NAMES):

@@ -17,7 +17,7 @@ import time
 
 from router.model import RoutingError
 from router.node import convert
-from router.node.errors import abort, guard
+from router.node.errors import Malformed, abort, guard, malformed_error
 from router.node.node import FINAL_CALL_STATES, Node
 from router.v1 import (
     admin_pb2,
@@ -171,6 +171,8 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
             first = await requests.__anext__()
         except StopAsyncIteration:
             return
+        if isinstance(first, Malformed):
+            raise malformed_error(first)
         if first.WhichOneof("kind") != "hello" or not first.hello.agent_id:
             await abort(context, "INVALID_ARGUMENT", "MISSING_FIELD", "the first message must be a hello with agent_id", field="hello.agent_id")
         stream = await node.open_agent_stream(first.hello.agent_id)
