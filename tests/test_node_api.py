@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import grpc
 import pytest
@@ -20,7 +21,10 @@ A = t.AgentState
 S = t.CallState
 
 
-def offer(call_id: str, *, skill="billing", channel=t.CHANNEL_VOICE, language="fr", caller="+33611111111", **kw):
+def offer(call_id: str, *, skill="billing", channel=t.CHANNEL_VOICE, language="fr", caller=None, **kw):
+    """A standard call; each call_id its own caller (a caller seen before is a repeat)."""
+    if caller is None:
+        caller = "+336" + str(zlib.crc32(call_id.encode()) % 10**8).zfill(8)
     return routing_pb2.OfferCallRequest(
         call_id=call_id, skill=skill, channel=channel, language=language, caller=caller, **kw
     )

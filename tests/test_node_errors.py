@@ -25,7 +25,9 @@ DOCUMENTED = {
     C.INVALID_ARGUMENT: {
         "MISSING_FIELD", "FIELD_TOO_LONG", "INVALID_CALL_ID", "INVALID_CHANNEL",
         "INVALID_PRIORITY_CLASS", "INVALID_CSAT", "TOO_MANY_ENTRIES", "INVALID_STATE",
-        "INVALID_TIMEOUT", "INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN", "MALFORMED_REQUEST",
+        "INVALID_TIMEOUT", "INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN",
+        # beyond the protos' lists: the node's unparsable request, the engine's bad language
+        "MALFORMED_REQUEST", "INVALID_LANGUAGE",
     },
     C.NOT_FOUND: {"UNKNOWN_SKILL", "CALL_NOT_FOUND", "UNKNOWN_AGENT", "UNKNOWN_ASSIGNMENT"},
     C.ALREADY_EXISTS: {"CALL_ID_CONFLICT", "AGENT_ALREADY_SIGNED_IN"},
@@ -79,7 +81,7 @@ def error_cases(connected: str) -> list:
         ("offer no skill", r, "OfferCall", offer(skill=""), C.INVALID_ARGUMENT, "MISSING_FIELD"),
         ("offer long caller", r, "OfferCall", offer(caller="1" * 33), C.INVALID_ARGUMENT, "FIELD_TOO_LONG"),
         ("offer long customer", r, "OfferCall", offer(customer_id="c" * 65), C.INVALID_ARGUMENT, "FIELD_TOO_LONG"),
-        ("offer no channel", r, "OfferCall", offer(channel=t.CHANNEL_UNSPECIFIED), C.INVALID_ARGUMENT, "INVALID_CHANNEL"),
+        ("offer no channel", r, "OfferCall", offer(channel=t.CHANNEL_UNSPECIFIED), C.INVALID_ARGUMENT, "MISSING_FIELD"),
         ("offer channel 99", r, "OfferCall", offer(channel=99), C.INVALID_ARGUMENT, "INVALID_CHANNEL"),
         ("offer blacklist class", r, "OfferCall", offer(priority_class=t.PRIORITY_CLASS_BLACKLIST),
          C.INVALID_ARGUMENT, "INVALID_PRIORITY_CLASS"),
@@ -184,6 +186,17 @@ async def test_every_error_reason_changes_nothing(node):
     assert after == before
     assert session.call.done() is False
     session.cancel()
+
+
+async def test_non_finite_timeout_does_not_break_the_journal(node):
+    s = node.stubs
+    await s.agents.SignIn(agents_pb2.SignInRequest(agent_id="fr-003"))
+    for value in (math.nan, math.inf, -math.inf):
+        r = await s.agents.SetState(set_state("fr-003", A.AGENT_STATE_READY, timeout_s=value))
+        assert r.agent.state == A.AGENT_STATE_READY
+        await s.agents.SetState(set_state("fr-003", A.AGENT_STATE_NOT_READY, reason="x", timeout_s=value))
+    assert node.node.failed is None
+    assert await s.healthy()
 
 
 async def test_watcher_limit(tmp_path):

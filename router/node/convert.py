@@ -9,6 +9,7 @@ Nothing here validates business rules.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from router import model
@@ -106,13 +107,18 @@ def complete_cmd(req: routing_pb2.CompleteCallRequest, t: float) -> dict:
 
 
 def set_state_cmd(req: agents_pb2.SetStateRequest, t: float) -> dict:
+    timeout = req.timeout_s
+    if not math.isfinite(timeout):
+        # The journal takes strict JSON only (no NaN/inf); -1 is refused by the engine
+        # exactly where NaN/inf would be (wrap_up) and ignored where they would be.
+        timeout = -1.0
     return {
         "op": "set_state",
         "t": t,
         "agent_id": req.agent_id,
         "state": agent_state_str(req.state),
         "reason": req.reason,
-        "timeout_s": req.timeout_s,
+        "timeout_s": timeout,
     }
 
 

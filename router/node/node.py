@@ -153,10 +153,9 @@ class Node:
         self._last_t = t
         return t
 
-    def note_replayed(self, cmd: dict) -> None:
-        t = cmd.get("t")
-        if isinstance(t, (int, float)) and t > self._last_t:
-            self._last_t = float(t)
+    def view_time(self) -> float:
+        """The time at which reads see waits and ages (never before the engine's)."""
+        return max(time.time(), self._last_t)
 
     # --- commands ----------------------------------------------------------------------
 

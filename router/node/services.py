@@ -83,7 +83,10 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
 
     @guard
     async def EstimateWait(self, request, context):
-        q = self.node.engine.estimate(request.skill, convert.channel_str(request.channel), request.language)
+        node = self.node
+        q = node.engine.estimate(
+            request.skill, convert.channel_str(request.channel), request.language, now=node.view_time()
+        )
         return convert.estimate_msg(q)
 
     @guard
@@ -245,7 +248,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             region=info.region,
             kind=info.kind,
             serving=not node.draining,
-            queues=[convert.queue_status_msg(q) for q in eng.queues()],
+            queues=[convert.queue_status_msg(q) for q in eng.queues(now=node.view_time())],
             agents_by_state={k: int(v) for k, v in eng.agents_by_state().items()},
             calls_by_state={k: int(v) for k, v in eng.counts_by_state().items()},
         )
@@ -266,7 +269,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if request.page_token:
             start, last_id = _decode_token(request.page_token)
         state = convert.call_state_str(request.state) or None
-        calls = self.node.engine.calls(state)
+        # no call rests in "offered" (it is queued, assigned or rejected at once)
+        calls = [] if state == "offered" else self.node.engine.calls(state)
         if last_id and 0 < start <= len(calls) and calls[start - 1].call_id != last_id:
             # calls were dropped or changed state since the last page: resync on the id
             for i, c in enumerate(calls):
