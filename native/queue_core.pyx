@@ -311,6 +311,13 @@ cdef class IndexedPQ:
         while True:
             child = ARITY * pos + 1
             if child + ARITY <= n:
+                # The grandchildren of pos are 16 contiguous entries (4 lines):
+                # start fetching them before comparing this level.
+                if 4 * child + 1 < n:
+                    prefetch_w(&heap[4 * child + 1])
+                    prefetch_w(&heap[4 * child + 5])
+                    prefetch_w(&heap[4 * child + 9])
+                    prefetch_w(&heap[4 * child + 13])
                 # Full group: a two-round tournament (independent compares).
                 a = child if _before(&heap[child], &heap[child + 1]) else child + 1
                 b = child + 2 if _before(&heap[child + 2], &heap[child + 3]) else child + 3
