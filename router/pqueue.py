@@ -31,7 +31,7 @@ operation            cost         errors
 ``h in q``           O(1)         (False for any int not queued)
 ``items()``          O(n log n)   --
 ``len``/``bool``     O(1)         --
-``clear()``          O(1)/O(n)    --
+``clear()``          O(n)         --
 ===================  ===========  ==============================================
 
 ``rank(h)`` is the number of entries that would be served before ``h`` (its
@@ -43,6 +43,11 @@ Operations that look up a handle (``remove``, ``update``, ``key``, ``rank``)
 raise ``KeyError`` for any int that is not queued, including out-of-range
 ints; a non-int handle is a ``TypeError`` everywhere. A failed call changes
 nothing.
+
+Differences that are not part of the contract: the compiled core holds at most
+``2**30`` entries (``OverflowError`` beyond) and cannot be pickled or copied;
+the twin has neither limit. Both keep the queue's state across calls only;
+durability is the journal's job, not theirs.
 """
 
 from __future__ import annotations
