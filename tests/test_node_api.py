@@ -354,3 +354,42 @@ async def test_offer_during_drain_is_refused(tmp_path):
         status = await s.admin.GetStatus(admin_pb2.GetStatusRequest())
         assert not status.serving
         await shutdown
+
+
+async def test_compaction_then_restart(tmp_path):
+    data = tmp_path / "n"
+    async with running_node(make_site(), data, sync="fdatasync", compact_every=10) as n:
+        s = n.stubs
+        for i in range(35):
+            await s.routing.OfferCall(offer(f"cp{i:02d}", language="en" if i % 2 else "fr"))
+        await s.agents.SignIn(agents_pb2.SignInRequest(agent_id="bi-002"))
+        for _ in range(100):  # compaction runs in the background
+            if n.node.journal.records_since_snapshot < 10:
+                break
+            await asyncio.sleep(0.02)
+        assert n.node.journal.records_since_snapshot < 10
+        before = await s.admin.ListCalls(admin_pb2.ListCallsRequest())
+        seq = (await s.admin.GetStatus(admin_pb2.GetStatusRequest())).journal_seq
+    assert any(p.name.startswith("snapshot-") for p in data.iterdir())
+    async with running_node(make_site(), data, sync="fdatasync") as n:
+        after = await n.stubs.admin.ListCalls(admin_pb2.ListCallsRequest())
+        assert after == before
+        assert (await n.stubs.admin.GetStatus(admin_pb2.GetStatusRequest())).journal_seq == seq
+        agent = (await n.stubs.agents.GetAgent(agents_pb2.GetAgentRequest(agent_id="bi-002"))).agent
+        assert agent.state == A.AGENT_STATE_NOT_READY
+
+
+async def test_journal_failure_stops_the_node(tmp_path):
+    async with running_node(make_site(), tmp_path / "n") as n:
+        s = n.stubs
+        await s.routing.OfferCall(offer("ok-1"))
+
+        def broken(record):
+            raise OSError(5, "Input/output error")
+
+        n.node.journal.append = broken
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.routing.OfferCall(offer("lost-1"))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(n.node.wait_stopped(), 5)
+        assert n.node.failed is not None

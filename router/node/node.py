@@ -26,7 +26,6 @@ import asyncio
 import collections
 import inspect
 import logging
-import math
 import time
 from typing import Any
 
@@ -41,8 +40,13 @@ log = logging.getLogger("tandem.node")
 FINAL_CALL_STATES = frozenset({"completed", "abandoned", "rejected"})
 
 
-class NodeFailed(Exception):
-    """The journal failed: the in-memory state is ahead of the disk; the node stops."""
+class NodeFailed(RoutingError):
+    """The journal failed: the in-memory state is ahead of the disk; the node stops.
+    Clients get UNAVAILABLE (NODE_DRAINING: retry, here after the restart or elsewhere);
+    the command they sent may or may not have survived — every retry is safe."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", "NODE_DRAINING", message)
 
 
 async def maybe_await(x: Any) -> Any:
@@ -136,6 +140,7 @@ class Node:
         self._pending: collections.deque = collections.deque()  # (future, deliveries)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._last_fired: float | None = None
         self._streams: dict[str, AgentStream] = {}
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
@@ -306,27 +311,26 @@ class Node:
             self._timer.cancel()
         # +1 ms: the loop's monotonic clock and the wall clock drift apart a little
         delay = max(0.0, deadline - time.time()) + 0.001
+        if deadline == self._last_fired:
+            delay = max(delay, 0.05)  # a tick left it due: retry, but not in a busy loop
         self._timer = self._loop.call_later(delay, self._on_timer)
         self._timer_at = deadline
 
     def _on_timer(self) -> None:
+        self._last_fired = self._timer_at
         self._timer = self._timer_at = None
         if self._closing or self.failed is not None:
             return
         try:
             self.submit({"op": "tick", "t": self.now()})
+        except NodeFailed:
+            return
         except RoutingError as e:
             log.error("tick refused: %r", e)
-        except NodeFailed:
-            pass
         except Exception:  # noqa: BLE001 - a bug in a tick must not kill the loop
             log.exception("tick failed")
         if self._timer is None:
-            deadline = self.engine.next_deadline()
-            if deadline is not None and deadline <= time.time() and not self._closing:
-                # the engine did not move the deadline: retry soon, not in a busy loop
-                self._timer = self._loop.call_later(0.05, self._on_timer)
-                self._timer_at = math.nan
+            self._rearm_timer()
 
     # --- compaction --------------------------------------------------------------------
 
@@ -390,10 +394,10 @@ class Node:
             return  # a node shutting down keeps agent states as they are for the restart
         try:
             self.submit({"op": "disconnect", "t": self.now(), "agent_id": stream.agent_id})
-        except RoutingError as e:
-            log.info("disconnect of %s refused: %s", stream.agent_id, e.reason)
         except NodeFailed:
             pass
+        except RoutingError as e:
+            log.info("disconnect of %s refused: %s", stream.agent_id, e.reason)
 
     def agent_answer(self, stream: AgentStream, cmd: dict) -> None:
         """An Accept / Reject from the agent's stream. Refused ones are logged and

@@ -37,6 +37,7 @@ DEFAULT_WATCH_INTERVAL_S = 1.0
 MIN_WATCH_INTERVAL_S = 0.05
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
+HELLO_TIMEOUT_S = 30.0
 
 
 def _draining(node: Node) -> None:
@@ -171,9 +172,11 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         node = self.node
         requests = request_iterator.__aiter__()
         try:
-            first = await requests.__anext__()
+            first = await asyncio.wait_for(requests.__anext__(), HELLO_TIMEOUT_S)
         except StopAsyncIteration:
             return
+        except asyncio.TimeoutError:
+            await abort(context, "INVALID_ARGUMENT", "MISSING_FIELD", f"no hello within {HELLO_TIMEOUT_S:g} s", field="hello")
         if isinstance(first, Malformed):
             raise malformed_error(first)
         if first.WhichOneof("kind") != "hello" or not first.hello.agent_id:
