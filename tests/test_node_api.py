@@ -393,3 +393,18 @@ async def test_journal_failure_stops_the_node(tmp_path):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         await asyncio.wait_for(n.node.wait_stopped(), 5)
         assert n.node.failed is not None
+
+
+async def test_clean_stop_compacts(tmp_path, monkeypatch):
+    import router.node.node as node_mod
+
+    monkeypatch.setattr(node_mod, "COMPACT_AT_STOP", 5)
+    data = tmp_path / "n"
+    async with running_node(make_site(), data, sync="fdatasync") as n:
+        for i in range(8):
+            await n.stubs.routing.OfferCall(offer(f"s{i}"))
+        before = await n.stubs.admin.ListCalls(admin_pb2.ListCallsRequest())
+    assert [p.name for p in data.iterdir() if p.name.startswith("snapshot-")] == ["snapshot-0000000000000008.json"]
+    async with running_node(make_site(), data) as n:
+        assert n.node.journal.records_since_snapshot == 0
+        assert await n.stubs.admin.ListCalls(admin_pb2.ListCallsRequest()) == before

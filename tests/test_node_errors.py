@@ -31,7 +31,7 @@ DOCUMENTED = {
     },
     C.NOT_FOUND: {"UNKNOWN_SKILL", "CALL_NOT_FOUND", "UNKNOWN_AGENT", "UNKNOWN_ASSIGNMENT"},
     C.ALREADY_EXISTS: {"CALL_ID_CONFLICT", "AGENT_ALREADY_SIGNED_IN"},
-    C.FAILED_PRECONDITION: {"WRONG_STATE", "AGENT_NOT_SIGNED_IN", "AGENT_BUSY"},
+    C.FAILED_PRECONDITION: {"WRONG_STATE", "AGENT_NOT_SIGNED_IN", "AGENT_BUSY", "QUEUE_FULL"},
 }
 
 
@@ -314,3 +314,20 @@ async def test_random_bytes_never_hurt_the_node(node):
     assert seen.get("INVALID_ARGUMENT", 0) > 0
     assert await s.healthy()
     assert (await s.diag.Echo(diagnostics_pb2.EchoRequest(payload=b"still here"))).payload == b"still here"
+
+
+async def test_queue_full(tmp_path):
+    from node_fixtures import running_node, site_dict
+    from router.config import parse_site
+
+    d = site_dict()
+    d["queues"][0]["max_length"] = 2
+    async with running_node(parse_site(d), tmp_path / "n") as n:
+        s = n.stubs
+        await s.routing.OfferCall(offer("f1"))
+        await s.routing.OfferCall(offer("f2"))
+        before = await observe(s)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.routing.OfferCall(offer("f3"))
+        assert (e.value.code(), error_reason(e.value)) == (C.FAILED_PRECONDITION, "QUEUE_FULL")
+        assert await observe(s) == before

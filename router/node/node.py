@@ -38,6 +38,10 @@ from router.v1 import agents_pb2, routing_pb2
 log = logging.getLogger("tandem.node")
 
 FINAL_CALL_STATES = frozenset({"completed", "abandoned", "rejected"})
+COMPACT_QUIET_S = 0.05
+COMPACT_MAX_DEFER_S = 10.0
+# A clean stop compacts when at least this many records would otherwise be replayed.
+COMPACT_AT_STOP = 1000
 
 
 class NodeFailed(RoutingError):
@@ -141,6 +145,7 @@ class Node:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._last_fired: float | None = None
+        self._last_apply = 0.0
         self._streams: dict[str, AgentStream] = {}
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
@@ -173,6 +178,7 @@ class Node:
         if self.failed is not None or self._closing:
             raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
         outcome = self.engine.apply(cmd)
+        self._last_apply = time.monotonic()
         deliveries = self._capture(outcome.effects) if outcome.effects else []
         fut = None
         if outcome.changed:
@@ -340,20 +346,34 @@ class Node:
         if getattr(self.journal, "records_since_snapshot", 0) >= self.compact_every:
             self._compaction = self._loop.create_task(self._compact())
 
-    async def _compact(self) -> None:
+    async def _compact(self, defer: bool = True) -> None:
+        """Snapshot the engine and let the journal drop what it covers.
+
+        The snapshot is taken on the loop (it must match the journal position exactly)
+        and blocks it for a time proportional to the state (≈ 20 ms per 1000 retained
+        calls here), so it waits for a quiet moment: no command for 50 ms, or at most
+        ``COMPACT_MAX_DEFER_S``.
+        """
         try:
-            await asyncio.sleep(0)  # after the handler that triggered it
-            if self._closing:
-                return
-            # No await between the snapshot and compact(): the snapshot covers exactly
-            # the records appended so far.
+            if defer:
+                give_up = time.monotonic() + COMPACT_MAX_DEFER_S
+                while not self._closing:
+                    quiet = time.monotonic() - self._last_apply
+                    if quiet >= COMPACT_QUIET_S or time.monotonic() >= give_up:
+                        break
+                    await asyncio.sleep(COMPACT_QUIET_S - quiet)
+                if self._closing:
+                    return
+            # No await between the snapshot and compact()'s first step: the snapshot
+            # covers exactly the records appended so far.
             started = time.perf_counter()
             await maybe_await(self.journal.compact(self.engine.snapshot()))
             log.info("journal compacted in %.3f s", time.perf_counter() - started)
         except Exception:  # noqa: BLE001
             log.exception("journal compaction failed (the journal keeps growing)")
         finally:
-            self._compaction = None
+            if self._compaction is asyncio.current_task():
+                self._compaction = None
 
     # --- agent streams -----------------------------------------------------------------
 
@@ -497,6 +517,9 @@ class Node:
                     await self._compaction
                 except Exception:  # noqa: BLE001 - already logged
                     pass
+            if self.failed is None and getattr(self.journal, "records_since_snapshot", 0) >= COMPACT_AT_STOP:
+                # the next start restores a snapshot instead of replaying every record
+                await self._compact(defer=False)
             if self.failed is None:
                 try:
                     await maybe_await(self.journal.flush())
