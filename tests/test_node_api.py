@@ -408,3 +408,19 @@ async def test_clean_stop_compacts(tmp_path, monkeypatch):
     async with running_node(make_site(), data) as n:
         assert n.node.journal.records_since_snapshot == 0
         assert await n.stubs.admin.ListCalls(admin_pb2.ListCallsRequest()) == before
+
+
+async def test_metrics(node):
+    from prometheus_client import REGISTRY, generate_latest
+
+    s = node.stubs
+    await s.routing.OfferCall(offer("m1"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await s.routing.OfferCall(offer("m2", skill="astrology"))
+    node.node.publish_metrics()
+    text = generate_latest(REGISTRY).decode()
+    assert 'tandem_node_commands_total{op="offer",result="changed",site="testsite"}' in text
+    assert 'tandem_node_commands_total{op="offer",result="UNKNOWN_SKILL",site="testsite"}' in text
+    assert 'tandem_node_rpc_errors_total{method="OfferCall",reason="UNKNOWN_SKILL"}' in text
+    assert 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text
+    assert "tandem_node_durable_seconds_bucket" in text

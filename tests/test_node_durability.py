@@ -208,3 +208,27 @@ def test_bad_site_file_exits_2(tmp_path):
     )
     assert r.returncode == 2
     assert "invalid site configuration" in r.stderr
+
+
+async def test_metrics_endpoint(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    site_file = write_site(tmp_path / "site.yaml")
+    with node_process(site_file, tmp_path / "data", env={"TANDEM_METRICS_PORT": str(port)}) as proc:
+        s = Stubs.connect(proc.address)
+        await s.routing.OfferCall(offer("m-1", 0))
+        await s.channel.close()
+        text = ""
+        for _ in range(40):  # gauges refresh once a second
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            )
+            if 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text:
+                break
+            await asyncio.sleep(0.1)
+        assert 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text
+        assert 'tandem_node_commands_total{op="offer",result="changed",site="testsite"} 1.0' in text

@@ -20,6 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from router.model import RoutingError
+from router.node import metrics
 
 DOMAIN = "tandem.router"
 log = logging.getLogger("tandem.node")
@@ -105,8 +106,10 @@ def guard(method: Callable) -> Callable:
 
     async def _fail(context: Any, exc: BaseException) -> None:
         if isinstance(exc, RoutingError):
+            metrics.RPC_ERRORS.labels(method.__name__, exc.reason).inc()
             await abort_status(context, status_of(exc))
             return
+        metrics.RPC_ERRORS.labels(method.__name__, "INTERNAL").inc()
         log.error("unexpected error in %s", name, exc_info=exc)
         await abort_status(
             context, error_status("INTERNAL", "INTERNAL", f"internal error in {name}; see the node log")

@@ -1,7 +1,11 @@
 """``tandem node``: run one site node in the foreground until SIGTERM / SIGINT.
 
 Prints one line ``tandem node <site> listening on <host>:<port>`` on stdout once it
-serves (tools and tests parse the port from it). Exit codes: 0 after a clean shutdown,
+serves (tools and tests parse the port from it).
+
+Environment: ``TANDEM_DRAIN_S`` (seconds of drain after SIGTERM, default 2),
+``TANDEM_METRICS_PORT`` (serve Prometheus metrics on 127.0.0.1:PORT),
+``TANDEM_LOG_LEVEL`` (default INFO). Exit codes: 0 after a clean shutdown,
 1 when the node failed (journal error, recovery error, address in use), 2 for a bad
 site file.
 """
@@ -37,7 +41,12 @@ async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) ->
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    metrics_port = os.environ.get("TANDEM_METRICS_PORT")
+    if metrics_port:
+        from router.node import metrics
+
+        metrics.serve(int(metrics_port))
+    await node.start(publish_metrics=bool(metrics_port))
     print(f"tandem node {site.site.name} listening on {_host_of(listen)}:{port}", flush=True)
 
     stopper = asyncio.create_task(stop.wait())

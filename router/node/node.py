@@ -32,7 +32,7 @@ from typing import Any
 from router import model
 from router.config import SiteConfig
 from router.model import RoutingError
-from router.node import convert
+from router.node import convert, metrics
 from router.v1 import agents_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
@@ -42,6 +42,7 @@ COMPACT_QUIET_S = 0.05
 COMPACT_MAX_DEFER_S = 10.0
 # A clean stop compacts when at least this many records would otherwise be replayed.
 COMPACT_AT_STOP = 1000
+METRICS_INTERVAL_S = 1.0
 
 
 class NodeFailed(RoutingError):
@@ -146,6 +147,9 @@ class Node:
         self._timer_at: float | None = None
         self._last_fired: float | None = None
         self._last_apply = 0.0
+        self._counters: dict = {}
+        self._durable_hist = metrics.DURABLE_SECONDS.labels(site.site.name)
+        self._metrics_task: asyncio.Task | None = None
         self._streams: dict[str, AgentStream] = {}
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
@@ -177,8 +181,14 @@ class Node:
         """
         if self.failed is not None or self._closing:
             raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
-        outcome = self.engine.apply(cmd)
+        op = cmd.get("op", "")
+        try:
+            outcome = self.engine.apply(cmd)
+        except RoutingError as e:
+            self._count(op, e.reason)
+            raise
         self._last_apply = time.monotonic()
+        self._count(op, "changed" if outcome.changed else "unchanged")
         deliveries = self._capture(outcome.effects) if outcome.effects else []
         fut = None
         if outcome.changed:
@@ -188,13 +198,13 @@ class Node:
                 self._fail(exc)
                 raise NodeFailed(f"journal append failed: {exc!r}") from exc
             self._tail = fut
-            self._pending.append((fut, deliveries))
+            self._pending.append((fut, deliveries, self._last_apply))
             fut.add_done_callback(self._on_durable)
             self._maybe_compact()
         elif deliveries:
             tail = self._tail
             if tail is not None and not tail.done():
-                self._pending.append((tail, deliveries))
+                self._pending.append((tail, deliveries, None))
             else:
                 self._deliver(deliveries)
         self._rearm_timer()
@@ -224,8 +234,9 @@ class Node:
 
     def _on_durable(self, _fut: asyncio.Future) -> None:
         # Deliver strictly in journal order, whatever order the futures resolve in.
+        now = time.monotonic()
         while self._pending and self._pending[0][0].done():
-            fut, deliveries = self._pending.popleft()
+            fut, deliveries, applied_at = self._pending.popleft()
             if fut.cancelled() or fut.exception() is not None:
                 self._fail(fut.exception() if not fut.cancelled() else RuntimeError("cancelled"))
                 self._pending.clear()
@@ -233,7 +244,37 @@ class Node:
             seq = fut.result()
             if isinstance(seq, int) and seq > self.durable_seq:
                 self.durable_seq = seq
+            if applied_at is not None:
+                self._durable_hist.observe(now - applied_at)
             self._deliver(deliveries)
+
+    def _count(self, op: str, result: str) -> None:
+        child = self._counters.get((op, result))
+        if child is None:
+            child = self._counters[(op, result)] = metrics.COMMANDS.labels(self.site.site.name, op, result)
+        child.inc()
+
+    def publish_metrics(self) -> None:
+        """Refresh the gauges from the engine (on the loop thread)."""
+        site = self.site.site.name
+        for q in self.engine.queues(now=self.view_time()):
+            metrics.QUEUE_LENGTH.labels(site, q.name).set(q.length)
+            metrics.QUEUE_EXPECTED_WAIT.labels(site, q.name).set(q.expected_wait_s)
+        for state, n in self.engine.agents_by_state().items():
+            metrics.AGENTS.labels(site, state).set(n)
+        for state, n in self.engine.counts_by_state().items():
+            metrics.CALLS.labels(site, state).set(n)
+        metrics.STREAMS.labels(site, "agent").set(len(self._streams))
+        metrics.STREAMS.labels(site, "watch").set(self._watcher_count)
+        metrics.JOURNAL_SEQ.labels(site).set(self.durable_seq)
+
+    async def _metrics_loop(self) -> None:
+        while not self._closing:
+            try:
+                self.publish_metrics()
+            except Exception:  # noqa: BLE001 - metrics must never hurt routing
+                log.exception("metrics refresh failed")
+            await asyncio.sleep(METRICS_INTERVAL_S)
 
     def _deliver(self, deliveries: list) -> None:
         for target, msg in deliveries:
@@ -468,9 +509,12 @@ class Node:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, publish_metrics: bool = False) -> None:
+        """Start serving (and, if asked, refreshing the Prometheus gauges every second)."""
         await self.server.start()
         self._rearm_timer()
+        if publish_metrics:
+            self._metrics_task = self._loop.create_task(self._metrics_loop())
 
     def _fail(self, exc: BaseException | None) -> None:
         if self.failed is not None:
@@ -504,6 +548,8 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         for stream in list(self._streams.values()):
             stream.close("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
         for ws in list(self._watchers.values()):
