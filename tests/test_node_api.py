@@ -273,6 +273,7 @@ async def test_stream_end_disconnects_agent(node):
     assert agent.state == A.AGENT_STATE_NOT_READY and agent.reason == "disconnected"
     got = await s.routing.GetCall(routing_pb2.GetCallRequest(call_id="d1"))
     assert got.call.state == S.CALL_STATE_QUEUED and got.position == 1
+    assert node.node.connected_agents == []
 
 
 async def test_sign_in_out_get_agent(node):

@@ -331,3 +331,14 @@ async def test_queue_full(tmp_path):
             await s.routing.OfferCall(offer("f3"))
         assert (e.value.code(), error_reason(e.value)) == (C.FAILED_PRECONDITION, "QUEUE_FULL")
         assert await observe(s) == before
+
+
+async def test_connect_without_hello_times_out(node, monkeypatch):
+    import router.node.services as services
+
+    monkeypatch.setattr(services, "HELLO_TIMEOUT_S", 0.2)
+    call = node.stubs.agents.Connect()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(call.read(), 5)
+    assert (e.value.code(), error_reason(e.value)) == (C.INVALID_ARGUMENT, "MISSING_FIELD")
+    assert node.node.connected_agents == []

@@ -187,17 +187,28 @@ class Node:
         except RoutingError as e:
             self._count(op, e.reason)
             raise
-        self._last_apply = time.monotonic()
-        self._count(op, "changed" if outcome.changed else "unchanged")
-        deliveries = self._capture(outcome.effects) if outcome.effects else []
+        except Exception:
+            # The engine validates before it mutates, so this is a bug that may have
+            # left the state half-changed and ahead of the journal. Keep serving (one
+            # bad command must not take the site down) but say it loudly.
+            log.critical("engine raised on %r; its state may now differ from the journal", cmd)
+            raise
         fut = None
         if outcome.changed:
+            # Nothing may come between a state change and its journal record.
             try:
                 fut = self.journal.append(cmd)
             except BaseException as exc:
                 self._fail(exc)
                 raise NodeFailed(f"journal append failed: {exc!r}") from exc
             self._tail = fut
+        self._last_apply = time.monotonic()
+        try:
+            deliveries = self._capture(outcome.effects) if outcome.effects else []
+        except Exception:  # noqa: BLE001 - streams resync on reconnect; the state is safe
+            log.exception("building stream messages for %r failed", cmd)
+            deliveries = []
+        if fut is not None:
             self._pending.append((fut, deliveries, self._last_apply))
             fut.add_done_callback(self._on_durable)
             self._maybe_compact()
@@ -207,6 +218,7 @@ class Node:
                 self._pending.append((tail, deliveries, None))
             else:
                 self._deliver(deliveries)
+        self._count(op, "changed" if outcome.changed else "unchanged")
         self._rearm_timer()
         return outcome, fut
 
@@ -441,7 +453,11 @@ class Node:
                 stream.deliver(
                     agents_pb2.NodeMessage(assignment=self.assignment_msg(call.assignment_id, call_id))
                 )
-        await self.barrier()  # the state just queued must be durable before it is written
+        try:
+            await self.barrier()  # the state just queued must be durable before it is written
+        except BaseException:
+            self.close_agent_stream(stream)  # the client left (or the journal failed)
+            raise
         return stream
 
     def close_agent_stream(self, stream: AgentStream) -> None:
@@ -487,7 +503,11 @@ class Node:
         self._watchers.setdefault(call_id, set()).add(watch)
         self._watcher_count += 1
         watch.deliver(update)
-        await self.barrier()
+        try:
+            await self.barrier()
+        except BaseException:
+            self.close_watch(watch)
+            raise
         return watch
 
     def close_watch(self, watch: CallWatch) -> None:
