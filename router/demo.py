@@ -8,8 +8,9 @@ then prints KPI tables per site and queue computed from the nodes' own records
 (``Admin.ListCalls``) and reconciles those records with the generator's.
 
 Traffic: :data:`DEMO_LOAD` gives each queue of the example sites an offered load in
-Erlangs, chosen for ~85-90% agent occupancy in Lyon and the partner and a little over 95%
-in Montréal, whose English support queue is overloaded — so service levels differ by site.
+Erlangs, chosen for ~85-90% voice-agent occupancy in Lyon and at the partner, while
+Montréal is offered more than its agents can take (abandons balance it) — so service
+levels differ by site.
 Queues of other site files get a share of 85% of their site's voice agents.
 
 Output: with ``json_out`` the tables go to stderr and stdout holds exactly one line, the
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -45,7 +47,14 @@ from rich.table import Table
 from router.config import Channel, SiteConfig, load_sites
 from router.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
 from router.loadgen_agents import AgentBehaviour
-from router.loadgen_report import QueueKpi, Reconciliation, queue_kpis, reconcile, total
+from router.loadgen_report import (
+    QueueKpi,
+    Reconciliation,
+    queue_kpis,
+    reconcile,
+    total,
+    voice_occupancy,
+)
 from router.nodeproc import NodeStartError, running_nodes
 from router.v1 import admin_pb2
 
@@ -53,21 +62,23 @@ DEMO_TIME_SCALE = 60.0
 # A real offer timeout below this would be a race with the generator's own latency.
 MIN_OFFER_TIMEOUT_S = 1.0
 
-# Offered load in Erlangs per (site, queue) of the example cluster.
-#   Lyon, 28 voice agents: 24.5 E  -> ~88% occupancy before abandons.
-#   Montréal, 26 voice agents: 25.5 E -> overloaded, support-en-voice hardest hit.
+# Offered load in Erlangs per (site, queue) of the example cluster (talk + wrap-up).
+#   Lyon, 28 voice agents: 26.5 E -> ~90% occupancy, billing-en (8 bilingual agents,
+#     shared with three other queues) the weak spot.
+#   Montréal, 26 voice agents: 28.5 E -> overloaded; abandons bring occupancy to ~95%+ and
+#     service level well below Lyon's.
 #   CallPro, 18 voice agents: 15 E -> ~83%.
-# Chat and e-mail run on their own capacity (agents' chat/e-mail slots).
+# Chat and e-mail run on their own capacity (agents' chat / e-mail slots).
 DEMO_LOAD = {
-    ("lyon", "billing-fr-voice"): 10.0,
+    ("lyon", "billing-fr-voice"): 11.0,
     ("lyon", "billing-en-voice"): 3.0,
-    ("lyon", "support-fr-voice"): 6.0,
+    ("lyon", "support-fr-voice"): 7.0,
     ("lyon", "sales-voice"): 5.5,
     ("lyon", "support-chat"): 6.0,
     ("lyon", "billing-email"): 8.0,
-    ("montreal", "billing-en-voice"): 9.0,
-    ("montreal", "billing-fr-voice"): 2.0,
-    ("montreal", "support-en-voice"): 10.0,
+    ("montreal", "billing-en-voice"): 10.5,
+    ("montreal", "billing-fr-voice"): 2.5,
+    ("montreal", "support-en-voice"): 11.0,
     ("montreal", "sales-voice"): 4.5,
     ("montreal", "support-chat"): 6.0,
     ("montreal", "screening-voice"): 0.0,  # only blacklisted callers land here
@@ -167,24 +178,34 @@ def caller_pools(sites: list[SiteConfig], streams: list[CallStream], duration_si
 # --- live view and tables -----------------------------------------------------------------
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _dur(s: float) -> str:
+    """A threshold the way a planner writes it: 20s, 2m, 4h."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if s >= 2 * size and s % size == 0:
+            return f"{s / size:g}{unit}"
+    return f"{s:g}s"
 
 
 def _secs(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}s"
 
 
+_SL_ABBR = {"count_against": "A", "exclude": "X", "short_excluded": "S"}
+
+
 def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float) -> Table:
     elapsed = (time.time() - t0) * scale if t0 else 0.0
-    t = Table(title=f"tandem demo — simulated {elapsed / 60:.0f} min (x{scale:g})", title_justify="left")
+    t = _table(f"tandem demo — simulated time {elapsed / 60:.0f} min (x{scale:g})")
     for col in ("site", "offered", "answered", "abandoned", "rejected", "queued", "talking",
-                "agents ready", "SL (node, recent)"):
-        t.add_column(col, justify="left" if col == "site" else "right")
+                "ready", "SL now"):
+        t.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
     for site, c in gen.counters.items():
         st = status.get(site)
-        queued = ready = "-"
-        sl = "-"
+        queued = ready = sl = "-"
         if st is not None:
             queued = str(sum(q.length for q in st.queues))
             ready = str(st.agents_by_state.get("ready", 0))
@@ -193,39 +214,57 @@ def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float) -> Tabl
                 sl = _pct(sum(v * n for v, n in vals) / sum(n for _, n in vals))
         t.add_row(site, str(c.offered), str(c.answered), str(c.abandoned), str(c.rejected),
                   queued, str(c.talking), ready, sl)
+    t.caption = "SL now: the nodes' recent service level; ready: agents ready for a call"
     return t
 
 
-def kpi_tables(kpis: dict[str, dict[str, QueueKpi]]) -> Group:
-    sites = Table(title="KPIs per site (simulated time; from the nodes' records)", title_justify="left")
-    cols = ("offered", "answered", "abandoned", "rejected", "service level", "ASA", "AHT",
-            "abandon rate", "CSAT")
-    sites.add_column("site")
-    for c in cols:
-        sites.add_column(c, justify="right")
-    queues = Table(title="KPIs per queue", title_justify="left")
-    queues.add_column("site")
-    queues.add_column("queue")
-    queues.add_column("SL def", justify="left")
-    for c in cols:
-        queues.add_column(c, justify="right")
+_COLS = ("offer", "ans", "aband", "rej", "SL", "ASA", "AHT", "ab.%", "CSAT")
 
-    def row(k: QueueKpi) -> list[str]:
-        return [str(k.offered), str(k.answered), str(k.abandoned), str(k.rejected),
-                _pct(k.service_level), _secs(k.asa_s), _secs(k.aht_s), _pct(k.abandon_rate),
-                "-" if k.csat is None else f"{k.csat:.2f}"]
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                 pad_edge=False, caption_justify="left")
+
+
+def kpi_tables(kpis: dict[str, dict[str, QueueKpi]], occupancy: dict[str, float | None]) -> Group:
+    """Per-site and per-queue KPI tables (times in simulated seconds)."""
+    sites = _table("KPIs per site — simulated time, from the nodes' records")
+    sites.add_column("site", no_wrap=True)
+    for c in _COLS:
+        sites.add_column(c, justify="right")
+    sites.add_column("occ", justify="right")
+    sites.caption = ("SL by each queue's own definition; ASA, AHT (talk + wrap-up) in seconds; "
+                     "occ: voice agents' occupancy after the first 10% of the run")
+    queues = _table("KPIs per queue")
+    queues.add_column("queue", no_wrap=True)
+    queues.add_column("target", no_wrap=True)
+    for c in _COLS:
+        if c != "rej":  # a rejected call never reaches a queue
+            queues.add_column(c, justify="right")
+    queues.caption = "target: SL threshold and goal; abandons: " + ", ".join(
+        f"{v} = {k}" for k, v in _SL_ABBR.items())
+
+    def row(k: QueueKpi, rejected: bool = True) -> list[str]:
+        cells = [str(k.offered), str(k.answered), str(k.abandoned), str(k.rejected),
+                 _pct(k.service_level), _secs(k.asa_s), _secs(k.aht_s), _pct(k.abandon_rate),
+                 "-" if k.csat is None else f"{k.csat:.2f}"]
+        return cells if rejected else cells[:3] + cells[4:]
 
     for site, per in kpis.items():
-        sites.add_row(site, *row(total(per.values(), site)))
+        sites.add_row(site, *row(total(per.values(), site)), _pct(occupancy.get(site)))
+        queues.add_row(f"[bold]{site}[/bold]")
         for name, k in per.items():
-            sl_def = "" if name == "(rejected)" else f"{k.threshold_s:g}s, {k.abandons}"
-            queues.add_row(site, name, sl_def, *row(k))
+            if name == "(rejected)":
+                continue
+            target = f"{_dur(k.threshold_s)} {100 * k.target:g}% {_SL_ABBR[k.abandons]}"
+            queues.add_row(f" {name}", target, *row(k, rejected=False))
     all_k = total([total(per.values()) for per in kpis.values()])
-    sites.add_row("all", *row(all_k), style="bold")
-    return Group(sites, queues)
+    sites.add_row("all", *row(all_k), "", style="bold")
+    return Group(sites, "", queues)
 
 
-def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float, scale: float) -> dict:
+def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float,
+            scale: float, occupancy: dict[str, float | None]) -> dict:
     def rnd(x: float | None, n: int = 4) -> float | None:
         return None if x is None or math.isnan(x) else round(x, n)
 
@@ -237,6 +276,7 @@ def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_
             "rejected": k.rejected, "service_level": rnd(k.service_level),
             "asa_s": rnd(k.asa_s, 2), "aht_s": rnd(k.aht_s, 2),
             "abandon_rate": rnd(k.abandon_rate), "csat": rnd(k.csat, 3),
+            "occupancy": rnd(occupancy.get(site)),
         }
     a = total([total(per.values()) for per in kpis.values()])
     return {
@@ -304,6 +344,13 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
     return gen, node_calls, rec
 
 
+def _console(file) -> Console:
+    c = Console(file=file, highlight=False)
+    if not c.is_terminal:  # a log file or a pipe: do not squeeze the tables to 80 columns
+        c = Console(file=file, highlight=False, width=160)
+    return c
+
+
 def run_demo(
     sites_dir: Path,
     duration: float = 60.0,
@@ -315,8 +362,8 @@ def run_demo(
     """Run the demo; returns the process exit code (see the module docstring)."""
     import uvloop
 
-    out = Console(file=sys.stderr if json_out else sys.stdout, highlight=False)
-    err = Console(file=sys.stderr, highlight=False)
+    out = _console(sys.stderr if json_out else sys.stdout)
+    err = _console(sys.stderr)
     sites = load_sites(sites_dir)
     if not sites:
         err.print(f"no site files (*.yaml) in {sites_dir}")
@@ -329,6 +376,7 @@ def run_demo(
             root = Path(data_dir)
             root.mkdir(parents=True, exist_ok=True)
         files = write_scaled_sites(sites, root / "sites", time_scale)
+        scaled = {s.site.name: s for s in load_sites(root / "sites")}
         err.print(f"starting {len(files)} nodes ({', '.join(s.site.name for s in sites)}); data in {root}")
         try:
             with running_nodes(files, root / "nodes") as nodes:
@@ -341,7 +389,9 @@ def run_demo(
             err.print(f"[red]could not start the nodes:[/red] {e}")
             return 2
     kpis = queue_kpis(node_calls, {s.site.name: s for s in sites}, time_scale)
-    out.print(kpi_tables(kpis))
+    t0, t1 = gen.started_at, gen.arrivals_ended_at
+    occupancy = voice_occupancy(node_calls, scaled, t0 + 0.1 * (t1 - t0), t1)
+    out.print(kpi_tables(kpis, occupancy))
     out.print(
         f"reconciliation: {rec.offered} calls offered by the generator, lost {rec.lost}, "
         f"duplicates {rec.duplicates}, unfinished by the generator {rec.unfinished}, "
@@ -353,6 +403,6 @@ def run_demo(
     for e in gen.errors[:10]:
         out.print(f"  generator: {e}")
     if json_out:
-        sys.stdout.write(json.dumps(summary(kpis, rec, duration * time_scale, time_scale)) + "\n")
+        sys.stdout.write(json.dumps(summary(kpis, rec, duration * time_scale, time_scale, occupancy)) + "\n")
         sys.stdout.flush()
     return 0 if rec.lost == 0 and rec.duplicates == 0 else 1

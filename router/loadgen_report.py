@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from router.config import SiteConfig
+from router.config import Channel, SiteConfig
 from router.loadgen import CallRecord
 from router.loadgen_agents import Ledger
 from router.v1 import types_pb2
@@ -120,6 +120,7 @@ class QueueKpi:
     site: str
     queue: str
     threshold_s: float = 20.0
+    target: float = 0.8
     abandons: str = "short_excluded"
     wrap_up_s: float = 0.0
     offered: int = 0
@@ -194,6 +195,7 @@ def queue_kpis(
                 k = per[name] = QueueKpi(site, name)
                 if q is not None:
                     k.threshold_s = q.service_level.threshold_s
+                    k.target = q.service_level.target
                     k.abandons = q.service_level.abandons
                     k.wrap_up_s = q.wrap_up_s
             k.offered += 1
@@ -226,3 +228,29 @@ def total(kpis: Iterable[QueueKpi], site: str = "", queue: str = "") -> QueueKpi
     for k in kpis:
         agg.add(k)
     return agg
+
+
+def voice_occupancy(
+    node_calls: dict[str, list], sites: dict[str, SiteConfig], t0: float, t1: float
+) -> dict[str, float | None]:
+    """Per site: the share of its voice agents' time in [t0, t1] (Unix seconds) spent on
+    voice calls — talk plus the queue's wrap-up as configured on the node. Pass the site
+    files the nodes ran (scaled ones under time compression)."""
+    out: dict[str, float | None] = {}
+    for site, calls in node_calls.items():
+        cfg = sites.get(site)
+        if cfg is None or t1 <= t0:
+            out[site] = None
+            continue
+        agents = sum(
+            1 for g in cfg.agent_profiles().values() if g.capacity.get(Channel.VOICE, 0) > 0
+        )
+        wrap = {q.name: q.wrap_up_s for q in cfg.queues}
+        busy = 0.0
+        for c in calls:
+            if c.channel != types_pb2.CHANNEL_VOICE or not c.answered_at:
+                continue
+            end = (c.ended_at or t1) + wrap.get(c.queue, 0.0)
+            busy += max(0.0, min(end, t1) - max(c.answered_at, t0))
+        out[site] = busy / (agents * (t1 - t0)) if agents else None
+    return out
