@@ -158,6 +158,95 @@ async def test_sigkill_during_offers_loses_no_acknowledged_call(tmp_path):
     print(f"{len(all_acked)} acknowledged offers over 4 SIGKILLs, {len(ids)} calls recovered")
 
 
+async def _agent_desk(s: Stubs, agent_id: str, connected: asyncio.Queue) -> None:
+    """Accept every offer; hand connected calls to the completer."""
+    session = await AgentSession(s, agent_id).hello()
+    try:
+        while True:
+            msg = await session.call.read()
+            if msg is grpc.aio.EOF:
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "assignment":
+                await session.accept(msg.assignment.assignment_id)
+            elif kind == "connected":
+                connected.put_nowait(msg.connected.call_id)
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        return
+    finally:
+        session.cancel()
+
+
+async def test_sigkill_during_mixed_traffic_keeps_calls_and_agents_consistent(tmp_path):
+    site_file = write_site(tmp_path / "site.yaml")
+    data = tmp_path / "data"
+    rng = random.Random(11)
+    acked_offers: list[str] = []
+    acked_completes: list[str] = []
+    for round_ in range(3):
+        proc = start_node_process(site_file, data)
+        s = Stubs.connect(proc.address)
+        try:
+            for a in AGENTS:
+                try:
+                    await s.agents.SignIn(agents_pb2.SignInRequest(agent_id=a))
+                except grpc.aio.AioRpcError as e:
+                    assert error_reason(e) == "AGENT_ALREADY_SIGNED_IN"
+            connected: asyncio.Queue = asyncio.Queue()
+            desks = [asyncio.create_task(_agent_desk(s, a, connected)) for a in AGENTS]
+            await asyncio.sleep(0.1)
+            for a in AGENTS:
+                await s.agents.SetState(agents_pb2.SetStateRequest(agent_id=a, state=A.AGENT_STATE_READY))
+            stop = asyncio.Event()
+
+            async def completer() -> None:
+                while True:
+                    cid = await connected.get()
+                    try:
+                        await s.routing.CompleteCall(routing_pb2.CompleteCallRequest(
+                            call_id=cid, disposition=t.Disposition(resolved=True, csat=4)), timeout=5)
+                    except grpc.aio.AioRpcError:
+                        return
+                    acked_completes.append(cid)
+
+            comp = asyncio.create_task(completer())
+            offers = asyncio.create_task(_offer_stream(proc.address, f"m{round_}", acked_offers, stop, workers=4))
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            proc.proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(offers, 10)
+            await asyncio.wait_for(asyncio.gather(*desks, return_exceptions=True), 10)
+            comp.cancel()  # waiting for a connected call that will not come
+            await asyncio.gather(comp, return_exceptions=True)
+        finally:
+            proc.kill()
+            await s.channel.close()
+    assert acked_completes, "no call was completed before the kills; raise the sleep"
+
+    with node_process(site_file, data) as proc:
+        s = Stubs.connect(proc.address)
+        calls, token = [], ""
+        while True:
+            r = await s.admin.ListCalls(admin_pb2.ListCallsRequest(page_size=1000, page_token=token))
+            calls += r.calls
+            token = r.next_page_token
+            if not token:
+                break
+        agents = {a: (await s.agents.GetAgent(agents_pb2.GetAgentRequest(agent_id=a))).agent for a in AGENTS}
+        await s.channel.close()
+    by_id = {c.call_id: c for c in calls}
+    assert len(by_id) == len(calls)
+    assert not set(acked_offers) - set(by_id)
+    assert all(by_id[c].state == S.CALL_STATE_COMPLETED for c in acked_completes)
+    capacity = {"fr": {t.CHANNEL_VOICE: 1, t.CHANNEL_CHAT: 2}, "bi": {t.CHANNEL_VOICE: 1, t.CHANNEL_CHAT: 3}}
+    for aid, agent in agents.items():
+        holding = {c.call_id for c in calls
+                   if c.agent_id == aid and c.state in (S.CALL_STATE_ASSIGNED, S.CALL_STATE_CONNECTED)}
+        assert set(agent.call_ids) == holding, aid
+        for ch, cap in capacity[aid[:2]].items():
+            assert sum(1 for cid in holding if by_id[cid].channel == ch) <= cap, (aid, ch)
+    print(f"{len(acked_offers)} offers and {len(acked_completes)} completes acknowledged over 3 SIGKILLs")
+
+
 async def test_sigterm_drains_and_keeps_queued_calls(tmp_path):
     site_file = write_site(tmp_path / "site.yaml")
     data = tmp_path / "data"
