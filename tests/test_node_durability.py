@@ -321,3 +321,18 @@ async def test_metrics_endpoint(tmp_path):
             await asyncio.sleep(0.1)
         assert 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text
         assert 'tandem_node_commands_total{op="offer",result="changed",site="testsite"} 1.0' in text
+
+
+def test_second_node_on_same_data_dir_exits_1(tmp_path):
+    import subprocess
+    import sys
+
+    site_file = write_site(tmp_path / "site.yaml")
+    with node_process(site_file, tmp_path / "data"):
+        r = subprocess.run(
+            [sys.executable, "-m", "router.cli", "node", "--site", str(site_file),
+             "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert r.returncode == 1
+    assert "in use" in r.stderr

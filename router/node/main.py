@@ -37,6 +37,9 @@ async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) ->
     except (RecoveryError, RuntimeError, OSError) as e:
         print(f"tandem node {site.site.name}: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:  # noqa: BLE001 - e.g. JournalError: data dir in use, JournalCorrupt
+        print(f"tandem node {site.site.name}: cannot start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
