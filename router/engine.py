@@ -1,0 +1,381 @@
+"""The deterministic, event-sourced routing engine of one site node.
+
+``Engine.apply(cmd)`` validates a command completely (raising :class:`RoutingError`
+with nothing changed), then mutates. No I/O, no clock, no randomness: time is the
+command's ``t``. Engine time never goes backwards: a command older than the latest one
+applied runs at the latest time. ``Outcome.changed`` is False exactly when the state is
+untouched (idempotent repeats, a tick with nothing due); the state — ``snapshot()`` —
+changes only when it is True.
+
+Routing (see :mod:`router.policy` for the rules):
+
+* A new call is queued by (skill, channel, language) and offered at once to the best
+  free eligible agent, if any. A blacklisted caller is rejected, or with
+  ``blacklist_action: restricted_queue`` queued in that queue (class "blacklist", no
+  head start) when the call is on that queue's channel — rejected otherwise.
+* Whenever an agent frees up (becomes ready, loses a call), it takes the queued call with
+  the minimal ``(key, handle)`` over all its eligible queues, repeatedly while it has a
+  free slot (invariant 3). Whenever calls enter queues (offer, reject, no answer,
+  disconnect), the best queued head goes to the best free agent, repeatedly. After every
+  command no ready agent has a free slot on a channel while an eligible call waits
+  (work conservation).
+* A ringing offer (call "assigned") holds a slot of the agent's capacity (invariant 2).
+  It is withdrawn by a reject, by a tick at or past ``offered_at + offer_timeout_s``
+  (an accept that arrives first still wins) or by a disconnect: the call goes back to
+  its original place (same handle, same key) and the agent to not_ready ("rejected",
+  "no_answer", "disconnected").
+* After ``complete``: an agent that was ready enters wrap-up for the queue's
+  ``wrap_up_s`` (0: stays ready); one already in wrap-up has it extended to the later
+  end; a not_ready agent stays not_ready. AHT samples are talk time + ``wrap_up_s``.
+* ``set_state`` to the current state is a no-op (changed False): ready again,
+  not_ready with the same reason, wrap_up again (the running wrap-up keeps its end).
+
+Results: offer -> OfferResult; abandon, complete, accept, reject -> CallView; sign_in,
+sign_out, set_state, disconnect -> AgentView; tick -> None.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Any
+
+from router import engine_validate as v
+from router import policy
+from router.config import SiteConfig
+from router.engine_core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
+from router.engine_records import Agent, Call, Queue
+from router.engine_snapshot import SnapshotMixin
+from router.engine_views import ViewsMixin
+from router.model import (
+    AgentChanged,
+    AssignmentCancelled,
+    CallChanged,
+    CallConnected,
+    OfferResult,
+    Outcome,
+    RoutingError,
+)
+
+
+
+class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
+    def __init__(self, site: SiteConfig, *, queue_factory: Any = None) -> None:
+        if queue_factory is None:
+            from router.pqueue import IndexedPQ as queue_factory
+        self.site = site
+        self._site_name = site.site.name
+        self._qf = queue_factory
+        r = site.routing
+        self._mode = r.agent_selection
+        self._offer_timeout = float(r.offer_timeout_s)
+        hs = {getattr(k, "value", k): float(s) for k, s in r.head_start_s.items()}
+        self._hs = {c: hs.get(c, 0.0) for c in ("standard", "repeat", "whitelist", "vip")}
+        self._hs["blacklist"] = 0.0
+        self._lists = policy.caller_sets(site.lists)
+        self._repeat_window_s = float(r.repeat_window_h) * 3600.0
+        # The newest contact may be the current call: keep one more than the pop shows.
+        self._history_keep = r.screen_pop_history + 1
+        self._retention = r.ended_call_retention
+        self._sl_window_s = float(r.service_level_window_s)
+
+        self._queues: dict[str, Queue] = {q.name: Queue(q, queue_factory) for q in site.queues}
+        self._route = {(q.skill, q.channel, q.language): q for q in self._queues.values()}
+        self._restricted = (
+            self._queues[r.restricted_queue] if r.blacklist_action == "restricted_queue" else None
+        )
+        self._agents: dict[str, Agent] = {}
+        for aid, g in site.agent_profiles().items():
+            cap = dict.fromkeys(v.CHANNEL_ORDER, 0)
+            cap.update({getattr(ch, "value", ch): n for ch, n in g.capacity.items()})
+            a = Agent(aid, dict(g.skills), list(g.languages), cap)
+            for q in self._queues.values():
+                if policy.eligible(a.skills, a.languages, cap, q.skill, q.language, q.channel):
+                    a.queues.append(q)
+                    q.agents.append(a)
+            self._agents[aid] = a
+
+        self._now = 0.0
+        self._next_handle = 1
+        self._calls: dict[str, Call] = {}  # every retained call, in offer order
+        self._by_handle: dict[int, Call] = {}  # queued calls
+        self._ringing: dict[str, Call] = {}  # assignment id -> call, offers not answered
+        self._ended: deque[str] = deque()  # ended call ids, oldest first (retention)
+        self._call_counts = dict.fromkeys(CALL_STATES, 0)
+        self._agent_counts = dict.fromkeys(AGENT_STATES, 0)
+        self._agent_counts["signed_out"] = len(self._agents)
+        # Repeat-caller memory: caller -> [[call_id, offered_at, skill, outcome, csat,
+        # handle]] oldest first; the FIFO drops contacts older than the window.
+        self._memory: dict[str, list[list]] = {}
+        self._memory_fifo: deque[tuple[float, str]] = deque()
+        # (time, kind, id): offer timeouts by assignment id, wrap-up ends by agent id.
+        # Entries go stale when the offer or the wrap-up ends first; checked on pop.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._fx: list = []
+        self._dirty_agents: dict[str, Agent] = {}
+        self._dirty_queues: dict[str, Queue] = {}
+        self._ops = {
+            "offer": self._op_offer,
+            "abandon": self._op_abandon,
+            "complete": self._op_complete,
+            "sign_in": self._op_sign_in,
+            "sign_out": self._op_sign_out,
+            "set_state": self._op_set_state,
+            "accept": self._op_accept,
+            "reject": self._op_reject,
+            "disconnect": self._op_disconnect,
+            "tick": self._op_tick,
+        }
+
+    # -- entry point --------------------------------------------------------------------
+
+    def apply(self, cmd: dict) -> Outcome:
+        """Apply one command (see :mod:`router.model`); raise RoutingError, changing
+        nothing, when it is refused."""
+        if not isinstance(cmd, dict):
+            raise v.invalid("INVALID_COMMAND", "a command must be a mapping")
+        op = cmd.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise v.invalid("INVALID_COMMAND", f"unknown op {op!r}", field="op")
+        t = v.parse_time(cmd)
+        return handler(cmd, t if t > self._now else self._now)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _op_offer(self, cmd: dict, now: float) -> Outcome:
+        fields = v.offer(cmd)
+        cid, channel, skill, language, caller, customer, declared, ctx = fields
+        call = self._calls.get(cid)
+        if call is not None:
+            if fields == (
+                call.call_id, call.channel, call.skill, call.language, call.caller,
+                call.customer_id, call.requested_class, call.context,
+            ):  # fmt: skip
+                return Outcome(False, self._offer_result(call))
+            raise RoutingError(
+                "ALREADY_EXISTS", "CALL_ID_CONFLICT",
+                f"call {cid} was offered with different content", call_id=cid,
+            )  # fmt: skip
+        q = self._route.get((skill, channel, language or None)) or self._route.get(
+            (skill, channel, None)
+        )
+        if q is None:
+            raise RoutingError(
+                "NOT_FOUND", "UNKNOWN_SKILL",
+                f"no queue serves skill {skill!r} on {channel}"
+                + (f" in {language!r}" if language else ""),
+                skill=skill, channel=channel, language=language,
+            )  # fmt: skip
+        klass = policy.classify(caller, customer, declared, self._lists, self._recent(caller, now))
+        if klass == "blacklist":
+            # Restricted only on the queue's own channel; anything else is rejected.
+            r = self._restricted
+            q = r if r is not None and r.channel == channel else None
+        if q is not None and len(q.pq) >= q.max_length:
+            raise RoutingError(
+                "FAILED_PRECONDITION", "QUEUE_FULL",
+                f"queue {q.name} is full ({q.max_length} calls)", queue=q.name,
+            )  # fmt: skip
+
+        self._begin(now)
+        handle = self._next_handle
+        self._next_handle += 1
+        call = Call(
+            call_id=cid, state="", channel=channel, skill=skill, language=language, queue="",
+            priority_class=klass, caller=caller, customer_id=customer, offered_at=now,
+            queued_at=0.0, answered_at=0.0, ended_at=0.0, agent_id="", assignment_id="",
+            transfer_count=0, resolved=False, csat=0, wrap_up_code="", context=ctx,
+            reject_reason="", abandon_reason="", handle=handle, key=0.0,
+            requested_class=declared, decision="", offer_deadline=0.0, n_offers=0,
+        )  # fmt: skip
+        self._calls[cid] = call
+        self._remember(call, now)
+        if q is None:
+            self._set_call_state(call, "rejected")
+            call.ended_at = now
+            call.reject_reason = "blacklist"
+            call.decision = "rejected: blacklist"
+            self._ended_call(call)
+        else:
+            call.queued_at = now
+            call.key = policy.priority_key(now, self._hs[klass])
+            q.offered += 1
+            self._enqueue(call, q)
+            self._dispatch()
+            if call.state == "assigned":
+                call.decision = f"assigned: {call.agent_id} ({q.name}, {klass})"
+            else:
+                call.decision = f"queued: {q.name} ({klass})"
+        self._fx.append(CallChanged(cid))
+        position = self._newest_position(call, q) if call.state == "queued" else 0
+        wait = policy.expected_wait(position, q.aht, q.staffed_slots, bool(q.free)) if q else 0.0
+        return self._commit(OfferResult(call.view(self._site_name), position, wait, call.decision))
+
+    def _op_abandon(self, cmd: dict, now: float) -> Outcome:
+        cid = v.call_id(cmd)
+        reason = v.text(cmd, "reason", v.MAX_REASON)
+        call = self._call(cid)
+        if call.state == "abandoned":
+            return Outcome(False, call.view(self._site_name))
+        if call.state not in ("queued", "assigned"):
+            raise self._wrong_state(call, "abandon", "queued or assigned")
+        self._begin(now)
+        q = self._queues[call.queue]
+        if call.state == "queued":
+            self._dequeue(call, q)
+        else:
+            self._fx.append(
+                AssignmentCancelled(call.agent_id, call.assignment_id, cid, "abandoned")
+            )
+            self._release(call)
+        q.abandoned += 1
+        q.add_finished(now, False, now - call.queued_at, self._sl_window_s)
+        self._set_call_state(call, "abandoned")
+        call.ended_at = now
+        call.abandon_reason = reason
+        self._ended_call(call)
+        self._fx.append(CallChanged(cid))
+        self._dispatch()
+        return self._commit(call.view(self._site_name))
+
+    def _op_complete(self, cmd: dict, now: float) -> Outcome:
+        cid, resolved, csat, code = v.complete(cmd)
+        call = self._call(cid)
+        if call.state == "completed":
+            return Outcome(False, call.view(self._site_name))
+        if call.state != "connected":
+            raise self._wrong_state(call, "complete", "connected")
+        self._begin(now)
+        q = self._queues[call.queue]
+        a = self._agents[call.agent_id]
+        self._release(call)
+        self._set_call_state(call, "completed")
+        call.ended_at = now
+        call.resolved, call.csat, call.wrap_up_code = resolved, csat, code
+        q.aht = policy.update_aht(q.aht, (now - call.answered_at) + q.wrap_up_s)
+        self._ended_call(call)
+        self._fx.append(CallChanged(cid))
+        if a.state == "ready":
+            if q.wrap_up_s > 0:
+                self._start_wrap_up(a, now, now + q.wrap_up_s)
+            else:
+                a.available_since = now
+        elif a.state == "wrap_up" and now + q.wrap_up_s > a.wrap_up_until:
+            a.wrap_up_until = now + q.wrap_up_s
+            heapq.heappush(self._deadlines, (a.wrap_up_until, WRAP, a.agent_id))
+        self._dispatch()
+        return self._commit(call.view(self._site_name))
+
+    def _op_sign_in(self, cmd: dict, now: float) -> Outcome:
+        a = self._agent(v.agent_id(cmd))
+        if a.state != "signed_out":
+            raise RoutingError(
+                "ALREADY_EXISTS", "AGENT_ALREADY_SIGNED_IN",
+                f"agent {a.agent_id} is already signed in", agent_id=a.agent_id,
+            )  # fmt: skip
+        self._begin(now)
+        a.available_since = now
+        self._set_agent_state(a, "not_ready", "signed_in", now)
+        return self._commit(a.view())
+
+    def _op_sign_out(self, cmd: dict, now: float) -> Outcome:
+        a = self._signed_in(v.agent_id(cmd))
+        if a.calls:
+            raise RoutingError(
+                "FAILED_PRECONDITION", "AGENT_BUSY",
+                f"agent {a.agent_id} still holds {len(a.calls)} call(s)", agent_id=a.agent_id,
+            )  # fmt: skip
+        self._begin(now)
+        self._set_agent_state(a, "signed_out", "", now)
+        return self._commit(a.view())
+
+    def _op_set_state(self, cmd: dict, now: float) -> Outcome:
+        aid, state, reason, timeout = v.set_state(cmd)
+        a = self._signed_in(aid)
+        if a.state == state and (state != "not_ready" or a.reason == reason):
+            return Outcome(False, a.view())
+        self._begin(now)
+        if state == "wrap_up":
+            self._start_wrap_up(a, now, now + timeout)
+        elif state == "not_ready" and a.state == "not_ready":
+            a.reason, a.state_since = reason, now  # a new not-ready period
+            self._fx.append(AgentChanged(aid))
+        else:
+            self._set_agent_state(a, state, reason if state == "not_ready" else "", now)
+        self._dispatch()
+        return self._commit(a.view())
+
+    def _op_accept(self, cmd: dict, now: float) -> Outcome:
+        a = self._signed_in(v.agent_id(cmd))
+        asg = v.assignment_id(cmd)
+        call = self._ringing.get(asg)
+        if call is None or call.agent_id != a.agent_id:
+            done = self._connected_assignment(asg, a.agent_id)
+            if done is not None:
+                return Outcome(False, done.view(self._site_name))
+            raise self._unknown_assignment(asg, a.agent_id)
+        self._begin(now)
+        del self._ringing[asg]
+        q = self._queues[call.queue]
+        self._set_call_state(call, "connected")
+        call.answered_at = now
+        call.offer_deadline = 0.0
+        q.answered += 1
+        q.add_finished(now, True, now - call.queued_at, self._sl_window_s)
+        self._fx += [CallConnected(a.agent_id, asg, call.call_id), CallChanged(call.call_id)]
+        return self._commit(call.view(self._site_name))
+
+    def _op_reject(self, cmd: dict, now: float) -> Outcome:
+        a = self._signed_in(v.agent_id(cmd))
+        asg = v.assignment_id(cmd)
+        v.text(cmd, "reason", v.MAX_REASON)
+        call = self._ringing.get(asg)
+        if call is None or call.agent_id != a.agent_id:
+            if self._connected_assignment(asg, a.agent_id) is not None:
+                raise RoutingError(
+                    "FAILED_PRECONDITION", "WRONG_STATE",
+                    f"assignment {asg} was already accepted", assignment_id=asg,
+                )  # fmt: skip
+            raise self._unknown_assignment(asg, a.agent_id)
+        self._begin(now)
+        self._requeue(call, "rejected")
+        self._set_agent_state(a, "not_ready", "rejected", now)
+        self._dispatch()
+        return self._commit(call.view(self._site_name))
+
+    def _op_disconnect(self, cmd: dict, now: float) -> Outcome:
+        a = self._signed_in(v.agent_id(cmd))
+        ringing = [self._calls[c] for c in a.calls if self._calls[c].state == "assigned"]
+        if not ringing and a.state == "not_ready" and a.reason == "disconnected":
+            return Outcome(False, a.view())
+        self._begin(now)
+        for call in ringing:
+            self._requeue(call, "disconnected")
+        self._set_agent_state(a, "not_ready", "disconnected", now)
+        self._dispatch()
+        return self._commit(a.view())
+
+    def _op_tick(self, cmd: dict, now: float) -> Outcome:
+        due = []
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            entry = heapq.heappop(dl)
+            if self._deadline_live(entry):
+                due.append(entry)
+        if not due:
+            return Outcome(False, None)
+        self._begin(now)
+        for entry in due:
+            if not self._deadline_live(entry):  # an earlier one this tick settled it
+                continue
+            when, kind, ident = entry
+            if kind == OFFER:
+                call = self._ringing[ident]
+                a = self._agents[call.agent_id]
+                self._requeue(call, "no_answer")
+                self._set_agent_state(a, "not_ready", "no_answer", when)
+            else:
+                self._set_agent_state(self._agents[ident], "ready", "", when)
+        self._dispatch()
+        return self._commit(None)
