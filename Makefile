@@ -5,8 +5,8 @@ PYTHON_SYS ?= $(shell command -v python3.11 || command -v python3)
 VENV       := .venv
 PY         := $(VENV)/bin/python
 PIP        := $(VENV)/bin/pip
-# Debian packages the project needs (compiler for the Cython core; later: etcd, ClickHouse).
-APT_PACKAGES := gcc iproute2
+# Debian packages the project needs: compiler for the Cython core, etcd 3.4, ClickHouse 18.16, ip netns.
+APT_PACKAGES := gcc iproute2 etcd-server etcd-client clickhouse-server clickhouse-client
 PYTEST_ARGS ?=
 
 .PHONY: all deps build demo test bench clean
