@@ -27,11 +27,28 @@ Routing (see :mod:`router.policy` for the rules):
 * After ``complete``: an agent that was ready enters wrap-up for the queue's
   ``wrap_up_s`` (0: stays ready); one already in wrap-up has it extended to the later
   end; a not_ready agent stays not_ready. AHT samples are talk time + ``wrap_up_s``.
+* Queue counters: ``offered`` counts calls queued there (not blacklist rejections),
+  ``answered`` accepts, ``abandoned`` abandons. The service-level window holds calls
+  when answered (waited = answered_at - queued_at, ringing included) or abandoned
+  (waited = ended_at - queued_at), for ``routing.service_level_window_s``.
+* Repeat callers: the last ``screen_pop_history + 1`` contacts of each non-empty
+  caller within ``repeat_window_h`` are remembered (0 h: no memory, no repeat class).
 * ``set_state`` to the current state is a no-op (changed False): ready again,
   not_ready with the same reason, wrap_up again (the running wrap-up keeps its end).
 
-Results: offer -> OfferResult; abandon, complete, accept, reject -> CallView; sign_in,
-sign_out, set_state, disconnect -> AgentView; tick -> None.
+Results (also when ``changed`` is False): offer -> OfferResult; abandon, complete,
+accept, reject -> CallView; sign_in, sign_out, set_state, disconnect -> AgentView;
+tick -> None.
+
+Effects, in the order things happened (CallChanged / AgentChanged at most once per id):
+offer: CallChanged, plus AssignmentOffered + AgentChanged when it rings an agent.
+abandon: CallChanged; if it was ringing, AssignmentCancelled("abandoned") + AgentChanged.
+complete: CallChanged + AgentChanged. accept: CallConnected + CallChanged.
+reject / disconnect / tick: AssignmentCancelled("rejected" / "disconnected" /
+"no_answer") + CallChanged per withdrawn offer, AgentChanged. sign_in, sign_out,
+set_state: AgentChanged. Any command that frees an agent or queues a call also carries
+the assignments it causes (AssignmentOffered + CallChanged + AgentChanged each).
+Effects of a command that changed nothing: none.
 """
 
 from __future__ import annotations
@@ -56,7 +73,6 @@ from router.model import (
     Outcome,
     RoutingError,
 )
-
 
 
 class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
@@ -181,14 +197,8 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
         self._begin(now)
         handle = self._next_handle
         self._next_handle += 1
-        call = Call(
-            call_id=cid, state="", channel=channel, skill=skill, language=language, queue="",
-            priority_class=klass, caller=caller, customer_id=customer, offered_at=now,
-            queued_at=0.0, answered_at=0.0, ended_at=0.0, agent_id="", assignment_id="",
-            transfer_count=0, resolved=False, csat=0, wrap_up_code="", context=ctx,
-            reject_reason="", abandon_reason="", handle=handle, key=0.0,
-            requested_class=declared, decision="", offer_deadline=0.0, n_offers=0,
-        )  # fmt: skip
+        call = Call.offered(cid, channel, skill, language, caller, customer, declared, ctx, now, handle)
+        call.priority_class = klass
         self._calls[cid] = call
         self._remember(call, now)
         if q is None:
@@ -209,7 +219,9 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
                 call.decision = f"queued: {q.name} ({klass})"
         self._fx.append(CallChanged(cid))
         position = self._newest_position(call, q) if call.state == "queued" else 0
-        wait = policy.expected_wait(position, q.aht, q.staffed_slots, bool(q.free)) if q else 0.0
+        wait = (
+            policy.expected_wait(position, q.aht, q.staffed_slots, bool(q.free)) if q is not None else 0.0
+        )
         return self._commit(OfferResult(call.view(self._site_name), position, wait, call.decision))
 
     def _op_abandon(self, cmd: dict, now: float) -> Outcome:
@@ -307,8 +319,8 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
         return self._commit(a.view())
 
     def _op_accept(self, cmd: dict, now: float) -> Outcome:
-        a = self._signed_in(v.agent_id(cmd))
-        asg = v.assignment_id(cmd)
+        aid, asg = v.agent_id(cmd), v.assignment_id(cmd)
+        a = self._signed_in(aid)
         call = self._ringing.get(asg)
         if call is None or call.agent_id != a.agent_id:
             done = self._connected_assignment(asg, a.agent_id)
@@ -327,9 +339,9 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
         return self._commit(call.view(self._site_name))
 
     def _op_reject(self, cmd: dict, now: float) -> Outcome:
-        a = self._signed_in(v.agent_id(cmd))
-        asg = v.assignment_id(cmd)
+        aid, asg = v.agent_id(cmd), v.assignment_id(cmd)
         v.text(cmd, "reason", v.MAX_REASON)
+        a = self._signed_in(aid)
         call = self._ringing.get(asg)
         if call is None or call.agent_id != a.agent_id:
             if self._connected_assignment(asg, a.agent_id) is not None:
@@ -374,7 +386,8 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
                 call = self._ringing[ident]
                 a = self._agents[call.agent_id]
                 self._requeue(call, "no_answer")
-                self._set_agent_state(a, "not_ready", "no_answer", when)
+                # since the deadline, unless the agent changed state after it
+                self._set_agent_state(a, "not_ready", "no_answer", max(when, a.state_since))
             else:
                 self._set_agent_state(self._agents[ident], "ready", "", when)
         self._dispatch()

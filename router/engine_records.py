@@ -8,6 +8,7 @@ into a snapshot and read itself back.
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 from typing import Any
 
 from router.config import QueueConfig
@@ -27,12 +28,25 @@ class Call:
     )  # fmt: skip
     __slots__ = FIELDS
 
-    def __init__(self, **kw: Any) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, kw[name])
+    @classmethod
+    def offered(
+        cls, call_id: str, channel: str, skill: str, language: str, caller: str,
+        customer_id: str, requested_class: str, context: dict, offered_at: float, handle: int,
+    ) -> "Call":  # fmt: skip
+        """A new call, before it is classified, queued or rejected."""
+        c = cls.__new__(cls)
+        c.call_id, c.state, c.channel, c.skill, c.language = call_id, "", channel, skill, language
+        c.queue, c.priority_class, c.caller, c.customer_id = "", "", caller, customer_id
+        c.offered_at, c.queued_at, c.answered_at, c.ended_at = offered_at, 0.0, 0.0, 0.0
+        c.agent_id = c.assignment_id = ""
+        c.transfer_count, c.resolved, c.csat, c.wrap_up_code = 0, False, 0, ""
+        c.context, c.reject_reason, c.abandon_reason = context, "", ""
+        c.handle, c.key, c.requested_class, c.decision = handle, 0.0, requested_class, ""
+        c.offer_deadline, c.n_offers = 0.0, 0
+        return c
 
     def row(self) -> list:
-        return [getattr(self, name) for name in self.FIELDS]
+        return list(_row(self))
 
     @classmethod
     def from_row(cls, row: list) -> "Call":
@@ -67,6 +81,9 @@ class Call:
             reject_reason=self.reject_reason,
             abandon_reason=self.abandon_reason,
         )
+
+
+_row = attrgetter(*Call.FIELDS)
 
 
 class Agent:

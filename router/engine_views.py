@@ -3,6 +3,12 @@
 Reads never change the state. Views are built on demand, one per call; a CallView shares
 the call's ``context`` dict with the engine — treat it as read-only. Times default to the
 engine's time (the latest applied command's ``t``); ``now=`` reads at another instant.
+
+QueueView: ``expected_wait_s`` is that of a new standard call joining now (position
+length + 1, see :func:`router.policy.expected_wait`); ``agents_ready`` counts eligible
+agents that are ready with a free slot on the queue's channel; ``agents_staffed`` the
+eligible agents signed in, whatever their state; ``oldest_wait_s`` the wait so far of
+the longest-waiting queued call; ``service_level`` uses the recent window.
 """
 
 from __future__ import annotations
