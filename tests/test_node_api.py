@@ -13,8 +13,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from node_fixtures import AgentSession, error_reason, make_site, running_node
 from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, routing_pb2, types_pb2 as t
 
-pytest.importorskip("router.engine")  # until the engine lands
-
 pytestmark = pytest.mark.timeout(60)
 
 A = t.AgentState

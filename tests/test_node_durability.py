@@ -14,8 +14,6 @@ import pytest
 from node_fixtures import AgentSession, Stubs, error_reason, node_process, start_node_process, write_site
 from router.v1 import admin_pb2, agents_pb2, routing_pb2, types_pb2 as t
 
-pytest.importorskip("router.engine")  # until the engine lands
-
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 A = t.AgentState

@@ -14,8 +14,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from node_fixtures import AgentSession, error_reason
 from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, routing_pb2, types_pb2 as t
 
-pytest.importorskip("router.engine")  # until the engine lands
-
 pytestmark = pytest.mark.timeout(120)
 
 C = grpc.StatusCode
