@@ -21,10 +21,10 @@ A = t.AgentState
 
 DOCUMENTED = {
     C.INVALID_ARGUMENT: {
-        "MISSING_FIELD", "FIELD_TOO_LONG", "INVALID_CALL_ID", "INVALID_CHANNEL",
+        "MISSING_FIELD", "FIELD_TOO_LONG", "INVALID_FIELD", "INVALID_CALL_ID", "INVALID_CHANNEL",
         "INVALID_PRIORITY_CLASS", "INVALID_CSAT", "TOO_MANY_ENTRIES", "INVALID_STATE",
         "INVALID_TIMEOUT", "INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN",
-        # beyond the protos' lists: the node's unparsable request, the engine's bad language
+        # as listed in the protos (routing.proto, agents.proto, admin.proto)
         "MALFORMED_REQUEST", "INVALID_LANGUAGE",
     },
     C.NOT_FOUND: {"UNKNOWN_SKILL", "CALL_NOT_FOUND", "UNKNOWN_AGENT", "UNKNOWN_ASSIGNMENT"},

@@ -72,7 +72,7 @@ class _Subscriber:
         if self.closed:
             return
         if self.queue.qsize() >= self.max_backlog:
-            self.close("RESOURCE_EXHAUSTED", "SLOW_CONSUMER", "the stream is not being read")
+            self.close("ABORTED", "SLOW_CONSUMER", "the stream is not being read fast enough")
             return
         self.queue.put_nowait(msg)
 
