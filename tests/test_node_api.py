@@ -58,6 +58,10 @@ async def test_health_reflection_echo(node):
         names |= {x.name for x in resp.list_services_response.service}
     assert {"router.v1.Routing", "router.v1.Agents", "router.v1.Admin", "router.v1.Diagnostics",
             "grpc.health.v1.Health"} <= names
+    async for resp in refl.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="router.v1.Routing")])
+    ):
+        assert resp.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
 
     payload = bytes(range(256)) * 256  # 64 KiB exactly
     r = await s.diag.Echo(diagnostics_pb2.EchoRequest(payload=payload))
