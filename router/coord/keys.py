@@ -1,0 +1,100 @@
+"""Every etcd key Tandem uses, under one configurable prefix (default ``/tandem/``).
+
+Values are JSON (UTF-8, compact, sorted keys) so that ``etcdctl get --prefix /tandem/``
+shows them as they are. "lease" means the key is bound to the writing node's session
+lease: it vanishes by itself when the node dies (TTL, default 3 s) or loses etcd.
+
+Key layout::
+
+    /tandem/members/<site>        lease  {"site", "address", "region", "kind", "pid",
+                                          "started_at", "version"}
+                                          membership: the node serving <site> and the
+                                          gRPC address peers reach it at
+    /tandem/load/<site>           lease  LoadSnapshot: {"site", "region", "kind", "seq",
+                                          "ts", "accepting", "mode", "active_calls",
+                                          "service_level", "free_agents": {skill: n},
+                                          "queues": {name: {"skill", "channel",
+                                          "language", "value", "length",
+                                          "expected_wait_s", "staffed", "free_agents",
+                                          "target_wait_s", "service_level"}}}
+                                          published on change, at most a few times a
+                                          second, and re-published every second
+    /tandem/policy/overflow       -      OverflowPolicy (router.overflow): the cluster's
+                                          overflow rules, partner contracts and
+                                          contingency-mode settings; validated before
+                                          it is written, and a watcher keeps the
+                                          previous policy in force if the stored value
+                                          is invalid
+    /tandem/contingency/<site>    -      ContingencyState: {"mode": "normal" | "surge" |
+                                          "emergency", "announcement", "reason",
+                                          "set_by", "set_at"}; no key = normal
+    /tandem/rebalancer/leader     lease  {"candidate", "pid", "since"}: the elected
+                                          rebalancer; the key's create revision is
+                                          the fencing token
+    /tandem/targets/<site>        -      {"fencing", "leader", "ts", "targets": {...}}:
+                                          the rebalancer's targets for <site>, written
+                                          only while the writer's fencing token is
+                                          the leader key's create revision
+
+``/tandem/`` stands for the configured prefix (``TANDEM_ETCD_PREFIX``). Other
+elections use ``<prefix><name>/leader`` the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_PREFIX = "/tandem/"
+#: The rebalancer's election name: its leader key is ``<prefix>rebalancer/leader``.
+REBALANCER = "rebalancer"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"{kind} name must match {_NAME.pattern}, got {name!r}")
+    return name
+
+
+class Keys:
+    """Key names under one prefix. ``Keys("/tandem/")`` is the default layout; tests use
+    a unique prefix each so that they never see each other's keys."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/") or "//" in prefix:
+            raise ValueError(f"key prefix must start and end with '/', got {prefix!r}")
+        self.prefix = prefix
+        self.members_prefix = prefix + "members/"
+        self.load_prefix = prefix + "load/"
+        self.policy_overflow = prefix + "policy/overflow"
+        self.contingency_prefix = prefix + "contingency/"
+        self.targets_prefix = prefix + "targets/"
+
+    def __repr__(self) -> str:
+        return f"Keys({self.prefix!r})"
+
+    def member(self, site: str) -> str:
+        return self.members_prefix + _check_name("site", site)
+
+    def load(self, site: str) -> str:
+        return self.load_prefix + _check_name("site", site)
+
+    def contingency(self, site: str) -> str:
+        return self.contingency_prefix + _check_name("site", site)
+
+    def leader(self, election: str = REBALANCER) -> str:
+        return f"{self.prefix}{_check_name('election', election)}/leader"
+
+    def targets(self, site: str) -> str:
+        return self.targets_prefix + _check_name("site", site)
+
+    @staticmethod
+    def site_of(key: bytes | str, under: str) -> str | None:
+        """The site name of a key directly under ``under`` (e.g. ``members_prefix``), or
+        None for a key that is not of that form."""
+        k = key.decode() if isinstance(key, bytes) else key
+        if not k.startswith(under):
+            return None
+        rest = k[len(under):]
+        return rest if _NAME.match(rest) else None
