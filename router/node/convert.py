@@ -16,55 +16,54 @@ from router import model
 from router.v1 import admin_pb2, agents_pb2, routing_pb2, types_pb2
 
 
-def _enum_to_str(enum_type: Any, prefix: str, value: int) -> str:
-    try:
-        name = enum_type.Name(value)
-    except ValueError:
-        return f"unknown_{value}"
-    if name.endswith("_UNSPECIFIED"):
-        return ""
-    return name[len(prefix):].lower()
+def _tables(enum_type: Any, prefix: str) -> tuple[dict[int, str], dict[str, int]]:
+    to_str = {}
+    for v in enum_type.DESCRIPTOR.values:
+        to_str[v.number] = "" if v.name.endswith("_UNSPECIFIED") else v.name[len(prefix):].lower()
+    return to_str, {s: n for n, s in to_str.items() if s}
 
 
-def _str_to_enum(enum_type: Any, prefix: str, value: str) -> int:
-    if not value:
-        return 0
-    try:
-        return enum_type.Value(prefix + value.upper())
-    except ValueError:
-        return 0
+_CHANNEL, _CHANNEL_NUM = _tables(types_pb2.Channel, "CHANNEL_")
+_CALL_STATE, _CALL_STATE_NUM = _tables(types_pb2.CallState, "CALL_STATE_")
+_PRIORITY, _PRIORITY_NUM = _tables(types_pb2.PriorityClass, "PRIORITY_CLASS_")
+_AGENT_STATE, _AGENT_STATE_NUM = _tables(types_pb2.AgentState, "AGENT_STATE_")
+
+
+def _to_str(table: dict[int, str], value: int) -> str:
+    s = table.get(value)
+    return f"unknown_{value}" if s is None else s
 
 
 def channel_str(v: int) -> str:
-    return _enum_to_str(types_pb2.Channel, "CHANNEL_", v)
+    return _to_str(_CHANNEL, v)
 
 
 def channel_enum(s: str) -> int:
-    return _str_to_enum(types_pb2.Channel, "CHANNEL_", s)
+    return _CHANNEL_NUM.get(s, 0)
 
 
 def call_state_str(v: int) -> str:
-    return _enum_to_str(types_pb2.CallState, "CALL_STATE_", v)
+    return _to_str(_CALL_STATE, v)
 
 
 def call_state_enum(s: str) -> int:
-    return _str_to_enum(types_pb2.CallState, "CALL_STATE_", s)
+    return _CALL_STATE_NUM.get(s, 0)
 
 
 def priority_str(v: int) -> str:
-    return _enum_to_str(types_pb2.PriorityClass, "PRIORITY_CLASS_", v)
+    return _to_str(_PRIORITY, v)
 
 
 def priority_enum(s: str) -> int:
-    return _str_to_enum(types_pb2.PriorityClass, "PRIORITY_CLASS_", s)
+    return _PRIORITY_NUM.get(s, 0)
 
 
 def agent_state_str(v: int) -> str:
-    return _enum_to_str(types_pb2.AgentState, "AGENT_STATE_", v)
+    return _to_str(_AGENT_STATE, v)
 
 
 def agent_state_enum(s: str) -> int:
-    return _str_to_enum(types_pb2.AgentState, "AGENT_STATE_", s)
+    return _AGENT_STATE_NUM.get(s, 0)
 
 
 # --- requests -> commands ----------------------------------------------------------
