@@ -33,6 +33,7 @@ from router import model
 from router.config import SiteConfig
 from router.model import RoutingError
 from router.node import convert, metrics
+from router.node.streams import AgentStream, CallWatch
 from router.v1 import agents_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
@@ -56,61 +57,6 @@ class NodeFailed(RoutingError):
 
 async def maybe_await(x: Any) -> Any:
     return await x if inspect.isawaitable(x) else x
-
-
-class _Subscriber:
-    """A stream's outbox. ``None`` in the queue ends the stream; ``end`` says how."""
-
-    max_backlog = 10_000
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.closed = False
-        self.end: tuple[str, str, str] | None = None  # (code, reason, message)
-
-    def deliver(self, msg: Any) -> None:
-        if self.closed:
-            return
-        if self.queue.qsize() >= self.max_backlog:
-            self.close("ABORTED", "SLOW_CONSUMER", "the stream is not being read fast enough")
-            return
-        self.queue.put_nowait(msg)
-
-    def close(self, code: str | None = None, reason: str = "", message: str = "") -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if code is not None:
-            self.end = (code, reason, message)
-        self.queue.put_nowait(None)
-
-
-class AgentStream(_Subscriber):
-    """The outbox of one agent's Connect stream."""
-
-    def __init__(self, agent_id: str) -> None:
-        super().__init__()
-        self.agent_id = agent_id
-        self._offered: set[str] = set()  # assignment ids already pushed (no duplicates)
-
-    def deliver(self, msg: agents_pb2.NodeMessage) -> None:
-        kind = msg.WhichOneof("kind")
-        if kind == "assignment":
-            aid = msg.assignment.assignment_id
-            if aid in self._offered:
-                return
-            self._offered.add(aid)
-        elif kind == "cancelled":
-            self._offered.discard(msg.cancelled.assignment_id)
-        elif kind == "connected":
-            self._offered.discard(msg.connected.assignment_id)
-        super().deliver(msg)
-
-
-class CallWatch(_Subscriber):
-    def __init__(self, call_id: str) -> None:
-        super().__init__()
-        self.call_id = call_id
 
 
 class Node:

@@ -1,0 +1,69 @@
+"""Outboxes of the node's server streams: an agent's Connect stream, a WatchCall.
+
+The node puts messages in (from the loop, once they are durable); the stream's handler
+takes them out and writes them. ``None`` in the queue ends the stream, ``end`` says
+with which status. A backlog over ``max_backlog`` (a client that does not read) ends the
+stream with ABORTED SLOW_CONSUMER rather than growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from router.v1 import agents_pb2
+
+
+class _Subscriber:
+    """A stream's outbox. ``None`` in the queue ends the stream; ``end`` says how."""
+
+    max_backlog = 10_000
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+        self.end: tuple[str, str, str] | None = None  # (code, reason, message)
+
+    def deliver(self, msg: Any) -> None:
+        if self.closed:
+            return
+        if self.queue.qsize() >= self.max_backlog:
+            self.close("ABORTED", "SLOW_CONSUMER", "the stream is not being read fast enough")
+            return
+        self.queue.put_nowait(msg)
+
+    def close(self, code: str | None = None, reason: str = "", message: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if code is not None:
+            self.end = (code, reason, message)
+        self.queue.put_nowait(None)
+
+
+class AgentStream(_Subscriber):
+    """The outbox of one agent's Connect stream."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__()
+        self.agent_id = agent_id
+        self._offered: set[str] = set()  # assignment ids already pushed (no duplicates)
+
+    def deliver(self, msg: agents_pb2.NodeMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "assignment":
+            aid = msg.assignment.assignment_id
+            if aid in self._offered:
+                return
+            self._offered.add(aid)
+        elif kind == "cancelled":
+            self._offered.discard(msg.cancelled.assignment_id)
+        elif kind == "connected":
+            self._offered.discard(msg.connected.assignment_id)
+        super().deliver(msg)
+
+
+class CallWatch(_Subscriber):
+    def __init__(self, call_id: str) -> None:
+        super().__init__()
+        self.call_id = call_id
