@@ -15,11 +15,13 @@ between runs the agents drain the queue (bounded). Printed per concurrency (``--
 one JSON line each) — medians over the runs:
 
     {"concurrency", "route_calls_per_s", "echo_calls_per_s", "ratio", "p50_ms", "p99_ms",
-     "drained_calls_per_s"}
+     "drained_calls_per_s", "node_cpu_route", "node_cpu_echo"}
 
 ``ratio`` = route / echo throughput (median of the per-run ratios); p50/p99 are OfferCall
 latencies; ``drained_calls_per_s`` is how fast the agents completed calls during the
-routing phase. At the end every call offered must be COMPLETED on the node exactly once
+routing phase; ``node_cpu_*`` the node process's CPU use in each phase (1.0 = one core:
+on a 2-core machine the node, the clients and the agents share two cores while routing,
+only the node and the clients while echoing). At the end every call offered must be COMPLETED on the node exactly once
 (checked with Admin.ListCalls and the agents' ledger); otherwise the exit code is 1.
 """
 
@@ -30,7 +32,11 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
+import shutil
+import signal
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -134,6 +140,30 @@ async def closed_loop(concurrency: int, make_call, calls: int, seconds: float) -
     return len(latencies) / elapsed, latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU share (1.0 = one core) of some processes over a phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        dt = time.perf_counter() - self.t0
+        return {k: (cpu_seconds(p) - self.c0[k]) / dt for k, p in self.pids.items()}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -158,7 +188,7 @@ async def completed_count(client: NodeClient) -> int:
     return sum(q.answered for q in st.queues)
 
 
-async def bench(address: str, args) -> tuple[list[dict], int]:
+async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], int]:
     client = NodeClient("bench", address)
     await client.wait_ready(15.0)
     offers = Offers(f"b{int(time.time()) % 100000}")
@@ -171,6 +201,7 @@ async def bench(address: str, args) -> tuple[list[dict], int]:
         await client.diagnostics.Echo(payload, timeout=10.0)
 
     rows = []
+    meter = CpuMeter(pids)
     for c in args.concurrency:
         runs = []
         await closed_loop(c, offer, max(50, c * 20), 0.5)  # warm-up
@@ -179,14 +210,20 @@ async def bench(address: str, args) -> tuple[list[dict], int]:
             await wait_drained(client, args.drain_timeout)
             done0 = await completed_count(client)
             t0 = time.perf_counter()
+            meter.start()
             route_rate, lat = await closed_loop(c, offer, args.calls, args.seconds)
+            cpu_route = meter.stop()
             done1 = await completed_count(client)
             drained = (done1 - done0) / (time.perf_counter() - t0)
             await wait_drained(client, args.drain_timeout)
+            meter.start()
             echo_rate, _ = await closed_loop(c, echo, args.calls, args.seconds)
+            cpu_echo = meter.stop()
             runs.append({
                 "route": route_rate, "echo": echo_rate, "ratio": route_rate / echo_rate,
                 "p50": pct(lat, 0.50) * 1000, "p99": pct(lat, 0.99) * 1000, "drained": drained,
+                "node_cpu_route": cpu_route["node"], "node_cpu_echo": cpu_echo["node"],
+                "cpu_route": cpu_route, "cpu_echo": cpu_echo,
             })
         med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
         rows.append({
@@ -197,10 +234,14 @@ async def bench(address: str, args) -> tuple[list[dict], int]:
             "p50_ms": round(med("p50"), 3),
             "p99_ms": round(med("p99"), 3),
             "drained_calls_per_s": round(med("drained"), 1),
+            "node_cpu_route": round(med("node_cpu_route"), 2),
+            "node_cpu_echo": round(med("node_cpu_echo"), 2),
         })
-        print(f"concurrency {c}: " + ", ".join(
-            f"route {r['route']:.0f}/s echo {r['echo']:.0f}/s p99 {r['p99']:.2f} ms" for r in runs),
-            file=sys.stderr, flush=True)
+        for r in runs:
+            cpu = lambda d: " ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
+            print(f"c={c}: route {r['route']:.0f}/s p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms "
+                  f"[cpu {cpu(r['cpu_route'])}]; echo {r['echo']:.0f}/s [cpu {cpu(r['cpu_echo'])}]",
+                  file=sys.stderr, flush=True)
     await wait_drained(client, args.drain_timeout)
     calls = [x for x in await client.list_calls() if x.call_id.startswith(offers.prefix + "-")]
     await client.close()
@@ -214,11 +255,22 @@ async def bench(address: str, args) -> tuple[list[dict], int]:
     return rows, problems
 
 
+def start_profiler(out: str, pid: int) -> subprocess.Popen:
+    """py-spy (pip install py-spy) on the node: raw collapsed stacks, GIL holder only, with
+    native frames so time inside grpc's Cython core shows up as such."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen(
+        [exe, "record", "-p", str(pid), "-f", "raw", "-r", "100", "--gil", "--native", "-o", out],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--profile", metavar="FILE", help="py-spy the node during the run (raw stacks)")
     p.add_argument("--calls", type=int, default=3000, help="max calls per phase")
     p.add_argument("--seconds", type=float, default=3.0, help="max seconds per phase")
     p.add_argument("--agents", type=int, default=100)
@@ -243,10 +295,20 @@ def main() -> int:
                 if not ready.wait(30):
                     print("the agents' process did not get ready in 30 s", file=sys.stderr)
                     return 1
-                rows, problems = uvloop.run(bench(address, args))
+                pids = {"node": nodes["bench"].pid, "agents": child.pid, "clients": os.getpid()}
+                spy = start_profiler(args.profile, nodes["bench"].pid) if args.profile else None
+                try:
+                    rows, problems = uvloop.run(bench(address, args, pids))
+                finally:
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(30)
             finally:
                 stop.set()
-                agent_stats = results.get(timeout=30) if child.is_alive() or not results.empty() else {}
+                try:
+                    agent_stats = results.get(timeout=30)
+                except queue.Empty:
+                    agent_stats = {}
                 child.join(10)
                 if child.is_alive():
                     child.kill()

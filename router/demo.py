@@ -33,11 +33,13 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import yaml
 from rich import box
 from rich.console import Console, Group
@@ -47,6 +49,7 @@ from rich.table import Table
 from router.config import Channel, SiteConfig, load_sites
 from router.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
 from router.loadgen_agents import AgentBehaviour
+from router.loadgen_rpc import NodeClient, describe
 from router.loadgen_report import (
     QueueKpi,
     Reconciliation,
@@ -291,11 +294,21 @@ def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_
 # --- the run --------------------------------------------------------------------------------
 
 
-async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event) -> None:
+async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Console | None,
+                       scale: float) -> None:
+    """GetStatus from every node twice a second (for the live view); without a live view,
+    a plain progress line on ``log`` every 10 s."""
+    last_line = time.monotonic()
     while not stop.is_set():
         for site, client in gen.clients.items():
             with contextlib.suppress(Exception):
                 status[site] = await client.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=1.0)
+        if log is not None and gen.started_at and time.monotonic() - last_line >= 10:
+            last_line = time.monotonic()
+            sim_min = (time.time() - gen.started_at) * scale / 60
+            log.print(f"simulated {sim_min:.0f} min: " + "; ".join(
+                f"{site} offered {c.offered} answered {c.answered} abandoned {c.abandoned} "
+                f"waiting {c.waiting}" for site, c in gen.counters.items()), soft_wrap=True)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -317,7 +330,9 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
     gen = LoadGen(cfg)
     status: dict = {}
     stop = asyncio.Event()
-    poller = asyncio.create_task(_poll_status(gen, status, stop))
+    poller = asyncio.create_task(
+        _poll_status(gen, status, stop, None if live_console else log_console, scale)
+    )
     t0 = time.time()
     try:
         if live_console is not None:
@@ -332,8 +347,6 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
     log_console.print(f"traffic and drain took {time.time() - t0:.1f} s; reading the nodes' records")
     node_calls = {}
     for site, addr in addresses.items():
-        from router.loadgen_rpc import NodeClient
-
         client = NodeClient(site, addr)
         try:
             calls = await client.list_calls(timeout=10.0)
@@ -342,6 +355,10 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
         node_calls[site] = [c for c in calls if c.call_id.startswith(gen.run_id + "-")]
     rec = reconcile(gen.records.values(), node_calls, gen.ledger, gen.run_id)
     return gen, node_calls, rec
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _console(file) -> Console:
@@ -378,13 +395,23 @@ def run_demo(
         files = write_scaled_sites(sites, root / "sites", time_scale)
         scaled = {s.site.name: s for s in load_sites(root / "sites")}
         err.print(f"starting {len(files)} nodes ({', '.join(s.site.name for s in sites)}); data in {root}")
+        # SIGTERM ends the demo like Ctrl-C: the nodes are stopped, the temp dir removed.
+        stack.callback(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             with running_nodes(files, root / "nodes") as nodes:
                 addresses = {name: n.address for name, n in nodes.items()}
                 err.print("nodes: " + ", ".join(f"{k} {v}" for k, v in addresses.items()))
-                gen, node_calls, rec = uvloop.run(
-                    _drive(addresses, sites, duration, time_scale, seed, live, err)
-                )
+                try:
+                    gen, node_calls, rec = uvloop.run(
+                        _drive(addresses, sites, duration, time_scale, seed, live, err)
+                    )
+                except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
+                    err.print(f"[red]the run failed:[/red] {describe(e)}")
+                    for n in nodes.values():
+                        err.print(f"--- {n.name} ({'running' if n.alive() else 'exited'}), "
+                                  f"{n.log_path}:\n{n.log_tail(10)}", markup=False)
+                    return 1
         except NodeStartError as e:
             err.print(f"[red]could not start the nodes:[/red] {e}")
             return 2
