@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from node_fixtures import make_site, running_node
+from history_fixtures import chdb_path, chdb_store, clickhouse_outage_server, clickhouse_server, history_store, server_store  # noqa: F401
 
 
 @pytest.fixture
