@@ -415,6 +415,9 @@ def run_demo(
         except NodeStartError as e:
             err.print(f"[red]could not start the nodes:[/red] {e}")
             return 2
+        except KeyboardInterrupt:
+            err.print("interrupted: nodes stopped")
+            return 130
     kpis = queue_kpis(node_calls, {s.site.name: s for s in sites}, time_scale)
     t0, t1 = gen.started_at, gen.arrivals_ended_at
     occupancy = voice_occupancy(node_calls, scaled, t0 + 0.1 * (t1 - t0), t1)

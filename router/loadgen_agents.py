@@ -287,8 +287,14 @@ class SimAgent:
             )
 
     async def _accept(self, assignment_id: str) -> None:
-        if self.b.ring_s > 0:
-            await asyncio.sleep(self.b.ring_s / self.scale)
+        # Until the accept is written the offer is ours to drop; after, it stays pending
+        # until the node answers (Connected / AssignmentCancelled), so stop() waits for it.
+        try:
+            if self.b.ring_s > 0:
+                await asyncio.sleep(self.b.ring_s / self.scale)
+        except asyncio.CancelledError:
+            self._accepts.pop(assignment_id, None)
+            raise
         try:
             await self._write(
                 agents_pb2.AgentMessage(accept=agents_pb2.Accept(assignment_id=assignment_id))
