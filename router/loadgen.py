@@ -99,7 +99,9 @@ class CallerPool:
             (self.whitelist_p, self.whitelist),
             (self.blacklist_p, self.blacklist),
         ):
-            if numbers and u < share:
+            if not numbers:
+                continue  # an empty list's share goes to ordinary callers
+            if u < share:
                 return rng.choice(numbers)
             u -= share
         return f"{self.prefix}{1_000_000 + rng.randrange(self.size):07d}"

@@ -164,3 +164,91 @@ def test_erlang_c_agreement(tmp_path: Path):
     assert abs(asa - asa_theory) <= asa_ci + MODEL_SLACK * asa_theory, report
     assert abs(sl - sl_theory) <= sl_ci + MODEL_SLACK * (1 - sl_theory), report
     assert abs(pw - pw_theory) <= pw_ci + MODEL_SLACK * pw_theory, report
+
+
+# --- the checker checked: reconciliation on made-up records (fast) ------------------------
+
+
+def _record(call_id: str, outcome: str, site: str = "s", answered: bool = True, agent: str = "a-001"):
+    import asyncio as _asyncio
+
+    from router.loadgen import CallRecord
+
+    return CallRecord(
+        call_id=call_id, site=site, stream="q", caller="+1", talk_s=1.0, patience_s=None,
+        wake=_asyncio.Event(), offered_at=1.0, acked_at=1.0, outcome=outcome,
+        answered_at=2.0 if answered else 0.0, agent_id=agent if answered else "",
+    )
+
+
+def _call(call_id: str, state: int, answered: bool = True, agent: str = "a-001"):
+    from router.v1 import types_pb2
+
+    return types_pb2.Call(call_id=call_id, state=state, answered_at=2.0 if answered else 0.0,
+                          agent_id=agent if answered else "")
+
+
+def test_reconcile_counts_lost_and_duplicates():
+    from router.loadgen_agents import Ledger
+    from router.v1 import types_pb2 as t
+
+    done, aband = t.CALL_STATE_COMPLETED, t.CALL_STATE_ABANDONED
+    records = [
+        _record("r-s-1", "completed"),                    # fine
+        _record("r-s-2", "completed"),                    # node never heard of it: lost
+        _record("r-s-3", "completed"),                    # node says still queued: lost
+        _record("r-s-4", "abandoned", answered=False),    # fine
+        _record("r-s-5", "abandoned", answered=False),    # node says completed: lost
+        _record("r-s-6", "completed"),                    # node lists it twice: duplicate
+        _record("r-s-7", "completed"),                    # also on another node: duplicate
+        _record("r-s-8", "completed"),                    # node says another agent: duplicate
+        _record("r-s-9", "completed"),                    # our agents saw it connected twice
+    ]
+    nodes = {
+        "s": [
+            _call("r-s-1", done), _call("r-s-3", t.CALL_STATE_QUEUED, answered=False),
+            _call("r-s-4", aband, answered=False), _call("r-s-5", done),
+            _call("r-s-6", done), _call("r-s-6", done), _call("r-s-7", done),
+            _call("r-s-8", done, agent="a-002"), _call("r-s-9", done),
+            _call("r-s-99", done),  # never offered by this run's generator
+        ],
+        "other": [_call("r-s-7", done)],
+    }
+    ledger = Ledger()
+    ledger.connected("a-001", "r-s-9")
+    ledger.connected("a-002", "r-s-9")
+    rec = reconcile(records, nodes, ledger, "r")
+    assert rec.lost == 3, rec.examples
+    assert rec.duplicates == 4, rec.examples
+    assert rec.unknown == 1 and rec.offered == 9
+
+
+def test_ledger_flags_an_offer_held_by_two_agents():
+    from router.loadgen_agents import Ledger
+
+    ledger = Ledger()
+    ledger.assigned("a-001", "c1")
+    ledger.released("a-001", "c1")  # rejected, then offered to someone else: fine
+    ledger.assigned("a-002", "c1")
+    assert not ledger.duplicates
+    ledger.assigned("a-003", "c1")  # while a-002 still holds it
+    assert ledger.duplicates == {"c1"}
+
+
+def test_streams_and_caller_pool_draws():
+    import random
+
+    from router.loadgen import CallerPool
+
+    rng = random.Random(3)
+    for dist in ("exponential", "lognormal"):
+        s = CallStream(site="s", skill="k", rate_per_h=1, talk_s=200.0, talk_dist=dist)
+        mean = statistics.fmean(s.sample_talk(rng) for _ in range(20_000))
+        assert mean == pytest.approx(200.0, rel=0.05), dist
+    pool = CallerPool(prefix="+3361", size=100, vip=("+33600000001",), blacklist=("+336666",),
+                      vip_p=0.05, blacklist_p=0.01)
+    draws = [pool.draw(rng) for _ in range(20_000)]
+    assert draws.count("+33600000001") / len(draws) == pytest.approx(0.05, abs=0.01)
+    assert draws.count("+336666") / len(draws) == pytest.approx(0.01, abs=0.005)
+    ordinary = {d for d in draws if d not in ("+33600000001", "+336666")}
+    assert len(ordinary) <= 100 and all(d.startswith("+3361") for d in ordinary)
