@@ -12,7 +12,44 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+
+def test_scaled_site_divides_every_duration():
+    from router.config import load_site, parse_site
+    from router.demo import MIN_OFFER_TIMEOUT_S, scaled_site
+
+    lyon = load_site(REPO / "sites" / "lyon.yaml")
+    scaled = parse_site(scaled_site(lyon, 60.0), "<scaled>")  # still a valid site file
+    q0, s0 = lyon.queues[0], scaled.queues[0]
+    assert s0.service_level.threshold_s == pytest.approx(q0.service_level.threshold_s / 60)
+    assert s0.wrap_up_s == pytest.approx(q0.wrap_up_s / 60)
+    assert s0.aht_s == pytest.approx(q0.aht_s / 60)
+    assert s0.service_level.target == q0.service_level.target
+    r0, r1 = lyon.routing, scaled.routing
+    assert r1.head_start_s["vip"] == pytest.approx(r0.head_start_s["vip"] / 60)
+    assert r1.repeat_window_h == pytest.approx(r0.repeat_window_h / 60)
+    assert r1.service_level_window_s == pytest.approx(r0.service_level_window_s / 60)
+    assert r1.offer_timeout_s == max(MIN_OFFER_TIMEOUT_S, r0.offer_timeout_s / 60)
+    assert scaled.agent_profiles().keys() == lyon.agent_profiles().keys()
+    assert scaled.lists == lyon.lists
+
+
+def test_demo_traffic_loads_the_sites():
+    from router.config import load_sites
+    from router.demo import demo_streams
+
+    sites = load_sites(REPO / "sites")
+    streams = demo_streams(sites)
+    # Offered voice Erlangs per voice agent: busy in-house centers, Montréal overloaded.
+    for site, low, high in (("lyon", 0.85, 1.0), ("montreal", 1.0, 1.15), ("callpro", 0.75, 0.95)):
+        cfg = next(s for s in sites if s.site.name == site)
+        wrap = {q.name: q.wrap_up_s for q in cfg.queues}
+        erlangs = sum(st.rate_per_h / 3600 * (st.talk_s + wrap[st.name])
+                      for st in streams if st.site == site and st.channel == "voice")
+        agents = sum(1 for g in cfg.agent_profiles().values() if g.capacity.get("voice", 0))
+        assert low <= erlangs / agents <= high, (site, erlangs, agents)
+
+
+@pytest.mark.slow
 
 
 def _node_pids_under(root: Path) -> list[int]:
