@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from router.history.cli import register as _register_history  # noqa: E402
+_register_history(app)  # tandem history …, tandem report …
 
 
 @app.command()

@@ -1,0 +1,330 @@
+"""``tandem history …`` and ``tandem report …`` (registered by :func:`register`).
+
+Every command takes the history as ``--clickhouse URL`` (``clickhouse://host:9000/db``)
+or ``--data-dir DIR`` (the embedded chdb history of a node or the demo, kept in
+``DIR/history``). Heavy modules are imported inside the commands so ``tandem --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import calendar
+import csv
+import json
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+history_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="History store: schema migrations and status.")
+report_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="Reports from the history: KPIs and chargeback.")
+
+_CLICKHOUSE = typer.Option(None, "--clickhouse", help="clickhouse://host:port/database")
+_DATA_DIR = typer.Option(None, "--data-dir", help="data dir whose history/ holds the embedded (chdb) history")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(history_app, name="history")
+    app.add_typer(report_app, name="report")
+
+
+def history_path(data_dir: str | Path) -> Path:
+    """Where a node (or the demo) keeps its embedded history inside its data dir."""
+    return Path(data_dir) / "history"
+
+
+def _open(clickhouse: Optional[str], data_dir: Optional[Path]):
+    from router.history.store import StoreError, open_store
+
+    if bool(clickhouse) == bool(data_dir):
+        _fail("give exactly one of --clickhouse URL or --data-dir DIR")
+    try:
+        return open_store(clickhouse) if clickhouse else open_store(history_path(data_dir))
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> int:
+    """'15m', '1h', '900s', '900', '1d' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m or int(m.group(1)) == 0:
+        raise typer.BadParameter(f"expected e.g. 15m, 1h, 900s; got {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def parse_time(text: str) -> int:
+    """Unix seconds, or an ISO date/datetime (UTC unless it says otherwise)."""
+    t = text.strip()
+    if re.fullmatch(r"\d{9,10}", t):
+        return int(t)
+    try:
+        d = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO date/time or Unix seconds, got {text!r}") from None
+    if d.tzinfo is None:
+        return calendar.timegm(d.timetuple())
+    return int(d.timestamp())
+
+
+def iso(t: int | None) -> str:
+    if t is None:
+        return ""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+# --- tandem history ----------------------------------------------------------------------
+
+
+@history_app.command("migrate")
+def migrate(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """Create or upgrade the history schema (idempotent)."""
+    from router.history.store import StoreError
+
+    store = _open(clickhouse, data_dir)
+    try:
+        applied = store.migrate()
+        versions = store.applied_versions()
+    except StoreError as e:
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    now = versions[-1] if versions else 0
+    if applied:
+        typer.echo(f"applied migration(s) {', '.join(map(str, applied))}; schema version {now}")
+    else:
+        typer.echo(f"schema up to date (version {now})")
+
+
+@history_app.command("status")
+def status(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] = _DATA_DIR,
+           json_out: bool = typer.Option(False, "--json")) -> None:
+    """Schema version and rows per table (each interaction counted once)."""
+    from router.history.schema import TABLES, latest_version
+    from router.history.store import StoreError
+
+    store = _open(clickhouse, data_dir)
+    try:
+        versions = store.applied_versions()
+        counts = {}
+        for t in TABLES:
+            try:
+                counts[t] = int(store.query(f"SELECT count() FROM {{db}}.{t} FINAL")[0][0])
+            except StoreError as e:
+                if e.code != 60:
+                    raise
+                counts[t] = None
+    except StoreError as e:
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    out = {"schema_version": versions[-1] if versions else 0, "latest": latest_version(), "rows": counts}
+    if json_out:
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(f"schema version {out['schema_version']} (latest {out['latest']})")
+        for t, n in counts.items():
+            typer.echo(f"  {t}: {'(missing)' if n is None else n}")
+
+
+@history_app.command("synth")
+def synth_cmd(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] = _DATA_DIR,
+              calls: int = typer.Option(10_000, "--calls", min=1, max=10_000_000),
+              days: float = typer.Option(1.0, "--days", min=0.01, max=366.0),
+              start: Optional[str] = typer.Option(None, "--from", help="first offer (default: --days ago)"),
+              seed: int = typer.Option(1, "--seed")) -> None:
+    """Fill a history with synthetic interactions, routing decisions and agent states
+    (to try the reports; rows are keyed, so running it twice adds nothing)."""
+    import time
+
+    from router.history import synth
+    from router.history.writer import HistoryWriter
+
+    span = int(days * 86400)
+    t0 = parse_time(start) if start else int(time.time()) - span
+    store = _open(clickhouse, data_dir)
+    spool = (history_path(data_dir) if data_dir else Path(".")) / "spool-synth"
+    try:
+        with HistoryWriter(store, spool, fsync=False) as w:
+            rows = synth.interactions(calls, seed=seed, start=t0, span_s=span)
+            for r in rows:
+                w.submit("interactions", r)
+            for r in synth.routing_decisions(rows):
+                w.submit("routing_decisions", r)
+            for r in synth.agent_state_changes(8, seed=seed, start=t0, span_s=span):
+                w.submit("agent_state_changes", r)
+            ok = w.flush(120)
+            st = w.stats()
+    finally:
+        store.close()
+    if not ok:
+        _fail(f"could not write everything ({st.spool_files} batch(es) left in {spool})", 1)
+    if spool.exists() and not any(spool.iterdir()):
+        spool.rmdir()
+    typer.echo(f"wrote {st.inserted} rows ({calls} interactions) to {store.url}")
+
+
+# --- tandem report -----------------------------------------------------------------------
+
+
+@report_app.command("kpi")
+def report_kpi(
+    clickhouse: Optional[str] = _CLICKHOUSE,
+    data_dir: Optional[Path] = _DATA_DIR,
+    by: str = typer.Option("site,queue", "--by", help="comma-separated: site, queue, region, partner, skill, channel, language, origin_region ('' = total)"),
+    interval: Optional[str] = typer.Option(None, "--interval", help="bucket length, e.g. 15m, 1h"),
+    start: Optional[str] = typer.Option(None, "--from", help="offered at or after (ISO UTC or Unix s)"),
+    end: Optional[str] = typer.Option(None, "--to", help="offered before (ISO UTC or Unix s)"),
+    sites: Path = typer.Option(Path("sites"), "--sites", help="site files with each queue's service-level definition"),
+    fcr_days: float = typer.Option(7.0, "--fcr-days", help="FCR: no repeat contact for the same skill within N days"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON document instead of a table"),
+) -> None:
+    """Service level, ASA, AHT, abandon rate, CSAT, FCR and occupancy per group and interval."""
+    from router.config import ConfigError, load_sites
+    from router.history.kpi import END_OF_TIME, KpiQuery, kpis, sl_definitions
+    from router.history.store import StoreError
+
+    dims = tuple(d.strip() for d in by.split(",") if d.strip())
+    defs = {}
+    if sites.is_dir():
+        try:
+            defs = sl_definitions(load_sites(sites))
+        except ConfigError as e:
+            _fail(str(e))
+    try:
+        q = KpiQuery(by=dims, interval_s=parse_interval(interval) if interval else None,
+                     start=parse_time(start) if start else 0, end=parse_time(end) if end else END_OF_TIME,
+                     fcr_days=fcr_days, service_levels=defs)
+    except ValueError as e:
+        _fail(str(e))
+    store = _open(clickhouse, data_dir)
+    try:
+        rows = kpis(store, q)
+    except StoreError as e:
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    if json_out:
+        doc = {"by": list(dims), "interval_s": q.interval_s, "from": q.start, "to": q.end,
+               "fcr_days": q.fcr_days, "rows": [dict(r.to_dict(), bucket_start=iso(r.bucket) or None) for r in rows]}
+        typer.echo(json.dumps(doc))
+        return
+    _print_kpi_table(rows, dims, q.interval_s is not None)
+
+
+def _console():
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=200)  # piped: do not squeeze to 80 columns
+
+
+def _print_kpi_table(rows, dims, with_bucket: bool) -> None:
+    from rich import box
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def sec(v):
+        return "-" if v is None else f"{v:.0f}s"
+
+    t = Table(box=box.SIMPLE_HEAD, title="KPIs from the history")
+    for d in dims:
+        t.add_column(d)
+    if with_bucket:
+        t.add_column("interval (UTC)")
+    for c in ("offered", "answered", "abandoned", "rejected", "SL", "ASA", "AHT", "aband.", "CSAT", "FCR", "occ."):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(
+            *[r.group[d] or "(none)" for d in dims], *([iso(r.bucket)] if with_bucket else []),
+            str(r.offered), str(r.answered), str(r.abandoned), str(r.rejected), pct(r.service_level), sec(r.asa_s),
+            sec(r.aht_s), pct(r.abandon_rate), "-" if r.csat is None else f"{r.csat:.2f}",
+            pct(r.fcr), pct(r.occupancy),
+        )
+    _console().print(t)
+    if not rows:
+        typer.echo("(no interactions in range)")
+
+
+@report_app.command("chargeback")
+def report_chargeback(
+    clickhouse: Optional[str] = _CLICKHOUSE,
+    data_dir: Optional[Path] = _DATA_DIR,
+    period: Optional[str] = typer.Option(None, "--period", help="a month, YYYY-MM (UTC)"),
+    start: Optional[str] = typer.Option(None, "--from", help="instead of --period: offered at or after"),
+    end: Optional[str] = typer.Option(None, "--to", help="instead of --period: offered before"),
+    rates_file: Optional[Path] = typer.Option(None, "--rates", help="rates YAML (default: the example rates)"),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV lines on stdout"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON document on stdout"),
+) -> None:
+    """What each region pays for its customers' contacts and each partner bills for overflow."""
+    from router.history.chargeback import RatesError, chargeback, example_rates_path, load_rates, period_bounds
+    from router.history.store import StoreError
+
+    if csv_out and json_out:
+        _fail("choose one of --csv and --json")
+    if period and (start or end):
+        _fail("give --period or --from/--to, not both")
+    try:
+        if period:
+            lo, hi = period_bounds(period)
+        elif start and end:
+            lo, hi = parse_time(start), parse_time(end)
+        else:
+            _fail("give --period YYYY-MM or both --from and --to")
+        rates = load_rates(rates_file or example_rates_path())
+    except (ValueError, RatesError) as e:
+        _fail(str(e))
+    if hi <= lo:
+        _fail("the period is empty (--to must be after --from)")
+    store = _open(clickhouse, data_dir)
+    try:
+        cb = chargeback(store, rates, lo, hi)
+    except StoreError as e:
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    for u in cb.unrated:
+        typer.echo(f"warning: no rate for {u}; counted with amount 0", err=True)
+    if json_out:
+        typer.echo(json.dumps(cb.to_dict()))
+    elif csv_out:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        fields = ["kind", "name", "channel", "origin_region", "contacts", "minutes",
+                  "rate_per_contact", "rate_per_minute", "amount", "currency"]
+        w.writerow(fields)
+        for ln in cb.lines:
+            d = ln.to_dict()
+            w.writerow(["" if d[f] is None else d[f] for f in fields])
+    else:
+        _print_chargeback(cb)
+
+
+def _print_chargeback(cb) -> None:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(box=box.SIMPLE_HEAD, title=f"Chargeback {iso(cb.start)} .. {iso(cb.end)} UTC ({cb.currency})")
+    for c in ("kind", "name", "from region", "channel", "contacts", "minutes", "amount"):
+        t.add_column(c, justify="right" if c in ("contacts", "minutes", "amount") else "left")
+    for ln in cb.lines:
+        t.add_row(ln.kind, ln.name or "(none)", ln.origin_region or "(none)", ln.channel,
+                  str(ln.contacts), f"{ln.minutes:.1f}", f"{ln.amount:.2f}")
+    _console().print(t)
+    for kind, totals in cb.totals().items():
+        for name, amount in totals.items():
+            typer.echo(f"total {kind} {name or '(none)'}: {amount:.2f} {cb.currency}")
