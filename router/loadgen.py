@@ -205,10 +205,10 @@ class LoadGen:
 
     # --- the run ------------------------------------------------------------------------
 
-    async def start_agents(self) -> None:
-        """Sign in and connect every agent; wait (bounded) until all are READY."""
+    async def start_agents(self, stream_timeout: float = 3600.0) -> None:
+        """Sign in and connect every agent; wait (bounded) until all are READY.
+        ``stream_timeout``: the Connect streams' deadline (stop() ends them sooner)."""
         rng = random.Random(self.cfg.seed * 7919 + 1)
-        stream_timeout = 24 * 3600.0  # the stream's deadline; stop() ends it much sooner
         for site, ids in self.cfg.agents.items():
             for aid in ids:
                 self.agents.append(
@@ -234,7 +234,7 @@ class LoadGen:
     async def run(self, duration: float, on_tick: Callable[[], None] | None = None) -> None:
         """Agents in, arrivals for ``duration`` real seconds, drain, agents out."""
         try:
-            await self.start_agents()
+            await self.start_agents(duration + self.cfg.drain_s + self.cfg.agent_stop_s + 120)
             self.started_at = time.time()
             rng = random.Random(self.cfg.seed)
             arrivals = [
