@@ -155,7 +155,9 @@ def synth_cmd(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] 
     span = int(days * 86400)
     t0 = parse_time(start) if start else int(time.time()) - span
     store = _open(clickhouse, data_dir)
-    spool = (history_path(data_dir) if data_dir else Path(".")) / "spool-synth"
+    import tempfile
+
+    spool = history_path(data_dir) / "spool-synth" if data_dir else Path(tempfile.mkdtemp(prefix="tandem-synth-"))
     try:
         with HistoryWriter(store, spool, fsync=False) as w:
             rows = synth.interactions(calls, seed=seed, start=t0, span_s=span)

@@ -227,7 +227,8 @@ class ClickHouseServerStore(HistoryStore):
             raise StoreUnavailable(f"{self.url}: {e}", getattr(e, "code", None)) from None
         except errors.ServerException as e:
             exc = StoreUnavailable if e.code in _TRANSIENT_CODES else StoreError
-            raise exc(f"{self.url}: {e.message.strip()}", e.code) from None
+            message = e.message.split("Stack trace:")[0].strip()  # 18.16 appends one
+            raise exc(f"{self.url}: {message}", e.code) from None
         except errors.Error as e:
             # Protocol-level trouble (unexpected packet, partial read): reconnect and retry.
             self._client.disconnect()
