@@ -23,8 +23,9 @@ and without ``json_out``. JSON keys: ``duration_s``, ``offered``, ``answered``,
 by the time scale), ``duration_s`` included; rates and service levels are fractions,
 null when undefined (nothing answered).
 
-Exit code: 0 when ``lost`` and ``duplicates`` are both 0; 1 otherwise; 2 when the nodes
-could not be started.
+Exit code: 0 when ``lost`` and ``duplicates`` are both 0 and no agent was offered more
+calls of a channel than its capacity (invariant 2, checked by the simulated agents); 1
+otherwise; 2 when the nodes could not be started; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -321,6 +322,8 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
         addresses=addresses,
         streams=streams,
         agents={s.site.name: list(s.agent_profiles()) for s in sites},
+        capacity={aid: {ch.value: n for ch, n in g.capacity.items()}
+                  for s in sites for aid, g in s.agent_profiles().items()},
         time_scale=scale,
         behaviour=BEHAVIOUR,
         callers=caller_pools(sites, streams, duration * scale),
@@ -429,6 +432,9 @@ def run_demo(
         f"unknown {rec.unknown}; agent rejects {gen.ledger.rejects}, no-answers "
         f"{gen.ledger.no_answers}; callers still waiting at the end {gen.totals().forced_abandons}"
     )
+    over = len(gen.ledger.over_capacity)
+    if over:
+        out.print(f"[red]{over} offers exceeded an agent's capacity on a channel[/red]")
     for ex in rec.examples[:10]:
         out.print(f"  {ex}")
     for e in gen.errors[:10]:
@@ -436,4 +442,4 @@ def run_demo(
     if json_out:
         sys.stdout.write(json.dumps(summary(kpis, rec, duration * time_scale, time_scale, occupancy)) + "\n")
         sys.stdout.flush()
-    return 0 if rec.lost == 0 and rec.duplicates == 0 else 1
+    return 0 if rec.lost == 0 and rec.duplicates == 0 and not over else 1

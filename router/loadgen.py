@@ -112,6 +112,8 @@ class LoadGenConfig:
     addresses: dict[str, str]  # site -> host:port
     streams: list[CallStream]
     agents: dict[str, list[str]]  # site -> agent ids to play
+    # agent id -> channel name -> capacity, to check invariant 2 (optional)
+    capacity: dict[str, dict[str, int]] = field(default_factory=dict)
     time_scale: float = 1.0
     behaviour: AgentBehaviour = AgentBehaviour()
     callers: dict[str, CallerPool] = field(default_factory=dict)
@@ -181,7 +183,9 @@ class LoadGen:
     def __init__(self, cfg: LoadGenConfig) -> None:
         self.cfg = cfg
         self.scale = cfg.time_scale
-        self.ledger = Ledger()
+        self.ledger = Ledger(capacity={
+            aid: {CHANNELS[ch]: n for ch, n in caps.items()} for aid, caps in cfg.capacity.items()
+        })
         self.force = asyncio.Event()
         self.stop_arrivals = asyncio.Event()
         self.clients = {s: NodeClient(s, a) for s, a in cfg.addresses.items()}

@@ -57,6 +57,10 @@ class Ledger:
     connects: dict[str, int] = field(default_factory=dict)
     dup_assigned: set[str] = field(default_factory=set)
     dup_connected: set[str] = field(default_factory=set)
+    # agent -> channel (types_pb2.Channel) -> capacity; agents not listed are not checked
+    capacity: dict[str, dict[int, int]] = field(default_factory=dict)
+    in_hand: dict[str, dict[str, int]] = field(default_factory=dict)  # agent -> call -> channel
+    over_capacity: set[str] = field(default_factory=set)
     anomalies: list[str] = field(default_factory=list)
     assignments: int = 0
     rejects: int = 0
@@ -66,19 +70,29 @@ class Ledger:
         if len(self.anomalies) < 50:
             self.anomalies.append(text)
 
-    def assigned(self, agent_id: str, call_id: str) -> None:
+    def assigned(self, agent_id: str, call_id: str, channel: int = 0) -> None:
         self.assignments += 1
         held = self.holders.setdefault(call_id, set())
         if held - {agent_id}:
             self.dup_assigned.add(call_id)
             self.note(f"{call_id} offered to {agent_id} while held by {sorted(held)}")
         held.add(agent_id)
+        hand = self.in_hand.setdefault(agent_id, {})
+        hand[call_id] = channel
+        cap = self.capacity.get(agent_id)
+        if cap is not None:
+            n = sum(1 for ch in hand.values() if ch == channel)
+            if n > cap.get(channel, 0):
+                self.over_capacity.add(call_id)
+                self.note(f"{call_id}: {agent_id} holds {n} calls on channel {channel}, "
+                          f"capacity {cap.get(channel, 0)}")
         rec = self.records.get(call_id)
         if rec is not None:
             rec.assign_recv_at = time.time()
             rec.assignments += 1
 
     def released(self, agent_id: str, call_id: str) -> None:
+        self.in_hand.get(agent_id, {}).pop(call_id, None)
         held = self.holders.get(call_id)
         if held is not None:
             held.discard(agent_id)
@@ -261,7 +275,7 @@ class SimAgent:
 
     def _on_assignment(self, a: agents_pb2.Assignment) -> None:
         call_id = a.call.call_id
-        self.ledger.assigned(self.agent_id, call_id)
+        self.ledger.assigned(self.agent_id, call_id, a.call.channel)
         if self.stopping or self.force.is_set():
             # End of the run: let the caller's abandon (or the offer timeout) take it back.
             self.ledger.released(self.agent_id, call_id)
@@ -311,6 +325,9 @@ class SimAgent:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.force.wait(), talk / self.scale)
             disposition = self._disposition(rec)
+            # The node frees the agent's slot when it applies the completion, and may push
+            # the next offer before our answer is back: release first.
+            self.ledger.released(self.agent_id, call_id)
             resp = await call_with_retry(
                 self.client.routing.CompleteCall,
                 routing_pb2.CompleteCallRequest(call_id=call_id, disposition=disposition),

@@ -252,3 +252,19 @@ def test_streams_and_caller_pool_draws():
     assert draws.count("+336666") / len(draws) == pytest.approx(0.01, abs=0.005)
     ordinary = {d for d in draws if d not in ("+33600000001", "+336666")}
     assert len(ordinary) <= 100 and all(d.startswith("+3361") for d in ordinary)
+
+
+def test_ledger_flags_an_agent_over_capacity():
+    from router.loadgen_agents import Ledger
+    from router.v1 import types_pb2 as t
+
+    ledger = Ledger(capacity={"a": {t.CHANNEL_VOICE: 1, t.CHANNEL_CHAT: 2}})
+    ledger.assigned("a", "chat-1", t.CHANNEL_CHAT)
+    ledger.assigned("a", "chat-2", t.CHANNEL_CHAT)
+    ledger.assigned("a", "voice-1", t.CHANNEL_VOICE)
+    assert not ledger.over_capacity
+    ledger.released("a", "voice-1")
+    ledger.assigned("a", "voice-2", t.CHANNEL_VOICE)
+    assert not ledger.over_capacity
+    ledger.assigned("a", "chat-3", t.CHANNEL_CHAT)
+    assert ledger.over_capacity == {"chat-3"}
