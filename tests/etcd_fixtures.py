@@ -1,0 +1,317 @@
+"""etcd for tests: a real server (Debian's ``/usr/bin/etcd``) on free loopback ports.
+
+* :class:`EtcdServer` — one etcd process: client and peer ports on 127.0.0.1, data dir
+  in a temp dir on tmpfs when there is one (etcd 3.4 has no ``--unsafe-no-fsync``, and
+  fsync is slow on these machines). ``kill()`` / ``stop()`` / ``start()`` restart it on
+  the same ports and data dir; ``pause()`` / ``resume()`` freeze it (SIGSTOP/SIGCONT):
+  connections stay open but nothing answers, like a partition.
+* :func:`etcd_server` — context manager around it.
+* Fixtures (registered in ``conftest.py``): ``etcd`` (session-scoped, shared; or the
+  cluster named by ``TANDEM_TEST_ETCD_ENDPOINTS``, comma-separated), ``own_etcd``
+  (a private server a test may stop, freeze and restart), ``etcd_prefix`` (a unique
+  key prefix per test) and ``etcd_settings`` (EtcdSettings for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ETCD = os.environ.get("TANDEM_TEST_ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
+ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None) -> None:
+        if not (os.path.exists(ETCD) and os.access(ETCD, os.X_OK)):
+            raise RuntimeError(
+                f"etcd not found at {ETCD}: install Debian's etcd-server (make deps does), "
+                "or point TANDEM_TEST_ETCD_ENDPOINTS at a running etcd"
+            )
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint,)
+
+    def _args(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            ETCD, "--name", "tandem-test", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"tandem-test={peer}",
+            "--initial-cluster-state", "new", "--initial-cluster-token", uuid.uuid4().hex,
+            "--logger", "zap", "--log-level", "warn",
+        ]
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start (or restart, same ports and data) and wait until it answers /health."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self._args(), stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"etcd did not become healthy within {timeout} s; see {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def pause(self) -> None:
+        """SIGSTOP: the ports stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (no-op when not running)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def etcdctl(self, *args: str, check: bool = True) -> str:
+        """Run etcdctl against this server; returns stdout."""
+        return etcdctl(self.endpoints, *args, check=check)
+
+
+def etcdctl(endpoints: tuple[str, ...], *args: str, check: bool = True) -> str:
+    env = dict(os.environ, ETCDCTL_API="3")
+    out = subprocess.run(
+        [ETCDCTL, "--endpoints", ",".join(endpoints), "--dial-timeout", "2s", "--command-timeout", "3s", *args],
+        capture_output=True, text=True, env=env, timeout=10,
+    )
+    if check and out.returncode != 0:
+        raise RuntimeError(f"etcdctl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout
+
+
+def _tmp_root() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def etcd_server() -> Iterator[EtcdServer]:
+    """A running etcd in a fresh temp dir, killed and removed on exit."""
+    root = Path(tempfile.mkdtemp(prefix="tandem-etcd-", dir=_tmp_root()))
+    server = EtcdServer(root / "data")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class ExternalEtcd:
+    """An etcd cluster the test run did not start (TANDEM_TEST_ETCD_ENDPOINTS)."""
+
+    def __init__(self, endpoints: tuple[str, ...]) -> None:
+        self.endpoints = endpoints
+        self.endpoint = endpoints[0]
+
+    def etcdctl(self, *args: str, check: bool = True) -> str:
+        return etcdctl(self.endpoints, *args, check=check)
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """The shared etcd of the test session (never stopped by a test)."""
+    env = os.environ.get("TANDEM_TEST_ETCD_ENDPOINTS", "").strip()
+    if env:
+        yield ExternalEtcd(tuple(e.strip() for e in env.split(",") if e.strip()))
+        return
+    with etcd_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_etcd():
+    """A private etcd for tests that stop, freeze or restart it."""
+    with etcd_server() as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_prefix(request) -> str:
+    """A key prefix no other test uses."""
+    return f"/tandem-test/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+def etcd_settings(etcd, etcd_prefix):
+    """EtcdSettings for the shared etcd under this test's prefix (short TTL: 2 s)."""
+    from router.coord.link import EtcdSettings
+
+    return EtcdSettings(endpoints=etcd.endpoints, prefix=etcd_prefix, ttl_s=2, op_timeout_s=1.0)
+
+
+# --- a coordinator in its own process (for kill / freeze tests) ------------------------
+
+_CHILD = r'''
+import asyncio, json, sys
+from router.coord.etcd import EtcdCoordinator, EtcdSettings, Member, NotLeader, CoordinationUnavailable
+from router.overflow import LoadSnapshot
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+
+async def main():
+    endpoints, prefix, site, ttl, elect = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+    coord = EtcdCoordinator(site, EtcdSettings(endpoints=tuple(endpoints.split(",")), prefix=prefix, ttl_s=ttl,
+                                               op_timeout_s=1.0))
+    await coord.start()
+    await coord.wait_ready(10)
+    await coord.register(Member(site, "127.0.0.1:1", "emea"))
+    coord.publish_load(LoadSnapshot(site=site, region="emea"))
+    lead = await coord.campaign("rebalancer", site, timeout=10) if elect else None
+    say(event="ready", lease=coord.session.lease_id, token=lead.token if lead else 0)
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        cmd = line.strip()
+        if cmd in ("", "exit"):
+            break
+        if cmd == "targets":
+            try:
+                rev = await coord.put_targets(site, {"agents": 1}, lead)
+                say(event="targets", ok=True, revision=rev)
+            except NotLeader as e:
+                say(event="targets", ok=False, error="NotLeader", message=str(e))
+            except CoordinationUnavailable as e:
+                say(event="targets", ok=False, error="CoordinationUnavailable", message=str(e))
+        elif cmd == "status":
+            say(event="status", connected=coord.connected, leader_active=bool(lead and lead.active))
+    await coord.close()
+
+asyncio.run(main())
+'''
+
+
+class CoordProcess:
+    """A coordinator for ``site`` in a child process: registered, load published,
+    optionally elected rebalancer leader. ``ready`` holds its first status line."""
+
+    def __init__(self, endpoints: tuple[str, ...], prefix: str, site: str, ttl_s: int = 2, elect: bool = False) -> None:
+        repo = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=str(repo))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD,
+             ",".join(endpoints), prefix, site, str(ttl_s), "1" if elect else "0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo,
+        )
+        self.ready = self.read()
+        if self.ready.get("event") != "ready":
+            raise RuntimeError(f"coordinator child failed: {self.ready}")
+
+    def read(self, timeout: float = 20.0) -> dict:
+        import select
+
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if r else ""
+        if not line:
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            return {"event": "failed", "stderr": err[-2000:]}
+        return json.loads(line)
+
+    def send(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
