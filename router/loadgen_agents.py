@@ -55,8 +55,9 @@ class Ledger:
     records: dict[str, "CallRecord"] = field(default_factory=dict)
     holders: dict[str, set[str]] = field(default_factory=dict)  # call -> agents ringing/talking
     connects: dict[str, int] = field(default_factory=dict)
-    dup_assigned: set[str] = field(default_factory=set)
+    suspects: dict[str, set[str]] = field(default_factory=dict)  # call -> earlier holders
     dup_connected: set[str] = field(default_factory=set)
+    _noted: set[str] = field(default_factory=set)
     # agent -> channel (types_pb2.Channel) -> capacity; agents not listed are not checked
     capacity: dict[str, dict[int, int]] = field(default_factory=dict)
     in_hand: dict[str, dict[str, int]] = field(default_factory=dict)  # agent -> call -> channel
@@ -73,9 +74,12 @@ class Ledger:
     def assigned(self, agent_id: str, call_id: str, channel: int = 0) -> None:
         self.assignments += 1
         held = self.holders.setdefault(call_id, set())
-        if held - {agent_id}:
-            self.dup_assigned.add(call_id)
-            self.note(f"{call_id} offered to {agent_id} while held by {sorted(held)}")
+        others = held - {agent_id}
+        if others:
+            # Maybe the node withdrew the other offer (offer timeout) and that agent's
+            # AssignmentCancelled is still on its way on another stream: a suspect until
+            # the cancellation arrives (see withdrawn()).
+            self.suspects.setdefault(call_id, set()).update(others)
         held.add(agent_id)
         hand = self.in_hand.setdefault(agent_id, {})
         hand[call_id] = channel
@@ -90,6 +94,15 @@ class Ledger:
         if rec is not None:
             rec.assign_recv_at = time.time()
             rec.assignments += 1
+
+    def withdrawn(self, agent_id: str, call_id: str) -> None:
+        """The node cancelled this agent's offer of the call (AssignmentCancelled)."""
+        self.released(agent_id, call_id)
+        sus = self.suspects.get(call_id)
+        if sus is not None:
+            sus.discard(agent_id)
+            if not sus:
+                del self.suspects[call_id]
 
     def released(self, agent_id: str, call_id: str) -> None:
         self.in_hand.get(agent_id, {}).pop(call_id, None)
@@ -112,8 +125,19 @@ class Ledger:
             rec.wake.set()
 
     @property
+    def dup_assigned(self) -> set[str]:
+        """Calls offered to an agent while another still held them, the node never
+        having withdrawn the earlier offer."""
+        return set(self.suspects)
+
+    @property
     def duplicates(self) -> set[str]:
-        return self.dup_assigned | self.dup_connected
+        dup = self.dup_assigned | self.dup_connected
+        for call_id in self.dup_assigned - self._noted:
+            self._noted.add(call_id)
+            self.note(f"{call_id} offered to two agents at once ({sorted(self.suspects[call_id])} "
+                      "never saw the offer withdrawn)")
+        return dup
 
 
 class SimAgent:
@@ -234,7 +258,7 @@ class SimAgent:
                     task = self._accepts.pop(c.assignment_id, None)
                     if task is not None:
                         task.cancel()
-                    self.ledger.released(self.agent_id, c.call_id)
+                    self.ledger.withdrawn(self.agent_id, c.call_id)
                 elif kind == "connected":
                     self._accepts.pop(msg.connected.assignment_id, None)
                     self.ledger.connected(self.agent_id, msg.connected.call_id)

@@ -231,8 +231,12 @@ def test_ledger_flags_an_offer_held_by_two_agents():
     ledger.released("a-001", "c1")  # rejected, then offered to someone else: fine
     ledger.assigned("a-002", "c1")
     assert not ledger.duplicates
-    ledger.assigned("a-003", "c1")  # while a-002 still holds it
+    ledger.assigned("a-003", "c1")  # while a-002 still holds it...
+    ledger.withdrawn("a-002", "c1")  # ...unless the node had withdrawn a-002's offer
+    assert not ledger.duplicates
+    ledger.assigned("a-004", "c1")  # a-003 never told its offer was withdrawn
     assert ledger.duplicates == {"c1"}
+    assert any("a-003" in a for a in ledger.anomalies)
 
 
 def test_streams_and_caller_pool_draws():
