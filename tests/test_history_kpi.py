@@ -87,14 +87,14 @@ def reference(calls, states, q: KpiQuery):
             continue
         by_cust[(cust, r["skill"])].append(r)
     for contacts in by_cust.values():
-        contacts.sort(key=lambda r: (r["offered_at"], r["interaction_id"]))
-        for i, r in enumerate(contacts):
+        for r in contacts:
             if r["outcome"] != "completed" or not q.start <= r["offered_at"] < q.end:
                 continue
-            nxt = contacts[i + 1]["offered_at"] if i + 1 < len(contacts) else None
-            k = out[key(r, r["offered_at"])]
+            t = r["offered_at"]
+            repeated = any(o is not r and t <= o["offered_at"] <= t + window for o in contacts)
+            k = out[key(r, t)]
             k["fcr_den"] += 1
-            k["fcr_num"] += not (nxt is not None and nxt - r["offered_at"] <= window)
+            k["fcr_num"] += not repeated
     # occupancy
     if set(q.by) <= {"site", "region", "partner"}:
         for s in states:
