@@ -33,7 +33,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import grpc
 
@@ -235,7 +235,7 @@ class LoadGen:
             asyncio.gather(*(a.ready_once.wait() for a in self.agents)), 15.0
         )
 
-    async def run(self, duration: float, on_tick: Callable[[], None] | None = None) -> None:
+    async def run(self, duration: float) -> None:
         """Agents in, arrivals for ``duration`` real seconds, drain, agents out."""
         try:
             await self.start_agents(duration + self.cfg.drain_s + self.cfg.agent_stop_s + 120)

@@ -281,6 +281,7 @@ class SimAgent:
             agent.state == types_pb2.AGENT_STATE_NOT_READY
             and agent.reason in ("rejected", "no_answer")
             and not self.stopping
+            and not self.force.is_set()
             and not self._recovering
         ):
             self._recovering = True
