@@ -13,7 +13,6 @@ import pytest
 
 from etcd_fixtures import CoordProcess
 from router.coord.etcd import (
-    CoordinationUnavailable,
     EtcdCoordinator,
     EtcdSettings,
     Member,

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from router.coord.etcd import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, Member
-from router.overflow import LoadSnapshot, LocalQueue, QueueLoad, decide, parse_policy
+from router.overflow import LoadSnapshot, LocalQueue, QueueLoad, decide
 
 pytestmark = pytest.mark.timeout(90)
 log = logging.getLogger("tandem.test")

@@ -16,20 +16,21 @@ Background tasks of a running coordinator:
 * four watches (members, loads, policy, contingency modes) — each one a "get the range,
   then watch from the next revision" loop that starts over after any failure;
 * one task per leadership, watching the leader key and the session.
+
+Modules: ``link`` (settings, TLS client, endpoint failover, error mapping), ``session``
+(lease, range watch, load publisher), ``election`` (leader key and fenced targets),
+this one (the coordinator: lifecycle, membership, load cache, policy, contingency).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aetcd
-from aetcd import rpc, transactions, utils
+from aetcd import rpc, transactions
 from pydantic import ValidationError
 
 from router.coord.base import (
@@ -43,12 +44,12 @@ from router.coord.base import (
     NotLeader,
     PolicyCallback,
     PolicyRejected,
-    Session,
     Targets,
-    _dumps,
 )
+from router.coord.election import ElectionMixin, EtcdLeadership
 from router.coord.keys import Keys
-from router.coord.link import Backoff, EtcdSettings, LeaseGone, Link, WatchEnded, cancel_all
+from router.coord.link import Backoff, EtcdSettings, LeaseGone, Link, cancel_all
+from router.coord.session import EtcdSession, LoadPublisher, RangeWatch, to_bytes as _b
 from router.overflow import (
     ContingencyState,
     LoadSnapshot,
@@ -76,10 +77,6 @@ __all__ = [
 log = logging.getLogger("tandem.coord")
 
 
-def _b(s: str) -> bytes:
-    return s.encode()
-
-
 class _LeaseCompare(transactions.BaseCompare):
     """Compare a key's lease (aetcd 1.0 has value/version/create/mod only)."""
 
@@ -95,253 +92,10 @@ def _call(what: str, fn: Callable, *args: Any) -> None:
         log.exception("%s callback failed", what)
 
 
-# --- session --------------------------------------------------------------------------
-
-
-class EtcdSession(Session):
-    """One etcd lease kept alive by a background task (see :class:`Session`)."""
-
-    def __init__(self, link: Link, lease_id: int, ttl_s: int, granted_at: float) -> None:
-        self.lease_id = lease_id
-        self.ttl_s = ttl_s
-        self.lost = asyncio.Event()
-        self.lost_reason = ""
-        self._link = link
-        self._last_ok = granted_at
-        self._task = asyncio.get_running_loop().create_task(self._keepalive(), name=f"lease-{lease_id:x}")
-
-    def __repr__(self) -> str:
-        return f"EtcdSession(lease={self.lease_id:x}, ttl={self.ttl_s}, alive={self.alive})"
-
-    @property
-    def alive(self) -> bool:
-        """False once lost, and also as soon as a whole TTL passed since the last
-        acknowledged keepalive (e.g. after this process was frozen): the lease may be
-        gone before the keepalive loop finds out."""
-        return not self.lost.is_set() and time.monotonic() - self._last_ok < self.ttl_s
-
-    def mark_lost(self, why: str) -> None:
-        if self.lost.is_set():
-            return
-        self.lost_reason = why
-        self.lost.set()
-        if asyncio.current_task() is not self._task:
-            self._task.cancel()
-        log.warning("etcd session %x lost: %s", self.lease_id, why)
-
-    async def _keepalive(self) -> None:
-        interval = max(0.2, self.ttl_s / 3.0)
-        while True:
-            await asyncio.sleep(interval)
-            sent = time.monotonic()
-            try:
-                resp = await self._link.run(
-                    "lease keepalive", lambda c: c.refresh_lease(self.lease_id),
-                    timeout=min(interval, self._link.settings.op_timeout_s),
-                )
-            except CoordinationUnavailable as e:
-                if time.monotonic() - self._last_ok >= self.ttl_s:
-                    self.mark_lost(f"no keepalive answer for {self.ttl_s} s ({e})")
-                    return
-                continue
-            if resp is None or resp.TTL <= 0:
-                self.mark_lost("lease expired")
-                return
-            self._last_ok = sent
-
-    async def close(self, revoke: bool = True) -> None:
-        alive = self.alive
-        await cancel_all({self._task})
-        if revoke and alive:
-            try:
-                await self._link.run("lease revoke", lambda c: c.revoke_lease(self.lease_id), timeout=1.0)
-            except CoordinationUnavailable:
-                pass  # it expires by itself
-        self.lost_reason = self.lost_reason or "closed"
-        self.lost.set()
-
-
-# --- watches --------------------------------------------------------------------------
-
-
-class _RangeWatch:
-    """A local view of a key range: get it, then watch from the next revision; after
-    any failure, start over (a fresh get replaces the view)."""
-
-    def __init__(
-        self,
-        link: Link,
-        name: str,
-        start: str,
-        end: bytes,
-        on_reset: Callable[[dict[str, Any]], None],
-        on_event: Callable[[bool, str, Any], None],
-    ) -> None:
-        self.link, self.name = link, name
-        self.start, self.end = _b(start), end
-        self.on_reset, self.on_event = on_reset, on_event
-        self.loaded = asyncio.Event()
-        self.restarts = 0
-
-    @classmethod
-    def prefix(cls, link: Link, name: str, prefix: str, on_reset, on_event) -> "_RangeWatch":
-        return cls(link, name, prefix, utils.prefix_range_end(_b(prefix)), on_reset, on_event)
-
-    @classmethod
-    def key(cls, link: Link, name: str, key: str, on_reset, on_event) -> "_RangeWatch":
-        return cls(link, name, key, _b(key) + b"\x00", on_reset, on_event)
-
-    async def run(self) -> None:
-        backoff = Backoff()
-        while True:
-            gen = self.link.generation
-            try:
-                rng = await self.link.run(f"get {self.name}", lambda c: c.get_range(self.start, self.end))
-                self.on_reset({kv.key.decode(): kv for kv in rng})
-                self.loaded.set()
-                watch = await self.link.watch(f"watch {self.name}", self.start, self.end, rng.header.revision + 1)
-                backoff.reset()
-                try:
-                    async for ev in watch:
-                        self.on_event(ev.kind == aetcd.EventKind.PUT, ev.kv.key.decode(), ev.kv)
-                finally:
-                    await watch.cancel()
-            except CoordinationUnavailable as e:
-                log.debug("watch %s: %s", self.name, e)
-            except WatchEnded as e:  # the channel was reset, or the stream broke
-                log.debug("watch %s ended (%s); starting over", self.name, e)
-                self.link.reset(gen, f"watch {self.name} ended")
-            self.restarts += 1
-            await backoff.sleep()
-
-
-# --- load publisher ---------------------------------------------------------------------
-
-
-class _LoadPublisher:
-    """Puts the latest offered load under ``load/<site>`` on the session lease: when it
-    changed, at most ``max_rate`` times a second, and every ``heartbeat_s`` anyway."""
-
-    def __init__(self, coord: "EtcdCoordinator") -> None:
-        self.coord = coord
-        self.min_gap = 1.0 / coord.settings.load_max_rate
-        self.heartbeat = coord.settings.load_heartbeat_s
-        self.latest: LoadSnapshot | None = None
-        self.published: LoadSnapshot | None = None
-        self.wake = asyncio.Event()
-        self.seq = 0
-        self.puts = 0
-        self.last_put = -1e9  # monotonic time of the last put
-
-    def offer(self, snap: LoadSnapshot) -> None:
-        self.latest = snap
-        if not snap.same_load(self.published):
-            self.wake.set()
-
-    async def run(self) -> None:
-        backoff = Backoff()
-        key = _b(self.coord.keys.load(self.coord.site))
-        while True:
-            due = self.last_put + self.heartbeat - time.monotonic()
-            if not self.wake.is_set() and due > 0:
-                try:
-                    await asyncio.wait_for(self.wake.wait(), due)
-                except asyncio.TimeoutError:
-                    pass
-            gap = self.last_put + self.min_gap - time.monotonic()
-            if gap > 0:
-                await asyncio.sleep(gap)
-            snap, session = self.latest, self.coord.session
-            if snap is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            if session is None or not session.alive:
-                await asyncio.sleep(0.1)  # until the session loop opens a new one
-                continue
-            self.wake.clear()
-            self.seq += 1
-            stamped = snap.model_copy(update={"seq": self.seq, "ts": time.time()})
-            value = _b(stamped.model_dump_json())
-            started = time.monotonic()
-            try:
-                await self.coord.link.run("publish load", lambda c: c.put(key, value, lease=session.lease_id))
-            except LeaseGone:
-                session.mark_lost("lease not found on load publish")
-                self.wake.set()
-                continue
-            except CoordinationUnavailable as e:
-                log.debug("load publish: %s", e)
-                self.wake.set()
-                await backoff.sleep()
-                continue
-            backoff.reset()
-            self.published, self.last_put = snap, started
-            self.puts += 1
-
-
-# --- leadership -----------------------------------------------------------------------
-
-
-class EtcdLeadership(Leadership):
-    """Leadership held on a session; see :class:`Leadership`."""
-
-    def __init__(self, coord: "EtcdCoordinator", election: str, token: int, value: str, session: EtcdSession) -> None:
-        self.election, self.token, self.value = election, token, value
-        self.session = session
-        self.lost = asyncio.Event()
-        self._coord = coord
-        self._task = coord._spawn(self._guard(), f"leader-{election}")
-
-    def __repr__(self) -> str:
-        return f"EtcdLeadership({self.election!r}, token={self.token}, active={self.active})"
-
-    @property
-    def active(self) -> bool:
-        return not self.lost.is_set() and self.session.alive
-
-    async def _guard(self) -> None:
-        session_lost = asyncio.ensure_future(self.session.lost.wait())
-        watch_end = asyncio.ensure_future(self._watch_key())
-        try:
-            await asyncio.wait({session_lost, watch_end}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            session_lost.cancel()
-            watch_end.cancel()
-            if not self.lost.is_set():
-                log.warning("leadership of %s (token %d) lost", self.election, self.token)
-            self.lost.set()
-
-    async def _watch_key(self) -> None:
-        """Returns once the leader key no longer holds our token."""
-        key = self._coord.keys.leader(self.election)
-        backoff = Backoff()
-        while True:
-            gen = self._coord.link.generation
-            try:
-                rng = await self._coord.link.run("get leader", lambda c: c.get_range(_b(key), _b(key) + b"\x00"))
-                kvs = list(rng)
-                if not kvs or kvs[0].create_revision != self.token:
-                    return
-                watch = await self._coord.link.watch("watch leader", _b(key), None, rng.header.revision + 1)
-                backoff.reset()
-                try:
-                    async for ev in watch:
-                        if ev.kind != aetcd.EventKind.PUT or ev.kv.create_revision != self.token:
-                            return
-                finally:
-                    await watch.cancel()
-            except CoordinationUnavailable:
-                pass
-            except WatchEnded:
-                self._coord.link.reset(gen, "leader watch ended")
-            await backoff.sleep()
-
-
 # --- the coordinator ------------------------------------------------------------------
 
 
-class EtcdCoordinator(Coordinator):
+class EtcdCoordinator(ElectionMixin, Coordinator):
     """:class:`Coordinator` on etcd. Create and use it inside the running event loop."""
 
     def __init__(self, site: str, settings: EtcdSettings | None = None) -> None:
@@ -364,7 +118,7 @@ class EtcdCoordinator(Coordinator):
         self._members: dict[str, Member] = {}
         self._members_cbs: list[MembersCallback] = []
         # load
-        self._publisher = _LoadPublisher(self)
+        self._publisher = LoadPublisher(self)
         self._loads: dict[str, tuple[LoadSnapshot, float]] = {}
         # policy and contingency
         self._policy = OverflowPolicy()
@@ -376,10 +130,10 @@ class EtcdCoordinator(Coordinator):
         self._leaderships: dict[str, EtcdLeadership] = {}
         k = self.keys
         self._watches = [
-            _RangeWatch.prefix(self.link, "members", k.members_prefix, self._members_reset, self._members_event),
-            _RangeWatch.prefix(self.link, "loads", k.load_prefix, self._loads_reset, self._loads_event),
-            _RangeWatch.key(self.link, "policy", k.policy_overflow, self._policy_reset, self._policy_event),
-            _RangeWatch.prefix(
+            RangeWatch.prefix(self.link, "members", k.members_prefix, self._members_reset, self._members_event),
+            RangeWatch.prefix(self.link, "loads", k.load_prefix, self._loads_reset, self._loads_event),
+            RangeWatch.key(self.link, "policy", k.policy_overflow, self._policy_reset, self._policy_event),
+            RangeWatch.prefix(
                 self.link, "contingency", k.contingency_prefix, self._contingency_reset, self._contingency_event
             ),
         ]
@@ -829,140 +583,3 @@ class EtcdCoordinator(Coordinator):
         put = await self.link.run("set contingency", lambda c: c.put(key, value))
         return put.header.revision
 
-    # --- election and fenced targets ----------------------------------------------------
-
-    def _require_session(self, what: str) -> EtcdSession:
-        s = self._session
-        if s is None or not s.alive:
-            raise CoordinationUnavailable(f"{what}: no etcd session")
-        return s
-
-    async def _try_lead(self, election: str, value: str) -> tuple[Leadership | None, int]:
-        session = self._require_session("campaign")
-        current = self._leaderships.get(election)
-        if current is not None and current.active and current.session is session:
-            return current, 0
-        key = _b(self.keys.leader(election))
-        raw = _b(_dumps({"candidate": value, "pid": os.getpid(), "since": time.time()}))
-        tx = transactions
-        try:
-            ok, resp = await self.link.run(
-                "campaign",
-                lambda c: c.transaction(
-                    compare=[tx.Create(key) == 0],
-                    success=[tx.Put(key, raw, lease=session.lease_id)],
-                    failure=[tx.Get(key)],
-                ),
-            )
-        except LeaseGone:
-            session.mark_lost("lease not found on campaign")
-            raise
-        if ok:
-            token = resp[0].response_put.header.revision
-        else:
-            if not resp or not resp[0]:
-                return None, -1  # deleted meanwhile: try again at once
-            held = resp[0][0][1]
-            if held.lease != session.lease_id:
-                return None, held.header.revision
-            token = held.create_revision  # we already lead on this session
-        lead = EtcdLeadership(self, election, token, value, session)
-        self._leaderships[election] = lead
-        log.info("elected %s leader (fencing token %d)", election, token)
-        return lead, 0
-
-    async def try_lead(self, election: str, value: str) -> Leadership | None:
-        lead, _ = await self._try_lead(election, value)
-        return lead
-
-    async def campaign(self, election: str, value: str, timeout: float | None = None) -> Leadership:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        backoff = Backoff(0.1, 1.0)
-        key = _b(self.keys.leader(election))
-
-        def left() -> float:
-            return 5.0 if deadline is None else deadline - time.monotonic()
-
-        while left() > 0:
-            try:
-                if self._session is None or not self._session.alive:
-                    await asyncio.wait_for(self._session_up.wait(), max(0.01, min(left(), 5.0)))
-                lead, rev = await self._try_lead(election, value)
-                if lead is not None:
-                    return lead
-                backoff.reset()
-                if rev < 0:
-                    continue
-                watch = await self.link.watch("watch leader", key, None, rev + 1)
-                try:
-                    async def deleted() -> None:
-                        async for ev in watch:
-                            if ev.kind == aetcd.EventKind.DELETE:
-                                return
-
-                    await asyncio.wait_for(deleted(), max(0.01, min(left(), 5.0)))
-                except asyncio.TimeoutError:
-                    pass
-                finally:
-                    await watch.cancel()
-            except (CoordinationUnavailable, asyncio.TimeoutError, WatchEnded):
-                await asyncio.sleep(min(backoff.delay(), max(0.0, left())))
-        raise CoordinationUnavailable(f"campaign {election}: not elected within {timeout} s")
-
-    async def resign(self, leadership: Leadership) -> None:
-        key = _b(self.keys.leader(leadership.election))
-        leadership.lost.set()
-        if self._leaderships.get(leadership.election) is leadership:
-            del self._leaderships[leadership.election]
-        await self.link.run(
-            "resign",
-            lambda c: c.transaction(
-                compare=[transactions.Create(key) == leadership.token],
-                success=[transactions.Delete(key)],
-                failure=[],
-            ),
-        )
-
-    async def leader(self, election: str) -> tuple[str, int] | None:
-        key = _b(self.keys.leader(election))
-        got = await self.link.run("get leader", lambda c: c.get(key))
-        if got is None:
-            return None
-        try:
-            value = str(json.loads(got.value).get("candidate", ""))
-        except (ValueError, AttributeError):
-            value = got.value.decode(errors="replace")
-        return value, got.create_revision
-
-    async def put_targets(self, site: str, targets: Mapping[str, Any], leadership: Leadership) -> int:
-        lkey = _b(self.keys.leader(leadership.election))
-        tkey = _b(self.keys.targets(site))
-        raw = _b(_dumps({"fencing": leadership.token, "leader": leadership.value, "ts": time.time(),
-                         "targets": dict(targets)}))
-        ok, resp = await self.link.run(
-            "put targets",
-            lambda c: c.transaction(
-                compare=[transactions.Create(lkey) == leadership.token],
-                success=[transactions.Put(tkey, raw)],
-                failure=[transactions.Get(lkey)],
-            ),
-        )
-        if not ok:
-            held = resp[0][0][1] if resp and resp[0] else None
-            now = f"created at revision {held.create_revision}" if held else "absent"
-            leadership.lost.set()
-            raise NotLeader(f"fencing token {leadership.token} is stale: the leader key is {now}")
-        return resp[0].response_put.header.revision
-
-    async def get_targets(self, site: str) -> Targets | None:
-        key = _b(self.keys.targets(site))
-        got = await self.link.run("get targets", lambda c: c.get(key))
-        if got is None:
-            return None
-        try:
-            d = json.loads(got.value)
-            return Targets(site=site, fencing=int(d["fencing"]), leader=str(d.get("leader", "")),
-                           targets=dict(d.get("targets", {})), revision=got.mod_revision)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("ignoring unreadable targets %s: %s", key.decode(), e)
-            return None
