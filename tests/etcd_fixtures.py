@@ -44,7 +44,8 @@ def free_port() -> int:
 class EtcdServer:
     """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
         if not (os.path.exists(ETCD) and os.access(ETCD, os.X_OK)):
             raise RuntimeError(
                 f"etcd not found at {ETCD}: install Debian's etcd-server (make deps does), "
@@ -53,6 +54,7 @@ class EtcdServer:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
+        self.tls = tls  # from make_tls(): clients then need https and a client certificate
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
 
@@ -65,10 +67,14 @@ class EtcdServer:
         return (self.endpoint,)
 
     def _args(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        return [
-            ETCD, "--name", "tandem-test", "--data-dir", str(self.data_dir),
+        tls = []
+        if self.tls:
+            tls = ["--cert-file", str(self.tls["server_cert"]), "--key-file", str(self.tls["server_key"]),
+                   "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
+        return [*tls,
+            "--name", "tandem-test", "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"tandem-test={peer}",
@@ -82,7 +88,7 @@ class EtcdServer:
             return
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self._args(), stdout=logf, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([ETCD, *self._args()], stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -95,8 +101,15 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not become healthy within {timeout} s; see {self.log_path}:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
+        ctx = None
+        if self.tls:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            ctx.load_cert_chain(str(self.tls["client_cert"]), str(self.tls["client_key"]))
+        scheme = "https" if self.tls else "http"
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"{scheme}://{self.endpoint}/health", timeout=0.5, context=ctx) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
@@ -163,11 +176,36 @@ def _tmp_root() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def make_tls(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate
+    (openssl CLI, EC P-256, valid one day). Returns their paths."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed (Debian package openssl)")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tandem-test-ca")
+    for name, usage, san in (("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
+                             ("client", "clientAuth", "DNS:tandem-node")):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    return {"ca": d / "ca.pem", "server_cert": d / "server.pem", "server_key": d / "server.key",
+            "client_cert": d / "client.pem", "client_key": d / "client.key"}
+
+
 @contextlib.contextmanager
-def etcd_server() -> Iterator[EtcdServer]:
-    """A running etcd in a fresh temp dir, killed and removed on exit."""
+def etcd_server(tls: bool = False) -> Iterator[EtcdServer]:
+    """A running etcd in a fresh temp dir (TLS with client certificates if ``tls``),
+    killed and removed on exit."""
     root = Path(tempfile.mkdtemp(prefix="tandem-etcd-", dir=_tmp_root()))
-    server = EtcdServer(root / "data")
+    server = EtcdServer(root / "data", tls=make_tls(root / "tls") if tls else None)
     try:
         server.start()
         yield server

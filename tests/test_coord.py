@@ -13,6 +13,7 @@ import pytest
 
 from etcd_fixtures import CoordProcess
 from router.coord.etcd import (
+    CoordinationUnavailable,
     EtcdCoordinator,
     EtcdSettings,
     Member,
@@ -329,3 +330,35 @@ async def test_frozen_leader_is_replaced_and_its_stale_token_refused(etcd, etcd_
     finally:
         old.close()
     logging.getLogger("tandem.test").warning("frozen leader replaced after %.2f s (TTL 2 s)", took)
+
+
+# --- TLS -------------------------------------------------------------------------------
+
+
+async def test_tls_with_a_client_certificate(etcd_prefix):
+    from etcd_fixtures import etcd_server
+
+    with etcd_server(tls=True) as srv:
+        t = srv.tls
+        base = dict(endpoints=(f"https://{srv.endpoint}",), prefix=etcd_prefix, ttl_s=2, op_timeout_s=1.0,
+                    ca_file=str(t["ca"]))
+        lyon = EtcdCoordinator("lyon", EtcdSettings(**base, cert_file=str(t["client_cert"]), key_file=str(t["client_key"])))
+        try:
+            await lyon.start()
+            await lyon.wait_ready(5)
+            assert await lyon.register(member("lyon"))
+            assert await lyon.put_policy(VALID) > 0
+            await until(lambda: "lyon" in lyon.members() and lyon.policy.queues, 2)
+        finally:
+            await lyon.close()
+        # Without a client certificate etcd refuses the connection: unavailable, nothing else.
+        anon = EtcdCoordinator("lyon", EtcdSettings(**base))
+        try:
+            await anon.start()
+            with pytest.raises(CoordinationUnavailable):
+                await anon.wait_ready(1.5)
+            with pytest.raises(CoordinationUnavailable):
+                await anon.get_policy()
+        finally:
+            await anon.close()
+        assert not lyon._tasks and not anon._tasks
