@@ -21,7 +21,7 @@ import aetcd
 from aetcd import transactions
 
 from router.coord.base import CoordinationUnavailable, Leadership, NotLeader, Targets, _dumps
-from router.coord.link import Backoff, LeaseGone, WatchEnded
+from router.coord.link import Backoff, LeaseGone, WatchEnded, cancel_all
 from router.coord.session import EtcdSession, to_bytes as _b
 
 if TYPE_CHECKING:
@@ -56,8 +56,7 @@ class EtcdLeadership(Leadership):
         try:
             await asyncio.wait({session_lost, watch_end}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            session_lost.cancel()
-            watch_end.cancel()
+            await cancel_all({session_lost, watch_end})
             if not self.lost.is_set():
                 log.warning("leadership of %s (token %d) lost", self.election, self.token)
             self.lost.set()
