@@ -63,6 +63,7 @@ from router.config import SiteConfig
 from router.engine_core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
 from router.engine_records import Agent, Call, Queue
 from router.engine_snapshot import SnapshotMixin
+from router.engine_transfer import RESERVE, TransferMixin
 from router.engine_views import ViewsMixin
 from router.model import (
     AgentChanged,
@@ -75,7 +76,7 @@ from router.model import (
 )
 
 
-class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
+class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
     def __init__(self, site: SiteConfig, *, queue_factory: Any = None) -> None:
         if queue_factory is None:
             from router.pqueue import IndexedPQ as queue_factory
@@ -142,6 +143,7 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
             "disconnect": self._op_disconnect,
             "tick": self._op_tick,
         }
+        self._init_transfers()  # transfer_* commands (router.engine_transfer)
 
     # -- entry point --------------------------------------------------------------------
 
@@ -230,6 +232,8 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
         call = self._call(cid)
         if call.state == "abandoned":
             return Outcome(False, call.view(self._site_name))
+        if call.state in ("transferring", "transferred"):
+            return self._abandon_transferring(call, reason, now)
         if call.state not in ("queued", "assigned"):
             raise self._wrong_state(call, "abandon", "queued or assigned")
         self._begin(now)
@@ -388,6 +392,8 @@ class Engine(ViewsMixin, SnapshotMixin, CoreMixin):
                 self._requeue(call, "no_answer")
                 # since the deadline, unless the agent changed state after it
                 self._set_agent_state(a, "not_ready", "no_answer", max(when, a.state_since))
+            elif kind == RESERVE:
+                self._expire_reservation(ident)
             else:
                 self._set_agent_state(self._agents[ident], "ready", "", when)
         self._dispatch()

@@ -25,7 +25,10 @@ class Call:
         # engine-only: arrival handle, priority key, the requested class (idempotency),
         # the decision at offer, the ringing offer's deadline, offers made so far.
         "handle", "key", "requested_class", "decision", "offer_deadline", "n_offers",
+        # transfers (router.engine_transfer); rows of older snapshots lack them
+        "xfer_target", "xfer_phase", "xfer_at", "xfer_origin", "abandon_pending",
     )  # fmt: skip
+    _NEW_DEFAULTS = ("", "", 0.0, "", 0)
     __slots__ = FIELDS
 
     @classmethod
@@ -43,6 +46,7 @@ class Call:
         c.context, c.reject_reason, c.abandon_reason = context, "", ""
         c.handle, c.key, c.requested_class, c.decision = handle, 0.0, requested_class, ""
         c.offer_deadline, c.n_offers = 0.0, 0
+        c.xfer_target, c.xfer_phase, c.xfer_at, c.xfer_origin, c.abandon_pending = cls._NEW_DEFAULTS
         return c
 
     def row(self) -> list:
@@ -51,6 +55,9 @@ class Call:
     @classmethod
     def from_row(cls, row: list) -> "Call":
         c = cls.__new__(cls)
+        missing = len(cls.FIELDS) - len(row)
+        if 0 < missing <= len(cls._NEW_DEFAULTS):
+            row = row + list(cls._NEW_DEFAULTS[-missing:])
         for name, value in zip(cls.FIELDS, row, strict=True):
             setattr(c, name, value)
         return c
@@ -80,6 +87,10 @@ class Call:
             context=self.context,
             reject_reason=self.reject_reason,
             abandon_reason=self.abandon_reason,
+            transfer_target=self.xfer_target,
+            transfer_phase=self.xfer_phase,
+            transfer_origin=self.xfer_origin,
+            abandon_pending=self.abandon_pending,
         )
 
 

@@ -37,6 +37,7 @@ class SnapshotMixin:
             },
             "agents": {aid: a.dump() for aid, a in self._agents.items()},
             "memory": {who: [list(c) for c in cs] for who, cs in self._memory.items()},
+            "transfers": self._dump_transfers(),
             # Derived from calls and agents, listed for readers (and checked on restore).
             "deadlines": [
                 list(e) for e in sorted({e for e in self._deadlines if self._deadline_live(e)})
@@ -92,6 +93,7 @@ class SnapshotMixin:
             if a.state == "wrap_up":
                 e._deadlines.append((a.wrap_up_until, 1, aid))
             e._refresh(a)
+        e._load_transfers(snapshot.get("transfers"))
         heapq.heapify(e._deadlines)
         e._ended = deque(snapshot["ended"])
         fifo = []

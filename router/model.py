@@ -142,6 +142,15 @@ class CallView:
     context: dict = field(default_factory=dict)
     reject_reason: str = ""
     abandon_reason: str = ""
+    # Transfers between sites (see router.engine_transfer): the target's address of the
+    # call's latest outgoing transfer, its phase ("begun", "committing", "done",
+    # "aborted"), the origin site it came from, and an abandon waiting for the transfer
+    # (1) or already handed on (2). States "transferring" and "transferred" (final here:
+    # the call moved to transfer_target).
+    transfer_target: str = ""
+    transfer_phase: str = ""
+    transfer_origin: str = ""
+    abandon_pending: int = 0
 
 
 @dataclass(slots=True)
@@ -191,3 +200,19 @@ class OfferResult:
     position: int  # 1 = next in its queue, 0 when not queued
     expected_wait_s: float
     decision: str  # e.g. "queued: billing-fr-voice (vip)", "assigned: lyon-fr-003", "rejected: blacklist"
+
+
+@dataclass(slots=True)
+class TransferView:
+    """The target's view of one transfer key (call_id, transfer_no): state "unknown"
+    (never seen, or forgotten), "reserved", "committed" or "aborted"; reason of an abort
+    ("expired", "aborted_by_origin", "call_id_conflict"). See router.engine_transfer."""
+
+    call_id: str
+    transfer_no: int
+    state: str
+    reason: str = ""
+    origin: str = ""
+    queue: str = ""
+    expires_at: float = 0.0
+    site: str = ""
