@@ -121,9 +121,20 @@ class EtcdServer:
             return ""
 
     def pause(self) -> None:
-        """SIGSTOP: the ports stay open, nothing answers."""
+        """SIGSTOP: the ports stay open, nothing answers. Returns once every thread of
+        etcd is stopped (a request sent right after the signal could still be served)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 2.0
+        task_dir = Path(f"/proc/{self.proc.pid}/task")
+        while time.monotonic() < deadline:
+            try:
+                states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in task_dir.iterdir()]
+            except OSError:
+                states = []
+            if states and all(st in ("T", "t") for st in states):
+                return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self.proc is not None
