@@ -6,7 +6,8 @@
     await node.shutdown()      # SIGTERM path: drain, then stop
     await node.stop()          # immediate stop (tests)
 
-The server serves router.v1 Routing, Agents, Admin and Diagnostics, the standard health
+The server serves router.v1 Routing, Agents, Admin, Diagnostics and Interconnect
+(transfers between sites: ``node.transfer``, ``node.drain``), the standard health
 service (overall "" and each service name SERVING until shutdown) and reflection.
 """
 
@@ -25,9 +26,11 @@ from grpc_reflection.v1alpha import reflection
 from router.config import SiteConfig
 from router.model import RoutingError
 from router.node.errors import Malformed
+from router.node.interconnect import InterconnectService
 from router.node.node import Node, maybe_await
 from router.node.services import AdminService, AgentsService, DiagnosticsService, RoutingService
-from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, routing_pb2
+from router.transfer import Transfers
+from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
 
@@ -40,6 +43,7 @@ SERVICE_NAMES = (
     agents_pb2.DESCRIPTOR.services_by_name["Agents"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
+    interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"].full_name,
 )
 
 
@@ -159,6 +163,12 @@ async def build_node(
     add_service(server, AgentsService(node), agents_pb2.DESCRIPTOR, "Agents")
     add_service(server, AdminService(node), admin_pb2.DESCRIPTOR, "Admin")
     add_service(server, DiagnosticsService(node), diagnostics_pb2.DESCRIPTOR, "Diagnostics")
+    add_service(server, InterconnectService(node), interconnect_pb2.DESCRIPTOR, "Interconnect")
+    # Transfers between sites (router.transfer): node.transfer(call_id, target) and
+    # node.drain(targets); the driver also resolves transfers a crash left in flight.
+    node.transfers = Transfers(node)
+    node.transfer = node.transfers.transfer
+    node.drain = node.transfers.drain
 
     health_servicer = health.aio.HealthServicer()
     for name in ("", *SERVICE_NAMES):
@@ -179,4 +189,5 @@ async def build_node(
     node.server = server
     node.health = health_servicer
     node.port = port
+    node.transfers.start()
     return node, port
