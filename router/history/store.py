@@ -203,6 +203,9 @@ class ClickHouseServerStore(HistoryStore):
         from clickhouse_driver import Client
 
         self.url = url
+        self._spec = {"connect_timeout": connect_timeout, "send_receive_timeout": send_receive_timeout,
+                      "settings": dict(settings or {})}
+        self.send_receive_timeout = send_receive_timeout
         # Connect to "default": our database may not exist before migrate().
         self._client = Client(
             parts.hostname or "127.0.0.1",
@@ -244,6 +247,10 @@ class ClickHouseServerStore(HistoryStore):
         except _ENCODING_ERRORS as e:
             self._client.disconnect()  # a half-sent block leaves the connection unusable
             raise StoreError(f"{table}: rows cannot be encoded: {e}") from None
+
+    def spec(self) -> tuple[str, dict[str, Any]]:
+        """What another process needs to open the same store: ``open_store(url, **kw)``."""
+        return self.url, dict(self._spec)
 
     def close(self) -> None:
         with self._lock:

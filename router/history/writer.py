@@ -12,7 +12,9 @@ never blocks and never does I/O. Two threads do the rest:
   waits on the network longer than that, so memory holds the rows submitted during about
   ``handoff_wait_s`` plus three batches, whatever the store does (a hung server included),
   as long as the disk keeps up.
-* the **inserter** applies the migrations once, inserts handed batches, and while the
+* the **inserter** applies the migrations once, inserts handed batches (through a child
+  process holding its own connection for a server store, see
+  :mod:`router.history.inserter`; in this process for chdb), and while the
   spool is not empty replays it oldest first (several files of one table per insert, up to
   ``replay_rows``), deleting each file once its rows are in the store. A batch that fails
   with :class:`StoreUnavailable` goes to the spool under its own sequence number, so the
@@ -45,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from router.history.encode import TableEncoder
+from router.history.inserter import ProcessInserter, ThreadInserter
 from router.history.schema import TABLES
 from router.history.spool import Spool, SpooledBatch
-from router.history.store import HistoryStore, StoreError, StoreUnavailable
+from router.history.store import HistoryStore, StoreError, StoreUnavailable, open_store
 
 log = logging.getLogger("tandem.history")
 
@@ -96,10 +99,27 @@ class HistoryWriter:
         handoff_wait_s: float = 1.0,
         fsync: bool = True,
         migrate: bool = True,
+        insert_process: bool | None = None,
+        insert_concurrency: int | None = None,
     ) -> None:
         if batch_rows < 1 or flush_interval_s <= 0:
             raise ValueError("batch_rows must be >= 1 and flush_interval_s > 0")
         self.store = store
+        spawnable = hasattr(store, "spec")  # a server store; not chdb (its engine is in here)
+        if insert_process is None:
+            insert_process = spawnable
+        if insert_concurrency is None:
+            # Two inserts in flight: 18.16 spends tens of ms per insert writing a part's
+            # files, time a second connection can use.
+            insert_concurrency = 2 if spawnable else 1
+        if insert_concurrency < 1 or (insert_concurrency > 1 and not spawnable):
+            raise ValueError("insert_concurrency > 1 needs a server store")
+        if insert_process:
+            self._inserters = [ProcessInserter(store) for _ in range(insert_concurrency)]
+        else:
+            url, kwargs = store.spec() if spawnable else ("", {})  # type: ignore[attr-defined]
+            self._inserters = [ThreadInserter(store)] + [
+                ThreadInserter(open_store(url, **kwargs)) for _ in range(insert_concurrency - 1)]
         self.spool = Spool(spool_dir, fsync=fsync)
         self.batch_rows = batch_rows
         self.flush_interval_s = flush_interval_s
@@ -111,9 +131,9 @@ class HistoryWriter:
         self._encoders = {t: TableEncoder(t) for t in TABLES}
         self._pending: deque[tuple[str, Mapping[str, Any]]] = deque()
         self._wake = threading.Event()
-        self._handoff: queue.Queue[_Batch] = queue.Queue(maxsize=1)
-        self._inserter_busy = False
-        self._inserter_wake = threading.Event()
+        self._handoff: queue.Queue[_Batch] = queue.Queue(maxsize=len(self._inserters))
+        self._inflight = 0  # batches handed over and not yet inserted, spooled or rejected
+        self._inflight_lock = threading.Lock()
         self._closing = False
         self._stop_inserter = False
         self._stats = WriterStats()
@@ -121,8 +141,10 @@ class HistoryWriter:
         self._healthy = True  # optimistic until an insert fails
         self._retry_at = 0.0
         self._backoff = retry_initial_s
-        self._batcher = threading.Thread(target=self._batcher_loop, name="history-batcher", daemon=True)
-        self._inserter = threading.Thread(target=self._inserter_loop, name="history-inserter", daemon=True)
+        self._batcher_thread = threading.Thread(target=self._batcher_loop, name="history-batcher", daemon=True)
+        self._inserter_threads = [
+            threading.Thread(target=self._inserter_loop, args=(i,), name=f"history-inserter-{i}", daemon=True)
+            for i in range(len(self._inserters))]
         self._started = False
 
     # --- the caller's side ------------------------------------------------------------
@@ -150,16 +172,16 @@ class HistoryWriter:
     def start(self) -> "HistoryWriter":
         if not self._started:
             self._started = True
-            self._batcher.start()
-            self._inserter.start()
+            self._batcher_thread.start()
+            for t in self._inserter_threads:
+                t.start()
         return self
 
     def idle(self) -> bool:
         """Everything submitted so far is in the store (nothing waiting or spooled)."""
         return (
             not self._pending
-            and self._handoff.empty()
-            and not self._inserter_busy
+            and self._inflight == 0
             and self.spool.empty()
             and not self._batching
         )
@@ -169,7 +191,6 @@ class HistoryWriter:
         that did not happen within ``timeout`` (e.g. the store is down)."""
         deadline = time.monotonic() + timeout
         self._wake.set()
-        self._inserter_wake.set()
         while time.monotonic() < deadline:
             if self.idle():
                 return True
@@ -190,10 +211,10 @@ class HistoryWriter:
         self.flush(max(0.0, timeout))
         self._closing = True
         self._wake.set()
-        self._batcher.join(max(0.1, deadline - time.monotonic()))
+        self._batcher_thread.join(max(0.1, deadline - time.monotonic()))
         self._stop_inserter = True
-        self._inserter_wake.set()
-        self._inserter.join(max(0.1, deadline - time.monotonic() + 5.0))
+        for t in self._inserter_threads:
+            t.join(max(0.1, deadline - time.monotonic() + 5.0))
         # Anything still handed over but not inserted goes to the spool.
         while True:
             try:
@@ -201,6 +222,9 @@ class HistoryWriter:
             except queue.Empty:
                 break
             self._to_spool(b)
+            self._done_with_batch()
+        for ins in self._inserters:
+            ins.close()
         return self.spool.empty()
 
     async def aclose(self, timeout: float = 10.0) -> bool:
@@ -252,13 +276,13 @@ class HistoryWriter:
             if self._healthy and self.spool.empty() and not self._closing:
                 # Wait a little for a busy inserter (pipelining), never longer than
                 # handoff_wait_s: a hung store must not stall the batcher.
-                self._inserter_wake.set()
+                with self._inflight_lock:
+                    self._inflight += 1
                 try:
                     self._handoff.put(batch, timeout=self.handoff_wait_s)
-                    self._inserter_wake.set()
                     continue
                 except queue.Full:
-                    pass
+                    self._done_with_batch()
             self._to_spool(batch)
 
     def _write_rejected_rows(self, table: str, rejected: list[tuple[Any, str]]) -> None:
@@ -272,91 +296,87 @@ class HistoryWriter:
         log.warning("history: %d %s row(s) set aside: %s", len(rejected), table, rejected[0][1])
 
     def _to_spool(self, batch: _Batch) -> None:
-        try:
-            self.spool.write(batch.seq, batch.table, batch.columns, batch.data)
-        except OSError:
-            # Disk trouble: keep the batch in memory and try again on the next pass
-            # rather than lose it.
-            log.exception("history spool write failed; keeping %d rows in memory", batch.rows)
-            time.sleep(0.5)
-            self._to_spool(batch)
-            return
+        while True:
+            try:
+                self.spool.write(batch.seq, batch.table, batch.columns, batch.data)
+                break
+            except OSError:
+                # Disk trouble: keep the batch in memory and try again rather than lose it.
+                log.exception("history spool write failed; keeping %d rows in memory", batch.rows)
+                time.sleep(0.5)
         with self._stats_lock:
             self._stats.spooled += batch.rows
-        self._inserter_wake.set()
 
     # --- the inserter --------------------------------------------------------------------
 
-    def _inserter_loop(self) -> None:
+    def _inserter_loop(self, i: int) -> None:
+        """Thread i inserts handed batches; thread 0 also migrates and replays the spool
+        (one replayer keeps the spool in order)."""
         while True:
-            self._inserter_wake.wait(0.05)
-            self._inserter_wake.clear()
             try:
-                self._inserter_pass()
+                if i == 0:
+                    self._housekeeping()
+                batch = None
+                if i > 0 and self._need_migrate and not self._stop_inserter:
+                    time.sleep(0.05)  # let thread 0 migrate before anyone inserts
+                else:
+                    try:
+                        batch = self._handoff.get(timeout=0.05)
+                    except queue.Empty:
+                        pass
+                if batch is not None:
+                    try:
+                        self._insert_handed(i, batch)
+                    finally:
+                        self._done_with_batch()
             except Exception:
                 log.exception("history inserter failed")
                 time.sleep(0.1)
-            if self._stop_inserter:
-                # One last replay attempt already happened in the pass; leave the rest.
+            if self._stop_inserter and self._handoff.empty():
                 return
 
-    def _inserter_pass(self) -> None:
-        now = time.monotonic()
-        if now < self._retry_at or (self._stop_inserter and not self._healthy):
-            # Store down: handed batches go to the spool, in order.
-            self._spool_handed()
+    def _done_with_batch(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+
+    def _store_down(self) -> bool:
+        return time.monotonic() < self._retry_at or (self._stop_inserter and not self._healthy)
+
+    def _housekeeping(self) -> None:
+        """Migrations, then the spool, oldest first (thread 0 only)."""
+        if self._store_down():
             return
         if self._need_migrate:
-            self._inserter_busy = True
             try:
                 self.store.migrate()
                 self._need_migrate = False
                 self._succeeded(0, replayed=False)
             except StoreError as e:
                 self._failed(e)
-                self._spool_handed()
                 return
-            finally:
-                self._inserter_busy = False
-        # Replay first: the spool is older than anything handed over now.
-        while not self.spool.empty():
+        while not self.spool.empty() and not self._store_down():
             if not self._replay_some():
-                self._spool_handed()
                 return
             if self._stop_inserter:
-                break
-        while True:
-            self._inserter_busy = True  # before get(): idle() must never see a gap
-            try:
-                batch = self._handoff.get_nowait()
-            except queue.Empty:
-                self._inserter_busy = False
                 return
-            try:
-                if not self.spool.empty():
-                    self._to_spool(batch)
-                    continue
-                self.store.insert(batch.table, batch.columns, batch.data)
-            except StoreUnavailable as e:
-                self._failed(e)
-                self._to_spool(batch)
-                self._spool_handed()
-                return
-            except StoreError as e:
-                path = self.spool.write(batch.seq, batch.table, batch.columns, batch.data)
-                self._reject(SpooledBatch(batch.seq, batch.table, path), e)
-                continue
-            finally:
-                self._inserter_busy = False
-            self._succeeded(batch.rows, replayed=False)
 
-    def _spool_handed(self) -> None:
-        while True:
-            try:
-                batch = self._handoff.get_nowait()
-            except queue.Empty:
-                return
+    def _insert_handed(self, i: int, batch: _Batch) -> None:
+        # The spool is older than anything handed over: while it is not empty (or the
+        # store is down, or not migrated yet), new batches join it, in order.
+        if self._need_migrate or self._store_down() or not self.spool.empty():
             self._to_spool(batch)
+            return
+        try:
+            self._inserters[i].insert(batch.table, batch.columns, batch.data)
+        except StoreUnavailable as e:
+            self._failed(e)
+            self._to_spool(batch)
+            return
+        except StoreError as e:
+            path = self.spool.write(batch.seq, batch.table, batch.columns, batch.data)
+            self._reject(SpooledBatch(batch.seq, batch.table, path), e)
+            return
+        self._succeeded(batch.rows, replayed=False)
 
     def _replay_some(self) -> bool:
         """Insert the oldest spooled batches (one table, up to replay_rows); False when
@@ -388,9 +408,8 @@ class HistoryWriter:
             group.append(f)
         if not group or merged is None or columns is None:
             return True
-        self._inserter_busy = True
         try:
-            self.store.insert(table, columns, merged)
+            self._inserters[0].insert(table, columns, merged)
         except StoreUnavailable as e:
             self._failed(e)
             return False
@@ -402,7 +421,7 @@ class HistoryWriter:
                 for f in group:
                     cols, data = self.spool.read(f)
                     try:
-                        self.store.insert(table, cols, data)
+                        self._inserters[0].insert(table, cols, data)
                     except StoreUnavailable as e2:
                         self._failed(e2)
                         return False
@@ -412,8 +431,6 @@ class HistoryWriter:
                     self.spool.remove([f])
                     self._succeeded(len(data[0]) if data else 0, replayed=True)
             return True
-        finally:
-            self._inserter_busy = False
         self.spool.remove(group)
         self._succeeded(len(merged[0]), replayed=True)
         return True
