@@ -69,20 +69,20 @@ def bench_site(agents: int, max_length: int) -> dict:
 # --- the agents' process ------------------------------------------------------------------
 
 
-def agents_main(address: str, agent_ids: list[str], stop, ready, results) -> None:
+def agents_main(address: str, agent_ids: list[str], stop, ready, results, protocol: str = "auto") -> None:
     """Child process: play the agents until ``stop`` is set; report counts."""
     import uvloop
 
-    uvloop.run(_agents(address, agent_ids, stop, ready, results))
+    uvloop.run(_agents(address, agent_ids, stop, ready, results, protocol))
 
 
-async def _agents(address, agent_ids, stop, ready, results) -> None:
+async def _agents(address, agent_ids, stop, ready, results, protocol) -> None:
     from router.loadgen_agents import AgentBehaviour, Ledger, SimAgent
 
     client = NodeClient("bench", address)
     ledger = Ledger()
     force = asyncio.Event()
-    behaviour = AgentBehaviour(resolved_p=1.0, csat_p=0.0)
+    behaviour = AgentBehaviour(resolved_p=1.0, csat_p=0.0, protocol=protocol)
     agents = [
         SimAgent(client, aid, ledger, behaviour, time_scale=1.0, rng=random.Random(i),
                  rpc_timeout=10.0, stream_timeout=3600.0, force=force)
@@ -276,6 +276,9 @@ def main() -> int:
     p.add_argument("--agents", type=int, default=100)
     p.add_argument("--drain-timeout", type=float, default=20.0)
     p.add_argument("--sync", default="fdatasync", help="the node's journal sync mode")
+    p.add_argument("--protocol", choices=("auto", "classic"), default="auto",
+                   help="the agents' protocol: auto answer + Complete on the stream (default), "
+                        "or classic: Accept on the stream, unary CompleteCall")
     args = p.parse_args()
     import uvloop
 
@@ -289,7 +292,9 @@ def main() -> int:
             ctx = mp.get_context("spawn")
             stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
             ids = [f"bench-{n:03d}" for n in range(1, args.agents + 1)]
-            child = ctx.Process(target=agents_main, args=(address, ids, stop, ready, results), daemon=True)
+            child = ctx.Process(
+                target=agents_main, args=(address, ids, stop, ready, results, args.protocol), daemon=True
+            )
             child.start()
             try:
                 if not ready.wait(30):

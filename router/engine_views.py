@@ -9,11 +9,20 @@ length + 1, see :func:`router.policy.expected_wait`); ``agents_ready`` counts el
 agents that are ready with a free slot on the queue's channel; ``agents_staffed`` the
 eligible agents signed in, whatever their state; ``oldest_wait_s`` the wait so far of
 the longest-waiting queued call; ``service_level`` uses the recent window.
+
+Paging (:meth:`ViewsMixin.calls_page`) relies on one property of the engine: a call
+enters ``_calls`` (offer, transfer in, restore) with a handle larger than every handle
+before it, so the dict's order is handle order. Pages resume after a handle, through an
+index kept here (a list of the calls in handle order, extended from the dict's newest
+end and compacted when too many of its entries have left retention): a page costs
+O(log n + what it scans), not O(retained calls).
 """
 
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from router import engine_validate as v
@@ -26,6 +35,17 @@ if TYPE_CHECKING:  # pragma: no cover
 _LISTABLE_STATES = frozenset(
     {"queued", "assigned", "connected", "completed", "abandoned", "rejected", "transferring"}
 )
+_HANDLE = attrgetter("handle")
+
+
+class _CallIndex:
+    """Calls in handle order as of ``next_handle`` (some may have left ``_calls``)."""
+
+    __slots__ = ("calls", "next_handle")
+
+    def __init__(self, calls: list, next_handle: int) -> None:
+        self.calls = calls
+        self.next_handle = next_handle
 
 
 class ViewsMixin:
@@ -65,6 +85,64 @@ class ViewsMixin:
         return [
             c.view(site) for c in self._calls.values() if state is None or c.state == state
         ]
+
+    def calls_page(
+        self, state: str | None, after: int, size: int, scan_limit: int
+    ) -> tuple[list[CallView], int]:
+        """One page of :meth:`calls`: up to ``size`` calls (of ``state``, if given) that
+        come after handle ``after`` (0: from the start), examining at most
+        ``scan_limit`` calls. Returns the views and the handle to resume after, or 0
+        when nothing is left (a page may be short, even empty, and still not be the
+        last: a sparse state filter stops at the scan limit)."""
+        if state is not None and state not in _LISTABLE_STATES:
+            raise RoutingError(
+                "INVALID_ARGUMENT", "INVALID_STATE", f"unknown call state {state!r}", state=state
+            )
+        index = self._call_index()
+        order, live, site = index.calls, self._calls, self._site_name
+        i = bisect_right(order, after, key=_HANDLE)
+        n = len(order)
+        out: list[CallView] = []
+        scanned = 0
+        while i < n and len(out) < size and scanned < scan_limit:
+            c = order[i]
+            i += 1
+            scanned += 1
+            if live.get(c.call_id) is c and (state is None or c.state == state):
+                out.append(c.view(site))
+        while i < n and live.get(order[i].call_id) is not order[i]:
+            i += 1  # entries that left retention: no reason to hand out another page
+        return out, (order[i - 1].handle if i < n else 0)
+
+    def _call_index(self) -> _CallIndex:
+        """The paging index, brought up to date: O(calls offered since the last page),
+        plus an amortized rebuild once half of it is calls no longer retained."""
+        calls = self._calls
+        index = getattr(self, "_paging_index", None)
+        if index is None or len(index.calls) > 2 * len(calls) + 1024:
+            index = self._paging_index = _CallIndex(list(calls.values()), self._next_handle)
+            return index
+        if index.next_handle != self._next_handle:
+            first_new = index.next_handle
+            new = []
+            for c in reversed(calls.values()):  # newest first: the dict is in handle order
+                if c.handle < first_new:
+                    break
+                new.append(c)
+            new.reverse()
+            index.calls += new
+            index.next_handle = self._next_handle
+        return index
+
+    def call_holder(self, call_id: str) -> str:
+        """The agent a call is (or was last) assigned to, "" if none; NOT_FOUND
+        CALL_NOT_FOUND for a call the engine does not know. No view is built."""
+        return self._call(call_id).agent_id
+
+    def agent_status(self, agent_id: str) -> tuple[str, str, float, float]:
+        """(state, reason, state_since, wrap_up_until) of an agent, without a view."""
+        a = self._agent(agent_id)
+        return a.state, a.reason, a.state_since, a.wrap_up_until
 
     def screen_pop(self, call_id: str) -> list[PastContact]:
         """The caller's contacts before this call and within the repeat window before

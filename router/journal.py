@@ -181,7 +181,8 @@ class Journal:
         self._next_seq = snap_seq + len(replay) + 1
         self._durable_seq = self._next_seq - 1
         self._fd, self._seg_first = fd, seg_first            # owned by the writer thread
-        self._pending: list[tuple[int, Any, asyncio.Future]] = []
+        # (seq, payload or _ROTATE/_BARRIER, future or None inside an append_many)
+        self._pending: list[tuple[int, Any, asyncio.Future | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -331,6 +332,31 @@ class Journal:
         self._enqueue(seq, data, fut)
         return fut
 
+    def append_many(self, records: list[dict]) -> "asyncio.Future[int]":
+        """Like `append` for several records that belong together (one step of the node):
+        they get consecutive seqs, go to disk in the same write, and one future resolves
+        to the seq of the last once all of them are durable. All or none are queued:
+        TypeError/ValueError for any bad record leaves the journal unchanged."""
+        self._check_usable()
+        datas = []
+        for record in records:
+            if not isinstance(record, dict):
+                raise TypeError(f"a journal record is a dict, not {type(record).__name__}")
+            data = _dumps(record)
+            if len(data) > MAX_RECORD - 64:
+                raise ValueError(f"journal record of {len(data)} bytes exceeds MAX_RECORD")
+            datas.append(data)
+        if not datas:
+            raise ValueError("append_many needs at least one record")
+        fut = self._start().create_future()
+        seq = self._next_seq
+        self._next_seq += len(datas)
+        pending = self._pending
+        for i, data in enumerate(datas[:-1]):
+            pending.append((seq + i, data, None))
+        self._enqueue(seq + len(datas) - 1, datas[-1], fut)
+        return fut
+
     async def flush(self) -> None:
         """Wait until everything appended so far is durable (JournalError if it cannot be)."""
         if self._durable_seq >= self._next_seq - 1 or self._closed:
@@ -413,14 +439,16 @@ class Journal:
             raise JournalError(f"journal failed earlier: {self._failure}") from self._failure
 
     def _start(self) -> asyncio.AbstractEventLoop:
-        """The loop of this call; starts the writer task on first use."""
+        """The journal's loop; the first call (on the loop) binds it and starts the
+        writer task. Later calls trust the caller to be on that loop's thread (the
+        documented contract): no get_running_loop() (a getpid() each) per append."""
+        loop = self._loop
+        if loop is not None:
+            return loop
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop, self._wake = loop, asyncio.Event()
-            self._task = loop.create_task(self._write_loop(), name="journal-writer")
-            self._recovered = None
-        elif loop is not self._loop:
-            raise RuntimeError("Journal used from a second event loop")
+        self._loop, self._wake = loop, asyncio.Event()
+        self._task = loop.create_task(self._write_loop(), name="journal-writer")
+        self._recovered = None
         return loop
 
     def _enqueue(self, seq: int, data: Any, fut: asyncio.Future) -> None:
@@ -444,7 +472,7 @@ class Journal:
                 for seq, data, fut in items:
                     if data is not _BARRIER and data is not _ROTATE:
                         self._durable_seq = seq
-                    if not fut.done():
+                    if fut is not None and not fut.done():
                         fut.set_result(seq)
             elif self._closing:
                 return
@@ -455,7 +483,7 @@ class Journal:
         self._failure = exc
         err = JournalError(f"journal write failed: {exc!r}")
         for _, _, fut in items + self._pending:
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(err)
         self._pending = []
 

@@ -9,6 +9,12 @@ answers what the node pushes:
   disposition (resolved, CSAT); the node's wrap-up makes the agent READY again;
 * its own state NOT_READY after a reject / no-answer — READY again after ``recover_s``.
 
+With ``protocol="auto"`` the agent speaks the cheaper protocol instead: auto answer in
+its hello (every Assignment arrives already connected: no accept, no ``Connected``;
+``reject_p`` / ``no_answer_p`` do not apply) and ``Complete`` on its stream, answered by
+a ``CommandResult`` there (falling back to the unary ``CompleteCall`` if that answer
+does not come within the RPC timeout).
+
 Every duration is *simulated* seconds divided by the generator's ``time_scale``. What the
 agent sees goes to the shared :class:`Ledger`, which flags a call offered to two agents
 at once or connected twice.
@@ -46,6 +52,7 @@ class AgentBehaviour:
     resolved_p: float = 0.8
     csat_p: float = 0.3  # share of callers who leave a CSAT score
     default_talk_s: float = 0.0  # for calls the generator did not offer itself
+    protocol: str = "classic"  # "classic" (accept, unary CompleteCall) | "auto" (see module doc)
 
 
 @dataclass
@@ -140,6 +147,14 @@ class Ledger:
         return dup
 
 
+class StreamCommandError(Exception):
+    """A command sent on the Connect stream was refused (its CommandResult)."""
+
+    def __init__(self, result: agents_pb2.CommandResult) -> None:
+        super().__init__(f"{result.op} {result.call_id}: {result.reason}: {result.message}")
+        self.result = result
+
+
 class SimAgent:
     """One simulated agent desktop on one node."""
 
@@ -177,6 +192,10 @@ class SimAgent:
         self._talking: set[str] = set()
         self._recovering = False
         self._reader: asyncio.Task | None = None
+        self.auto = behaviour.protocol == "auto"
+        if behaviour.protocol not in ("classic", "auto"):
+            raise ValueError(f"protocol must be classic or auto, not {behaviour.protocol!r}")
+        self._results: dict[str, asyncio.Future] = {}  # call id -> CommandResult awaited
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -190,7 +209,9 @@ class SimAgent:
             if error_reason(e) != "AGENT_ALREADY_SIGNED_IN":
                 raise
         self._stream = self.client.agents.Connect(timeout=self.stream_timeout)
-        await self._write(agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id=self.agent_id)))
+        await self._write(
+            agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id=self.agent_id, auto_answer=self.auto))
+        )
         self._reader = asyncio.create_task(self._read_loop(), name=f"agent-{self.agent_id}")
         await self._set_state(types_pb2.AGENT_STATE_READY)
 
@@ -252,7 +273,14 @@ class SimAgent:
                     break
                 kind = msg.WhichOneof("kind")
                 if kind == "assignment":
-                    self._on_assignment(msg.assignment)
+                    if msg.assignment.connected:
+                        self._on_connected(msg.assignment)
+                    else:
+                        self._on_assignment(msg.assignment)
+                elif kind == "result":
+                    fut = self._results.pop(msg.result.call_id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg.result)
                 elif kind == "cancelled":
                     c = msg.cancelled
                     task = self._accepts.pop(c.assignment_id, None)
@@ -297,6 +325,16 @@ class SimAgent:
             log.warning("%s: back to READY failed: %s", self.agent_id, describe(e))
         finally:
             self._recovering = False
+
+    def _on_connected(self, a: agents_pb2.Assignment) -> None:
+        """An auto-answered assignment: the call is ours and connected already."""
+        call_id = a.call.call_id
+        if call_id in self._talking:
+            return  # sent again after a reconnect
+        self.ledger.assigned(self.agent_id, call_id, a.call.channel)
+        self.ledger.connected(self.agent_id, call_id)
+        self._talking.add(call_id)
+        self._spawn(self._talk(call_id))
 
     def _on_assignment(self, a: agents_pb2.Assignment) -> None:
         call_id = a.call.call_id
@@ -353,14 +391,17 @@ class SimAgent:
             # The node frees the agent's slot when it applies the completion, and may push
             # the next offer before our answer is back: release first.
             self.ledger.released(self.agent_id, call_id)
-            resp = await call_with_retry(
-                self.client.routing.CompleteCall,
-                routing_pb2.CompleteCallRequest(call_id=call_id, disposition=disposition),
-                timeout=self.rpc_timeout,
-            )
+            call = await self._stream_complete(call_id, disposition) if self.auto else None
+            if call is None:
+                resp = await call_with_retry(
+                    self.client.routing.CompleteCall,
+                    routing_pb2.CompleteCallRequest(call_id=call_id, disposition=disposition),
+                    timeout=self.rpc_timeout,
+                )
+                call = resp.call
             if rec is not None:
-                rec.completed(resp.call)
-        except grpc.aio.AioRpcError as e:
+                rec.completed(call)
+        except (grpc.aio.AioRpcError, StreamCommandError) as e:
             self.errors += 1
             self.ledger.note(f"{call_id}: CompleteCall by {self.agent_id} failed: {describe(e)}")
             if rec is not None:
@@ -369,6 +410,25 @@ class SimAgent:
         finally:
             self._talking.discard(call_id)
             self.ledger.released(self.agent_id, call_id)
+
+    async def _stream_complete(self, call_id: str, disposition: types_pb2.Disposition) -> types_pb2.Call | None:
+        """Complete on the stream; the call as the node left it, or None when no answer
+        came in time (the caller then uses the unary CompleteCall: idempotent).
+        Raises AioRpcError-like errors for a refusal (code != 0)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._results[call_id] = fut
+        try:
+            await self._write(agents_pb2.AgentMessage(
+                complete=agents_pb2.Complete(call_id=call_id, disposition=disposition)
+            ))
+            res = await asyncio.wait_for(fut, self.rpc_timeout)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+            return None
+        finally:
+            self._results.pop(call_id, None)
+        if res.code != 0:
+            raise StreamCommandError(res)
+        return res.call
 
     def _disposition(self, rec: "CallRecord | None") -> types_pb2.Disposition:
         resolved = self.rng.random() < self.b.resolved_p

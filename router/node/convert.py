@@ -105,6 +105,18 @@ def complete_cmd(req: routing_pb2.CompleteCallRequest, t: float) -> dict:
     }
 
 
+def stream_complete_cmd(msg: agents_pb2.Complete) -> dict:
+    """A complete command from a Complete on an agent's stream (the node adds ``t``)."""
+    d = msg.disposition
+    return {
+        "op": "complete",
+        "call_id": msg.call_id,
+        "resolved": d.resolved,
+        "csat": d.csat,
+        "wrap_up_code": d.wrap_up_code,
+    }
+
+
 def set_state_cmd(req: agents_pb2.SetStateRequest, t: float) -> dict:
     timeout = req.timeout_s
     if not math.isfinite(timeout):

@@ -37,6 +37,11 @@ _CODES = {
 }
 
 
+def status_code(code: str) -> int:
+    """The google.rpc.Code number of a status name (UNKNOWN for a name not listed)."""
+    return _CODES.get(code, code_pb2.UNKNOWN)
+
+
 class Malformed:
     """Stands in for a request whose bytes did not parse (see server.add_service)."""
 

@@ -31,8 +31,9 @@ from typing import Any
 
 from router import model
 from router.config import SiteConfig
-from router.model import RoutingError
+from router.model import AgentChanged, AssignmentOffered, CallChanged, CallConnected, RoutingError
 from router.node import convert, metrics
+from router.node.errors import status_code
 from router.node.streams import AgentStream, CallWatch
 from router.v1 import agents_pb2, routing_pb2
 
@@ -97,6 +98,10 @@ class Node:
         self._durable_hist = metrics.DURABLE_SECONDS.labels(site.site.name)
         self._metrics_task: asyncio.Task | None = None
         self._streams: dict[str, AgentStream] = {}
+        self._auto_streams = 0  # open streams with auto answer
+        # Call messages built by the last submit (for its assignments), as the step left
+        # the calls: the caller may reuse them for its reply instead of building again.
+        self.step_calls: dict[str, Any] = {}
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
         self._compaction: asyncio.Task | None = None
@@ -119,8 +124,15 @@ class Node:
 
     # --- commands ----------------------------------------------------------------------
 
-    def submit(self, cmd: dict) -> tuple[model.Outcome, asyncio.Future | None]:
+    def submit(
+        self, cmd: dict, reply_to: AgentStream | None = None
+    ) -> tuple[model.Outcome, asyncio.Future | None]:
         """Apply one command now; journal it if it changed the state.
+
+        Assignments it makes to auto-answer agents are accepted in the same step (one
+        more ``accept`` command each, applied and journaled right after it: a replay
+        gives the same state). ``reply_to``: an agent stream that sent the command and
+        gets its CommandResult, in order with the step's other messages.
 
         Returns the outcome and the journal future (None when nothing changed). Raises
         RoutingError (nothing changed) or NodeFailed.
@@ -140,17 +152,25 @@ class Node:
             log.critical("engine raised on %r; its state may now differ from the journal", cmd)
             raise
         fut = None
+        effects = outcome.effects
+        answered: set | None = None
+        self.step_calls = {}
         if outcome.changed:
+            records = [cmd]
+            if effects and self._auto_streams:
+                effects, answered = self._auto_answer(cmd, effects, records)
             # Nothing may come between a state change and its journal record.
             try:
-                fut = self.journal.append(cmd)
+                fut = self.journal.append(cmd) if len(records) == 1 else self.journal.append_many(records)
             except BaseException as exc:
                 self._fail(exc)
                 raise NodeFailed(f"journal append failed: {exc!r}") from exc
             self._tail = fut
         self._last_apply = time.monotonic()
         try:
-            deliveries = self._capture(outcome.effects) if outcome.effects else []
+            deliveries = self._capture(effects, answered) if effects else []
+            if reply_to is not None:  # the answer first, then what followed from it
+                deliveries.insert(0, (reply_to, self._result_msg(cmd, outcome.result)))
         except Exception:  # noqa: BLE001 - streams resync on reconnect; the state is safe
             log.exception("building stream messages for %r failed", cmd)
             deliveries = []
@@ -159,23 +179,68 @@ class Node:
             fut.add_done_callback(self._on_durable)
             self._maybe_compact()
         elif deliveries:
-            tail = self._tail
-            if tail is not None and not tail.done():
-                self._pending.append((tail, deliveries, None))
-            else:
-                self._deliver(deliveries)
+            self._deliver_in_order(deliveries)
         self._count(op, "changed" if outcome.changed else "unchanged")
         self._rearm_timer()
         return outcome, fut
 
+    def _auto_answer(self, cmd: dict, effects: list, records: list) -> tuple[list, set | None]:
+        """Accept, in this step, the offers the command made to auto-answer agents."""
+        answered = None
+        for e in effects:
+            if type(e) is not AssignmentOffered:
+                continue
+            stream = self._streams.get(e.agent_id)
+            if stream is None or not stream.auto_answer:
+                continue
+            accept = {"op": "accept", "t": cmd["t"], "agent_id": e.agent_id, "assignment_id": e.assignment_id}
+            try:
+                out = self.engine.apply(accept)
+            except Exception:  # noqa: BLE001 - a live offer is always acceptable: a bug
+                log.exception("auto answer of %s refused", e.assignment_id)
+                continue
+            if not out.changed:
+                continue
+            records.append(accept)
+            if answered is None:
+                answered = set()
+                effects = list(effects)
+            answered.add(e.assignment_id)
+            effects += out.effects
+        return effects, answered
+
+    def _deliver_in_order(self, deliveries: list) -> None:
+        """Deliver after everything journaled so far (the messages report that state)."""
+        tail = self._tail
+        if tail is not None and not tail.done():
+            self._pending.append((tail, deliveries, None))
+        else:
+            self._deliver(deliveries)
+
+    def _result_msg(self, cmd: dict, view: Any) -> agents_pb2.NodeMessage:
+        return agents_pb2.NodeMessage(
+            result=agents_pb2.CommandResult(op=cmd["op"], call_id=cmd.get("call_id", ""), call=convert.call_msg(view))
+        )
+
+    def _error_msg(self, op: str, call_id: str, err: RoutingError) -> agents_pb2.NodeMessage:
+        return agents_pb2.NodeMessage(
+            result=agents_pb2.CommandResult(
+                op=op, call_id=call_id, code=status_code(err.code), reason=err.reason, message=err.message
+            )
+        )
+
     async def execute(self, cmd: dict) -> Any:
         """Apply, and return the result once it (and everything before it) is durable."""
         outcome, fut = self.submit(cmd)
+        await self.settle(fut)
+        return outcome.result
+
+    async def settle(self, fut: asyncio.Future | None) -> None:
+        """Wait until a submit's record (``fut``; None: everything so far) is durable."""
         if fut is not None:
             await self._wait_durable(fut)
         else:
             await self.barrier()
-        return outcome.result
 
     async def barrier(self) -> None:
         """Wait until everything journaled so far is durable."""
@@ -238,14 +303,15 @@ class Node:
         for target, msg in deliveries:
             target.deliver(msg)
 
-    def _capture(self, effects: list) -> list:
+    def _capture(self, effects: list, answered: set | None = None) -> list:
         """Messages the effects call for, built from the state right after the command,
-        addressed to the streams open right now."""
+        addressed to the streams open right now. ``answered``: assignments auto-answered
+        in this step (one Assignment marked connected, no Connected message)."""
         out: list = []
-        agent_msgs: dict[str, agents_pb2.NodeMessage] = {}
         call_msgs: dict[str, routing_pb2.CallUpdate] = {}
         for e in effects:
-            if isinstance(e, model.CallChanged):
+            kind = type(e)
+            if kind is CallChanged:
                 ws = self._watchers.get(e.call_id)
                 if not ws:
                     continue
@@ -257,24 +323,30 @@ class Node:
             stream = self._streams.get(e.agent_id)
             if stream is None:
                 continue
-            if isinstance(e, model.AssignmentOffered):
-                msg = agents_pb2.NodeMessage(assignment=self.assignment_msg(e.assignment_id, e.call_id))
+            if kind is AssignmentOffered:
+                connected = answered is not None and e.assignment_id in answered
+                asg = self.assignment_msg(e.assignment_id, e.call_id, connected)
+                self.step_calls[e.call_id] = asg.call
+                msg = agents_pb2.NodeMessage(assignment=asg)
+            elif kind is AgentChanged:
+                # only when the state itself changed, not the calls in hand
+                status = self.engine.agent_status(e.agent_id)
+                if status == stream.status:
+                    continue
+                stream.status = status
+                msg = agents_pb2.NodeMessage(agent=convert.agent_msg(self.engine.agent(e.agent_id)))
+            elif kind is CallConnected:
+                if answered is not None and e.assignment_id in answered:
+                    continue  # said by its Assignment
+                msg = agents_pb2.NodeMessage(
+                    connected=agents_pb2.Connected(assignment_id=e.assignment_id, call_id=e.call_id)
+                )
             elif isinstance(e, model.AssignmentCancelled):
                 msg = agents_pb2.NodeMessage(
                     cancelled=agents_pb2.AssignmentCancelled(
                         assignment_id=e.assignment_id, call_id=e.call_id, reason=e.reason
                     )
                 )
-            elif isinstance(e, model.CallConnected):
-                msg = agents_pb2.NodeMessage(
-                    connected=agents_pb2.Connected(assignment_id=e.assignment_id, call_id=e.call_id)
-                )
-            elif isinstance(e, model.AgentChanged):
-                msg = agent_msgs.get(e.agent_id)
-                if msg is None:
-                    msg = agent_msgs[e.agent_id] = agents_pb2.NodeMessage(
-                        agent=convert.agent_msg(self.engine.agent(e.agent_id))
-                    )
             else:
                 continue
             out.append((stream, msg))
@@ -282,13 +354,14 @@ class Node:
 
     # --- views -------------------------------------------------------------------------
 
-    def assignment_msg(self, assignment_id: str, call_id: str) -> agents_pb2.Assignment:
+    def assignment_msg(self, assignment_id: str, call_id: str, connected: bool = False) -> agents_pb2.Assignment:
         call = self.engine.call(call_id)
         return agents_pb2.Assignment(
             assignment_id=assignment_id,
             call=convert.call_msg(call),
             screen_pop=convert.screen_pop_msg(call, self.engine.screen_pop(call_id)),
             offer_timeout_s=self.site.routing.offer_timeout_s,
+            connected=connected,
         )
 
     def call_update(self, call_id: str) -> routing_pb2.CallUpdate:
@@ -376,9 +449,11 @@ class Node:
 
     # --- agent streams -----------------------------------------------------------------
 
-    async def open_agent_stream(self, agent_id: str) -> AgentStream:
+    async def open_agent_stream(self, agent_id: str, auto_answer: bool = False) -> AgentStream:
         """Register agent_id's Connect stream (replacing an older one) and queue its
-        first messages: the agent's state and the offers ringing at it."""
+        first messages: the agent's state and the offers ringing at it. With
+        ``auto_answer`` the ringing offers are accepted first, and the first messages
+        carry every connected call as an Assignment marked connected."""
         if self._closing:
             raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
         view = self.engine.agent(agent_id)
@@ -387,24 +462,41 @@ class Node:
                 "FAILED_PRECONDITION", "AGENT_NOT_SIGNED_IN", f"agent {agent_id} is not signed in",
                 agent_id=agent_id,
             )
-        old = self._streams.get(agent_id)
+        old = self._streams.pop(agent_id, None)
         if old is not None:
+            self._forget(old)
             old.close("ABORTED", "STREAM_REPLACED", "a newer Connect for this agent replaced this stream")
-        stream = AgentStream(agent_id)
+        if auto_answer:
+            for call_id in view.call_ids:
+                call = self.engine.call(call_id)
+                if call.state == "assigned" and call.agent_id == agent_id and call.assignment_id:
+                    self.submit({"op": "accept", "t": self.now(), "agent_id": agent_id,
+                                 "assignment_id": call.assignment_id})
+            view = self.engine.agent(agent_id)
+        stream = AgentStream(agent_id, auto_answer)
         self._streams[agent_id] = stream
+        self._auto_streams += auto_answer
+        stream.status = self.engine.agent_status(agent_id)
         stream.deliver(agents_pb2.NodeMessage(agent=convert.agent_msg(view)))
         for call_id in view.call_ids:
             call = self.engine.call(call_id)
-            if call.state == "assigned" and call.agent_id == agent_id and call.assignment_id:
-                stream.deliver(
-                    agents_pb2.NodeMessage(assignment=self.assignment_msg(call.assignment_id, call_id))
-                )
+            if call.agent_id != agent_id or not call.assignment_id:
+                continue
+            if call.state == "assigned" or (auto_answer and call.state == "connected"):
+                stream.deliver(agents_pb2.NodeMessage(
+                    assignment=self.assignment_msg(call.assignment_id, call_id, call.state == "connected")
+                ))
         try:
             await self.barrier()  # the state just queued must be durable before it is written
         except BaseException:
             self.close_agent_stream(stream)  # the client left (or the journal failed)
             raise
         return stream
+
+    def _forget(self, stream: AgentStream) -> None:
+        """Called when the stream leaves ``_streams``."""
+        if stream.auto_answer:
+            self._auto_streams -= 1
 
     def close_agent_stream(self, stream: AgentStream) -> None:
         """The stream ended. If it was still the agent's current one, the agent is
@@ -413,6 +505,7 @@ class Node:
         if self._streams.get(stream.agent_id) is not stream:
             return
         del self._streams[stream.agent_id]
+        self._forget(stream)
         if self._closing or self.failed is not None:
             return  # a node shutting down keeps agent states as they are for the restart
         try:
@@ -433,6 +526,25 @@ class Node:
             self.submit(cmd)
         except RoutingError as e:
             log.info("%s from %s refused: %s %s", cmd["op"], stream.agent_id, e.reason, e.message)
+
+    def agent_complete(self, stream: AgentStream, cmd: dict) -> None:
+        """A Complete from the agent's stream (``cmd``: a complete command without
+        ``t``). Answered on the stream by a CommandResult once durable; a refusal
+        (changing nothing) right away, after what was journaled before it."""
+        if self._streams.get(stream.agent_id) is not stream:
+            return  # a replaced stream speaks for nobody
+        call_id = cmd.get("call_id", "")
+        try:
+            if self.engine.call_holder(call_id) != stream.agent_id:
+                raise RoutingError(
+                    "FAILED_PRECONDITION", "WRONG_AGENT",
+                    f"call {call_id} is not connected to agent {stream.agent_id}",
+                    call_id=call_id, agent_id=stream.agent_id,
+                )  # fmt: skip
+            cmd["t"] = self.now()
+            self.submit(cmd, reply_to=stream)
+        except RoutingError as e:
+            self._deliver_in_order([(stream, self._error_msg("complete", call_id, e))])
 
     # --- call watchers -----------------------------------------------------------------
 

@@ -37,6 +37,9 @@ DEFAULT_WATCH_INTERVAL_S = 1.0
 MIN_WATCH_INTERVAL_S = 0.05
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
+# Calls a ListCalls page examines at most (a sparse state filter may return a short
+# page with a token to go on): bounds the time one page holds the event loop.
+PAGE_SCAN_LIMIT = 20_000
 HELLO_TIMEOUT_S = 30.0
 
 
@@ -55,13 +58,19 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     async def OfferCall(self, request, context):
         _draining(self.node)
         node = self.node
-        res = await node.execute(convert.offer_cmd(request, node.now()))
-        return routing_pb2.OfferCallResponse(
-            call=convert.call_msg(res.call),
+        outcome, fut = node.submit(convert.offer_cmd(request, node.now()))
+        res = outcome.result
+        # The call as this step left it (connected already if an auto-answer agent took
+        # it); the assignment's message has it built when the call went to an agent.
+        call = node.step_calls.get(res.call.call_id) if outcome.changed else None
+        msg = routing_pb2.OfferCallResponse(
+            call=call if call is not None else convert.call_msg(res.call),
             position=res.position,
             expected_wait_s=res.expected_wait_s,
             decision=res.decision,
         )
+        await node.settle(fut)
+        return msg
 
     @guard
     async def AbandonCall(self, request, context):
@@ -181,7 +190,7 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
             raise malformed_error(first)
         if first.WhichOneof("kind") != "hello" or not first.hello.agent_id:
             await abort(context, "INVALID_ARGUMENT", "MISSING_FIELD", "the first message must be a hello with agent_id", field="hello.agent_id")
-        stream = await node.open_agent_stream(first.hello.agent_id)
+        stream = await node.open_agent_stream(first.hello.agent_id, first.hello.auto_answer)
         reader = asyncio.create_task(self._read(requests, stream))
         try:
             while True:
@@ -196,12 +205,15 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
             node.close_agent_stream(stream)
 
     async def _read(self, requests, stream) -> None:
-        """Accept / Reject from the agent. When the agent closes its side (or the
-        transport fails), the stream ends."""
+        """Accept / Reject / Complete from the agent. When the agent closes its side (or
+        the transport fails), the stream ends."""
+        node = self.node
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
-                if kind == "accept":
+                if kind == "complete":
+                    node.agent_complete(stream, convert.stream_complete_cmd(msg.complete))
+                elif kind == "accept":
                     self.node.agent_answer(stream, {"op": "accept", "assignment_id": msg.accept.assignment_id})
                 elif kind == "reject":
                     self.node.agent_answer(
@@ -217,24 +229,23 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         stream.close()
 
 
-def _encode_token(index: int, last_call_id: str) -> str:
-    raw = f"1:{index}:{last_call_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _encode_token(after: int) -> str:
+    return base64.urlsafe_b64encode(f"2:{after}".encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[int, str]:
+def _decode_token(token: str) -> int:
+    """The handle a page token resumes after (tokens are opaque to clients)."""
     bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued", field="page_token")
     if len(token) > 200:
         raise bad
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, index, last = raw.split(":", 2)
-        i = int(index)
+        version, after = raw.split(":", 1)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise bad from None
-    if version != "1" or i < 1 or not index.isdigit():
+    if version != "2" or not after.isdigit() or len(after) > 19 or int(after) < 1:
         raise bad
-    return i, last
+    return int(after)
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -267,24 +278,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 "INVALID_ARGUMENT", "INVALID_PAGE_SIZE", f"page_size must be 0..{MAX_PAGE_SIZE}",
                 field="page_size",
             )
-        start = 0
-        last_id = ""
-        if request.page_token:
-            start, last_id = _decode_token(request.page_token)
+        after = _decode_token(request.page_token) if request.page_token else 0
         state = convert.call_state_str(request.state) or None
-        # no call rests in "offered" (it is queued, assigned or rejected at once)
-        calls = [] if state == "offered" else self.node.engine.calls(state)
-        if last_id and 0 < start <= len(calls) and calls[start - 1].call_id != last_id:
-            # calls were dropped or changed state since the last page: resync on the id
-            for i, c in enumerate(calls):
-                if c.call_id == last_id:
-                    start = i + 1
-                    break
-        page = calls[start:start + size]
+        if state == "offered":
+            # no call rests in "offered" (it is queued, assigned or rejected at once)
+            page, after = [], 0
+        else:
+            # O(page): resumes after the last handle seen, scans a bounded number of calls
+            page, after = self.node.engine.calls_page(state, after, size, PAGE_SCAN_LIMIT)
         msg = admin_pb2.ListCallsResponse(calls=[convert.call_msg(c) for c in page])
-        end = start + len(page)
-        if page and end < len(calls):
-            msg.next_page_token = _encode_token(end, page[-1].call_id)
+        if after:
+            msg.next_page_token = _encode_token(after)
         await self.node.barrier()
         return msg
 

@@ -42,12 +42,17 @@ class _Subscriber:
 
 
 class AgentStream(_Subscriber):
-    """The outbox of one agent's Connect stream."""
+    """The outbox of one agent's Connect stream. ``auto_answer`` (from the hello): the
+    node connects the calls it assigns to this agent at once. ``status`` is the agent
+    state last queued on the stream (state, reason, state_since, wrap_up_until): an
+    ``Agent`` message is only sent when it changes."""
 
-    def __init__(self, agent_id: str) -> None:
+    def __init__(self, agent_id: str, auto_answer: bool = False) -> None:
         super().__init__()
         self.agent_id = agent_id
-        self._offered: set[str] = set()  # assignment ids already pushed (no duplicates)
+        self.auto_answer = auto_answer
+        self.status: tuple | None = None
+        self._offered: set[str] = set()  # ringing assignment ids already pushed (no duplicates)
 
     def deliver(self, msg: agents_pb2.NodeMessage) -> None:
         kind = msg.WhichOneof("kind")
@@ -55,7 +60,8 @@ class AgentStream(_Subscriber):
             aid = msg.assignment.assignment_id
             if aid in self._offered:
                 return
-            self._offered.add(aid)
+            if not msg.assignment.connected:
+                self._offered.add(aid)
         elif kind == "cancelled":
             self._offered.discard(msg.cancelled.assignment_id)
         elif kind == "connected":
