@@ -147,7 +147,7 @@ def test_a_committed_transfer_keeps_arrival_and_class_at_the_target():
     assert o.counts_by_state()["transferred"] == 2 and queue_order(o) == []
     # the agent who answers sees the context
     t.apply({"op": "sign_in", "t": 300, "agent_id": "a-001"})
-    r = t.apply({"op": "set_state", "t": 301, "agent_id": "a-001", "state": "ready"})
+    t.apply({"op": "set_state", "t": 301, "agent_id": "a-001", "state": "ready"})
     assert t.call("vip").state == "assigned" and t.call("vip").context["bot_transcript"] == "hi"
     # idempotent repeats on both sides
     assert not t.apply({"op": "transfer_commit", "t": 302, "call_id": "vip", "transfer_no": 1}).changed

@@ -19,7 +19,7 @@ import yaml
 from node_fixtures import Stubs, site_dict
 from router.config import parse_site
 from router.node import convert
-from router.v1 import admin_pb2, interconnect_pb2, interconnect_pb2_grpc, routing_pb2, types_pb2
+from router.v1 import admin_pb2, interconnect_pb2_grpc, routing_pb2, types_pb2
 
 OWNING = {"queued", "assigned", "connected", "completed", "abandoned"}
 
@@ -115,3 +115,46 @@ async def wait_for(pred, timeout: float = 30.0, interval: float = 0.1, what: str
 async def no_transferring(stubs: Stubs) -> bool:
     calls = await list_calls(stubs)
     return not any(state(c) == "transferring" for c in calls.values())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node_on(site_file: Path, data_dir: Path, port: int, *, env: dict | None = None, timeout: float = 30.0):
+    """Like node_fixtures.start_node_process, on a fixed port: a restarted node keeps
+    its address, which its peers recorded (a transfer's target)."""
+    import os
+    import re
+    import subprocess
+
+    from node_fixtures import PYTHON, REPO, NodeProc
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TANDEM_DRAIN_S": "1.0", **(env or {})}
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "router.cli", "node", "--site", str(site_file), "--data-dir", str(data_dir),
+             "--listen", f"127.0.0.1:{port}", "--sync", "none"],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=run_env,
+        )
+    np = NodeProc(proc, log_path, "127.0.0.1", port)
+    pattern = re.compile(rb"tandem node \S+ listening on ")
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            if pattern.search(f.read()):
+                return np
+        if not np.alive():
+            raise AssertionError(f"node exited with {proc.returncode} before listening:\n{np.log()}")
+        if time.monotonic() > deadline:
+            np.kill()
+            raise AssertionError(f"node did not listen within {timeout} s:\n{np.log()}")
+        time.sleep(0.02)
