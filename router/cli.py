@@ -19,11 +19,33 @@ def node(
     data_dir: Path = typer.Option(..., "--data-dir", help="journal and snapshots live here"),
     listen: Optional[str] = typer.Option(None, "--listen", help="host:port, overrides the site file"),
     sync: str = typer.Option("fdatasync", "--sync", help="journal sync: fsync|fdatasync|none"),
+    etcd: Optional[str] = typer.Option(
+        None, "--etcd", envvar="TANDEM_ETCD_ENDPOINTS", metavar="ENDPOINTS",
+        help="join the cluster: etcd endpoints, comma-separated host:port (https://… for TLS)",
+    ),
+    etcd_prefix: Optional[str] = typer.Option(None, "--etcd-prefix", envvar="TANDEM_ETCD_PREFIX",
+                                              help="key prefix (default /tandem/)"),
+    etcd_ttl: Optional[int] = typer.Option(None, "--etcd-ttl", envvar="TANDEM_ETCD_TTL",
+                                           help="membership lease TTL in seconds (default 3)"),
+    etcd_ca: Optional[Path] = typer.Option(None, "--etcd-ca", envvar="TANDEM_ETCD_CA", help="CA file (TLS)"),
+    etcd_cert: Optional[Path] = typer.Option(None, "--etcd-cert", envvar="TANDEM_ETCD_CERT",
+                                             help="client certificate (TLS)"),
+    etcd_key: Optional[Path] = typer.Option(None, "--etcd-key", envvar="TANDEM_ETCD_KEY", help="client key (TLS)"),
+    advertise: Optional[str] = typer.Option(None, "--advertise", help="host:port peers reach this node at"),
 ) -> None:
-    """Run one site node until SIGTERM/SIGINT."""
+    """Run one site node until SIGTERM/SIGINT (with --etcd: as a member of the cluster)."""
     from router.node.main import run_node
 
-    raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync))
+    cluster = None
+    if etcd:
+        cluster = {
+            "endpoints": tuple(e.strip() for e in etcd.split(",") if e.strip()),
+            "prefix": etcd_prefix, "ttl_s": etcd_ttl,
+            "ca_file": str(etcd_ca) if etcd_ca else None,
+            "cert_file": str(etcd_cert) if etcd_cert else None,
+            "key_file": str(etcd_key) if etcd_key else None,
+        }
+    raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync, etcd=cluster, advertise=advertise))
 
 
 @app.command()

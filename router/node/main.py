@@ -5,7 +5,10 @@ serves (tools and tests parse the port from it).
 
 Environment: ``TANDEM_DRAIN_S`` (seconds of drain after SIGTERM, default 2),
 ``TANDEM_METRICS_PORT`` (serve Prometheus metrics on 127.0.0.1:PORT),
-``TANDEM_LOG_LEVEL`` (default INFO). Exit codes: 0 after a clean shutdown,
+``TANDEM_LOG_LEVEL`` (default INFO). With etcd endpoints (``--etcd`` or
+``TANDEM_ETCD_ENDPOINTS``) the node joins the cluster (:mod:`router.node.cluster`):
+it registers, publishes its load and overflows queued calls; etcd being down never
+delays its start nor its routing. Exit codes: 0 after a clean shutdown,
 1 when the node failed (journal error, recovery error, address in use), 2 for a bad
 site file.
 """
@@ -29,7 +32,9 @@ def _host_of(address: str) -> str:
     return host or "127.0.0.1"
 
 
-async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) -> int:
+async def serve(
+    site, data_dir: Path, listen: str, sync: str, drain_s: float, etcd=None, advertise: str | None = None
+) -> int:
     from router.node.server import RecoveryError, build_node
 
     try:
@@ -50,6 +55,13 @@ async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) ->
 
         metrics.serve(int(metrics_port))
     await node.start(publish_metrics=bool(metrics_port))
+    cluster = None
+    if etcd is not None:
+        from router.node.cluster import ClusterLink, advertised_address
+
+        cluster = ClusterLink(node, etcd, advertise=advertise or advertised_address(listen, port))
+        await cluster.start()
+        node.cluster = cluster
     print(f"tandem node {site.site.name} listening on {_host_of(listen)}:{port}", flush=True)
 
     stopper = asyncio.create_task(stop.wait())
@@ -57,8 +69,12 @@ async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) ->
     await asyncio.wait({stopper, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set() and not node.stopped.is_set():
         log.info("signal received: draining for %.1f s", node.drain_s)
+        if cluster is not None:
+            await cluster.close()  # leave the cluster first: peers stop sending calls
         await node.shutdown()
     await node.wait_stopped()
+    if cluster is not None:
+        await cluster.close()
     stopper.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
@@ -68,8 +84,16 @@ async def serve(site, data_dir: Path, listen: str, sync: str, drain_s: float) ->
     return 0
 
 
-def run_node(site_path, data_dir, listen: str | None = None, sync: str = "fdatasync") -> int:
-    """Load the site file and serve until a signal. Returns the process exit code."""
+def run_node(
+    site_path, data_dir, listen: str | None = None, sync: str = "fdatasync", *,
+    etcd: dict | None = None, advertise: str | None = None,
+) -> int:
+    """Load the site file and serve until a signal. Returns the process exit code.
+
+    ``etcd``: keyword arguments of :class:`router.coord.EtcdSettings` (``endpoints``,
+    ``prefix``, ``ttl_s``, ``ca_file``, ``cert_file``, ``key_file``); None = no cluster.
+    ``advertise``: the host:port peers reach this node at (default: the listening one).
+    """
     try:
         site = load_site(site_path)
     except ConfigError as e:
@@ -83,8 +107,19 @@ def run_node(site_path, data_dir, listen: str | None = None, sync: str = "fdatas
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    settings = None
+    if etcd is not None:
+        from pydantic import ValidationError
+
+        from router.coord import EtcdSettings
+
+        try:
+            settings = EtcdSettings(**{k: v for k, v in etcd.items() if v is not None})
+        except ValidationError as e:
+            print(f"bad etcd options: {e}", file=sys.stderr, flush=True)
+            return 2
     drain_s = float(os.environ.get("TANDEM_DRAIN_S", "2.0"))
     address = listen or site.site.listen
     import uvloop
 
-    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s))
+    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise))

@@ -70,6 +70,9 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
             decision=res.decision,
         )
         await node.settle(fut)
+        cluster = getattr(node, "cluster", None)  # set by router.node.main with --etcd
+        if cluster is not None and res.position:
+            cluster.offered(res)  # overflow decision (router.node.cluster); never raises
         return msg
 
     @guard

@@ -1,0 +1,536 @@
+"""The site node's link to the cluster: membership, load, overflow (issue 3).
+
+    cluster = ClusterLink(node, EtcdSettings(endpoints=("10.0.0.5:2379",)), advertise="10.0.0.7:7101")
+    await cluster.start()      # returns at once, also when etcd is down
+    node.cluster = cluster     # Routing.OfferCall then calls cluster.offered(result)
+    ...
+    await cluster.close()      # revoke the lease: peers see this site leave at once
+
+What it does, on the node's event loop:
+
+* starts an :class:`~router.coord.etcd.EtcdCoordinator` and registers this node's
+  :class:`~router.coord.base.Member` (site, advertised address, region, kind); the
+  coordinator keeps the registration wanted through outages and new sessions;
+* publishes a :class:`~router.overflow.LoadSnapshot` built from the engine every
+  ``LOAD_POLL_S`` (the coordinator skips unchanged ones and rate-limits the rest), and
+  right after an offer;
+* after each offer that got QUEUED, evaluates :func:`router.overflow.decide` with the
+  policy and contingency mode in force (read from the coordinator's watched caches, so a
+  change in etcd applies to the next call, without restart) and the peers' loads; on an
+  overflow it starts ``node.transfer(call_id, peer address)`` in the background. The
+  decision is logged (``tandem.overflow``) and kept in :attr:`ClusterLink.decisions`
+  as ``Decision.to_record()`` rows for the history store;
+* every ``SWEEP_S`` decides again for the calls that stayed and are still queued,
+  newest first (they have the longest expected wait), until one stays: overflow that
+  was impossible when a call arrived (no peer with room, etcd down, stale loads)
+  happens as soon as it is possible;
+* counts, per peer, the transfers it started that the peer's published load cannot show
+  yet (in flight, or committed after the snapshot was taken) and charges them to that
+  peer's queue before deciding, so a burst does not send twenty calls to a site that
+  showed two free agents; keeps the partner-cap counters (:class:`PartnerUsage`).
+
+Invariant 6: nothing here blocks routing or raises into it. While the coordinator has
+no live session, overflow pauses (``paused`` counts the calls that stayed for that
+reason); peers whose load is older than the policy's ``max_peer_age_s`` are never
+chosen (``decide`` leaves them out), and a peer whose member key is gone (lease expired)
+is no candidate either. Everything resumes by itself when etcd answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, Member
+from router.model import RoutingError
+from router.overflow import (
+    ContingencyState,
+    Decision,
+    LoadSnapshot,
+    LocalQueue,
+    PartnerUsage,
+    PeerLoad,
+    QueueLoad,
+    decide,
+)
+
+log = logging.getLogger("tandem.cluster")
+dlog = logging.getLogger("tandem.overflow")
+
+LOAD_POLL_S = 0.1  # how often the engine's load is offered to the publisher
+DECISIONS_KEPT = 1000
+ACTIVE_STATES = ("queued", "assigned", "connected", "transferring")
+PARTNER_POLL_S = 1.0  # how often calls handed to a capped partner are checked for their end
+TRANSFER_WAIT_S = 60.0  # a transfer task waits this long for its outcome, then only logs
+SWEEP_S = 0.5  # how often calls that stayed are decided again
+SWEEP_MAX = 50  # calls moved per queue and sweep at most
+
+
+def advertised_address(listen: str, port: int) -> str:
+    """``host:port`` peers reach this node at: the listening host (a wildcard host is
+    replaced by this machine's name) and the bound port."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+@dataclass(eq=False)
+class _Sent:
+    """A transfer this node started, until the peer's load can show it."""
+
+    call_id: str
+    site: str
+    queue: str
+    started: float  # wall clock
+    done_at: float | None = None  # wall clock of the commit (None: still in flight)
+
+
+@dataclass
+class ClusterStats:
+    decisions: int = 0
+    overflow_started: int = 0
+    overflow_out: int = 0  # committed at the target
+    overflow_aborted: int = 0
+    overflow_pending: int = 0  # not decided within TRANSFER_WAIT_S (still resolving)
+    not_queued: int = 0  # the call was answered or abandoned before its transfer began
+    paused: int = 0  # offers not evaluated: no etcd session
+    failed: int = 0  # decide or transfer start raised (a bug: logged)
+    by_rule: dict[str, int] = field(default_factory=dict)
+    aborted_by_reason: dict[str, int] = field(default_factory=dict)
+    out_by_site: dict[str, int] = field(default_factory=dict)
+
+
+class ClusterLink:
+    """One node's membership, load publishing and overflow; see the module docstring.
+
+    ``coordinator`` may be given (tests); by default an :class:`EtcdCoordinator` on
+    ``settings``. ``advertise``: the address peers reach this node at (default: the
+    node's listening host and port).
+    """
+
+    def __init__(
+        self, node: Any, settings: EtcdSettings | None = None, *, advertise: str | None = None,
+        coordinator: Any = None, version: str = "",
+    ) -> None:  # fmt: skip
+        self.node = node
+        info = node.site.site
+        self.site = info.name
+        self.region = info.region
+        self.kind = info.kind
+        self.address = advertise or f"127.0.0.1:{node.port}"
+        self.coord = coordinator or EtcdCoordinator(self.site, settings)
+        self.member = Member(self.site, self.address, self.region, self.kind, version=version)
+        self.stats = ClusterStats()
+        self.decisions: collections.deque[dict] = collections.deque(maxlen=DECISIONS_KEPT)
+        self._queue_cfg = {q.name: q for q in node.site.queues}
+        self._ratio_active: dict[str, frozenset[str]] = {}
+        self._sent: list[_Sent] = []
+        self._partner_calls: dict[str, dict[str, str]] = {}  # partner -> {call_id: address}
+        self._partner_rate: dict[str, collections.deque[float]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self._closed = False
+        self._mode = ContingencyState()
+        self._stayed: dict[str, dict[str, None]] = {}  # queue -> call ids that stayed, in arrival order
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the coordinator and the loops; returns at once (etcd may be down)."""
+        if self._started:
+            return
+        self._started = True
+        self.coord.on_contingency(self._on_contingency)
+        self.coord.on_policy(self._on_policy)
+        await self.coord.start()
+        self._spawn(self._register(), "register")
+        self._spawn(self._load_loop(), "load")
+        self._spawn(self._partner_loop(), "partners")
+        self._spawn(self._sweep_loop(), "sweep")
+        for c in self.node.engine.calls("queued"):  # recovered: decide for them in the sweeps
+            if not c.transfer_origin:
+                self._stayed.setdefault(c.queue, {})[c.call_id] = None
+        log.info("%s: cluster link to %s, advertised as %s", self.site, self.coord, self.address)
+
+    async def close(self) -> None:
+        """Stop the loops and revoke the session (best effort, bounded). Transfers in
+        flight are the node's (its driver resolves them); they are not cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.coord.publish_load(self.snapshot())  # "not accepting" if draining
+        except Exception:  # noqa: BLE001
+            pass
+        for t in list(self._tasks):
+            if t.get_name().startswith("cluster-transfer"):
+                continue
+            t.cancel()
+        try:
+            await asyncio.wait_for(self.coord.close(), 3.0)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing: best effort
+            log.warning("%s: coordinator close did not finish cleanly", self.site)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"cluster-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._closed:
+            log.error("cluster task %s died", task.get_name(), exc_info=task.exception())
+
+    async def _register(self) -> None:
+        with contextlib.suppress(CoordinationUnavailable):
+            await self.coord.wait_ready(2.0)  # usually quick; else register says why
+        try:
+            ok = await self.coord.register(self.member)
+            if not ok:
+                log.warning("%s: member key held by another session; the coordinator retries", self.site)
+        except CoordinationUnavailable as e:
+            # The coordinator keeps the registration wanted and retries by itself.
+            log.info("%s: etcd not reachable yet (%s); registering when it is", self.site, e)
+
+    # --- policy and contingency --------------------------------------------------------
+
+    def _on_policy(self, policy: Any) -> None:
+        self._ratio_active.clear()  # hysteresis state belongs to the rules it came from
+        log.info("%s: overflow policy changed (applies from the next call)", self.site)
+
+    def _on_contingency(self, site: str, state: ContingencyState) -> None:
+        if site != self.site:
+            return
+        self._mode = state
+        settings = state.settings(self.coord.policy)
+        # Agents stay signed in: a mode only changes overflow decisions and what the
+        # node announces. (Back-office agents are signed in by the operator for now.)
+        log.warning(
+            "%s: contingency mode %s (partner overflow %s, back-office agents %s, announcement %r)",
+            self.site, state.mode, "on" if settings.partner_overflow else "off",
+            "on" if settings.backoffice_agents else "off", settings.announcement,
+        )
+
+    @property
+    def mode(self) -> ContingencyState:
+        return self.coord.contingency(self.site)
+
+    @property
+    def announcement(self) -> str:
+        return self.mode.settings(self.coord.policy).announcement
+
+    # --- load --------------------------------------------------------------------------
+
+    def snapshot(self) -> LoadSnapshot:
+        """This site's load from the engine, now."""
+        engine = self.node.engine
+        now = self.node.view_time()
+        queues: dict[str, QueueLoad] = {}
+        free: dict[str, int] = {}
+        sl_num = sl_den = 0.0
+        for q in engine.queues(now=now):
+            cfg = self._queue_cfg.get(q.name)
+            target = cfg.service_level.threshold_s if cfg is not None else 20.0
+            queues[q.name] = QueueLoad(
+                skill=q.skill, channel=q.channel, language=q.language,
+                value=cfg.value if cfg is not None else "standard",
+                length=q.length, expected_wait_s=q.expected_wait_s, staffed=q.agents_staffed,
+                free_agents=q.agents_ready, target_wait_s=target, service_level=q.service_level,
+            )  # fmt: skip
+            free[q.skill] = max(free.get(q.skill, 0), q.agents_ready)
+            if q.service_level >= 0:
+                w = max(1, q.answered + q.abandoned)
+                sl_num += q.service_level * w
+                sl_den += w
+        counts = engine.counts_by_state()
+        return LoadSnapshot(
+            site=self.site, region=self.region, kind=self.kind,
+            accepting=not self.node.draining, mode=self.mode.mode,
+            active_calls=sum(counts.get(s, 0) for s in ACTIVE_STATES),
+            service_level=round(sl_num / sl_den, 4) if sl_den else -1.0,
+            free_agents=free, queues=queues,
+        )  # fmt: skip
+
+    def publish(self) -> None:
+        if self._closed or self.node.stopped.is_set():
+            return
+        try:
+            self.coord.publish_load(self.snapshot())
+        except Exception:  # noqa: BLE001 - publishing must never hurt routing
+            log.exception("%s: building the load snapshot failed", self.site)
+
+    async def _load_loop(self) -> None:
+        while not self._closed and not self.node.stopped.is_set():
+            self.publish()
+            self._prune_sent()
+            await asyncio.sleep(LOAD_POLL_S)
+
+    # --- peers as this node sees them ----------------------------------------------------
+
+    def _prune_sent(self) -> None:
+        """Forget transfers every peer's load shows by now (committed before its
+        snapshot) or that ended otherwise."""
+        if not self._sent:
+            return
+        loads = self.coord.peer_loads()
+        keep = []
+        for s in self._sent:
+            if s.done_at is None:
+                keep.append(s)
+                continue
+            peer = loads.get(s.site)
+            if peer is not None and peer.snapshot.ts >= s.done_at:
+                continue
+            if time.time() - s.done_at > 10.0:  # the peer went quiet: stop charging it
+                continue
+            keep.append(s)
+        self._sent = keep
+
+    def peer_loads(self) -> dict[str, PeerLoad]:
+        """The peers' loads, each charged with our transfers it cannot show yet: they
+        take its free agents first, then lengthen its queue (and its expected wait by
+        the queue's current wait per call, or its target over its staffed agents)."""
+        loads = self.coord.peer_loads()
+        if not self._sent:
+            return loads
+        extra: dict[tuple[str, str], int] = {}
+        for s in self._sent:
+            peer = loads.get(s.site)
+            if peer is None or (s.done_at is not None and peer.snapshot.ts >= s.done_at):
+                continue
+            extra[(s.site, s.queue)] = extra.get((s.site, s.queue), 0) + 1
+        for (site, qname), k in extra.items():
+            peer = loads[site]
+            q = peer.snapshot.queues.get(qname)
+            if q is None:
+                continue
+            free = min(q.free_agents, k)
+            excess = k - free
+            per_call = q.expected_wait_s / (q.length + 1) if q.expected_wait_s > 0 else q.target_wait_s / max(1, q.staffed)
+            q2 = q.model_copy(update={
+                "free_agents": q.free_agents - free,
+                "length": q.length + excess,
+                "expected_wait_s": q.expected_wait_s + excess * per_call,
+            })  # fmt: skip
+            snap = peer.snapshot.model_copy(update={"queues": {**peer.snapshot.queues, qname: q2}})
+            loads[site] = PeerLoad(snap, peer.age_s)
+        return loads
+
+    def partner_usage(self, loads: dict[str, PeerLoad]) -> dict[str, PartnerUsage]:
+        now = time.monotonic()
+        out = {}
+        for site, peer in loads.items():
+            if peer.snapshot.kind != "partner":
+                continue
+            rate = self._partner_rate.get(site)
+            while rate and rate[0] < now - 1.0:
+                rate.popleft()
+            out[site] = PartnerUsage(
+                concurrent=len(self._partner_calls.get(site, ())), calls_last_s=float(len(rate or ()))
+            )
+        return out
+
+    # --- overflow ------------------------------------------------------------------------
+
+    def offered(self, result: Any) -> Decision | None:
+        """Routing.OfferCall's hook: ``result`` is the engine's OfferResult of a call
+        just offered here. Decides for a QUEUED call; never raises."""
+        call = result.call
+        if call.state != "queued" or self._closed:
+            return None
+        try:
+            self.publish()
+            if not self.coord.connected:
+                self.stats.paused += 1
+                self._stayed.setdefault(call.queue, {})[call.call_id] = None
+                return None
+            d = self._decide(call.call_id, call.queue, result.expected_wait_s)
+            if not d.overflow:
+                self._stayed.setdefault(call.queue, {})[call.call_id] = None
+            return d
+        except Exception:  # noqa: BLE001 - overflow must never hurt routing
+            self.stats.failed += 1
+            log.exception("%s: overflow decision for %s failed", self.site, call.call_id)
+            return None
+
+    async def _sweep_loop(self) -> None:
+        while not self._closed and not self.node.stopped.is_set():
+            await asyncio.sleep(SWEEP_S)
+            if not self.coord.connected or self.node.draining:
+                continue
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - overflow must never hurt routing
+                self.stats.failed += 1
+                log.exception("%s: overflow sweep failed", self.site)
+
+    def sweep(self) -> int:
+        """Decide again for the calls that stayed (see the module docstring); returns
+        how many overflows it started."""
+        engine = self.node.engine
+        started = 0
+        for queue, ids in list(self._stayed.items()):
+            for cid in list(ids):
+                try:
+                    if engine.call(cid).state != "queued":
+                        del ids[cid]
+                except RoutingError:  # left retention
+                    del ids[cid]
+            moved = 0
+            for cid in reversed(list(ids)):
+                if moved >= SWEEP_MAX:
+                    break
+                d = self._decide(cid, queue, engine.expected_wait(cid), log_stay=False)
+                if not d.overflow:
+                    break
+                del ids[cid]
+                moved += 1
+            started += moved
+            if not ids:
+                del self._stayed[queue]
+        return started
+
+    def _decide(self, call_id: str, queue: str, expected_wait_s: float, log_stay: bool = True) -> Decision:
+        node = self.node
+        qv = node.engine.queue(queue, now=node.view_time())
+        cfg = self._queue_cfg.get(queue)
+        local = LocalQueue(
+            site=self.site, region=self.region, queue=queue, skill=qv.skill, channel=qv.channel,
+            language=qv.language, value=cfg.value if cfg is not None else "standard",
+            length=max(0, qv.length - 1), expected_wait_s=expected_wait_s, staffed=qv.agents_staffed,
+            target_wait_s=cfg.service_level.threshold_s if cfg is not None else 20.0,
+        )  # fmt: skip
+        loads = self.peer_loads()
+        members = self.coord.members()
+        d = decide(
+            call_id, local, self.coord.policy, loads, now=time.time(), mode=self.mode.mode,
+            partner_usage=self.partner_usage(loads), ratio_active=self._ratio_active.get(queue, frozenset()),
+            members=set(members),
+        )  # fmt: skip
+        self._ratio_active[queue] = d.ratio_active
+        if not d.overflow and not log_stay:
+            return d  # a sweep's "still stays" is no news
+        self.stats.decisions += 1
+        self.stats.by_rule[d.rule] = self.stats.by_rule.get(d.rule, 0) + 1
+        rec = d.to_record()
+        rec["t"] = time.time()
+        self.decisions.append(rec)
+        if not d.overflow:
+            if dlog.isEnabledFor(logging.DEBUG):
+                dlog.debug("stay %s", json.dumps(rec, sort_keys=True))
+            return d
+        member = members.get(d.target)
+        if member is None:  # decide got members: cannot happen
+            return d
+        dlog.info("overflow %s", json.dumps(rec, sort_keys=True))
+        sent = _Sent(call_id, d.target, d.target_queue, time.time())
+        self._sent.append(sent)
+        if member.kind == "partner":
+            self._partner_calls.setdefault(d.target, {})[call_id] = member.address
+            self._partner_rate.setdefault(d.target, collections.deque()).append(time.monotonic())
+        self.stats.overflow_started += 1
+        self._spawn(self._transfer(sent, member.address), f"transfer-{call_id}")
+        return d
+
+    async def _transfer(self, sent: _Sent, address: str) -> None:
+        try:
+            out = await self.node.transfer(sent.call_id, address, timeout=TRANSFER_WAIT_S)
+        except RoutingError as e:
+            # Answered or abandoned between the offer and the begin: it stays here.
+            self.stats.not_queued += 1
+            self._forget(sent)
+            log.debug("%s: transfer of %s not begun: %s", self.site, sent.call_id, e.reason)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            self.stats.failed += 1
+            self._forget(sent)
+            log.exception("%s: transfer of %s to %s failed", self.site, sent.call_id, sent.site)
+            return
+        if out.state == "committed":
+            sent.done_at = time.time()
+            self.stats.overflow_out += 1
+            self.stats.out_by_site[sent.site] = self.stats.out_by_site.get(sent.site, 0) + 1
+        elif out.state == "aborted":
+            self.stats.overflow_aborted += 1
+            self.stats.aborted_by_reason[out.reason] = self.stats.aborted_by_reason.get(out.reason, 0) + 1
+            self._forget(sent)
+            log.info("%s: overflow of %s to %s declined: %s", self.site, sent.call_id, sent.site, out.reason)
+        else:
+            self.stats.overflow_pending += 1
+            sent.done_at = time.time()
+            log.warning("%s: overflow of %s to %s still unresolved after %.0f s",
+                        self.site, sent.call_id, sent.site, TRANSFER_WAIT_S)
+
+    def _forget(self, sent: _Sent) -> None:
+        if sent in self._sent:
+            self._sent.remove(sent)
+        calls = self._partner_calls.get(sent.site)
+        if calls is not None:
+            calls.pop(sent.call_id, None)
+
+    async def _partner_loop(self) -> None:
+        """Partner caps count our calls still active at the partner: ask it about them
+        (Routing.GetCall) and forget those that ended."""
+        import grpc
+
+        from router.v1 import routing_pb2, routing_pb2_grpc, types_pb2
+
+        final = {types_pb2.CALL_STATE_COMPLETED, types_pb2.CALL_STATE_ABANDONED, types_pb2.CALL_STATE_REJECTED}
+        channels: dict[str, grpc.aio.Channel] = {}
+        try:
+            while not self._closed:
+                await asyncio.sleep(PARTNER_POLL_S)
+                for site, calls in list(self._partner_calls.items()):
+                    contract = self.coord.policy.partners.get(site)
+                    if contract is None or contract.max_concurrent is None:
+                        calls.clear()  # no concurrency cap: nothing to count
+                        continue
+                    for cid, address in list(calls.items()):
+                        ch = channels.get(address) or channels.setdefault(address, grpc.aio.insecure_channel(address))
+                        try:
+                            r = await routing_pb2_grpc.RoutingStub(ch).GetCall(
+                                routing_pb2.GetCallRequest(call_id=cid), timeout=1.0
+                            )
+                        except grpc.RpcError as e:
+                            if e.code() == grpc.StatusCode.NOT_FOUND:
+                                in_flight = any(s.call_id == cid and s.done_at is None for s in self._sent)
+                                if not in_flight:
+                                    calls.pop(cid, None)
+                            continue
+                        if r.call.state in final:
+                            calls.pop(cid, None)
+        finally:
+            for ch in channels.values():
+                await ch.close()
+
+    def stats_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "site": self.site,
+            "address": self.address,
+            "connected": self.coord.connected,
+            "members": sorted(self.coord.members()),
+            "mode": self.mode.mode,
+            "decisions": s.decisions,
+            "overflow_started": s.overflow_started,
+            "overflow_out": s.overflow_out,
+            "overflow_aborted": s.overflow_aborted,
+            "overflow_pending": s.overflow_pending,
+            "not_queued": s.not_queued,
+            "paused": s.paused,
+            "failed": s.failed,
+            "by_rule": dict(s.by_rule),
+            "aborted_by_reason": dict(s.aborted_by_reason),
+            "out_by_site": dict(s.out_by_site),
+        }
