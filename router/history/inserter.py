@@ -30,6 +30,9 @@ class ThreadInserter:
     def __init__(self, store: HistoryStore) -> None:
         self.store = store
 
+    def start(self) -> None:
+        pass
+
     def insert(self, table: str, columns: list[str], data: list[list[Any]]) -> None:
         self.store.insert(table, columns, data)
 
@@ -77,6 +80,11 @@ class ProcessInserter:
         self._proc = None
         self._conn = None
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Spawn the child now (it takes a moment to import), not at the first insert."""
+        with self._lock:
+            self._ensure()
 
     def _ensure(self) -> None:
         if self._proc is not None and self._proc.is_alive():

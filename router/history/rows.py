@@ -20,9 +20,11 @@ How a site node feeds the history (the wiring lives in the node; ``writer`` is a
       row = tracker.observe(engine.agent(agent_id), seq=journal_seq, at=t)
       if row: writer.submit("agent_state_changes", row)
 
-Every row is keyed so that submitting it twice is harmless (invariant 5); after a restart
-the node may re-submit the rows of calls that ended since its last snapshot rather than
-track what reached the store.
+Every row is keyed so that submitting it twice is harmless (invariant 5). After a restart
+(SIGKILL included) the node re-submits the row of every ended call its engine retains
+(``engine.calls()`` in a final state) rather than track what reached the store, and seeds
+the tracker with ``tracker.restore(engine.agents())``. Routing decisions and agent
+intervals of the last second before a SIGKILL may be missing; interactions are not.
 
 Times in rows are whole Unix seconds (floored); durations are exact float seconds.
 """

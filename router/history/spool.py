@@ -3,8 +3,8 @@
 A spool is a directory of files named ``<seq:016d>.<table>.json``, one per batch, each
 written to a ``.tmp`` name, fsynced and renamed, so a file either exists whole or not at
 all (a crash mid-write leaves only a ``.tmp``, removed at the next open). ``seq`` is
-reserved when the batch is formed, so replaying in file-name order replays in the order
-the rows were submitted, whichever thread spooled the batch. A file is deleted only after
+reserved when the batch is formed, so replaying in file-name order replays the spooled
+batches in the order their rows were submitted, whichever thread spooled them. A file is deleted only after
 its rows are in the store; a crash between the two replays it again, which the tables'
 idempotent keys absorb (invariant 5).
 

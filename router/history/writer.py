@@ -2,35 +2,41 @@
 down (DESIGN.md invariant 5: written at least once, read exactly once).
 
 The routing hot path calls :meth:`HistoryWriter.submit` — an O(1) ``deque.append`` that
-never blocks and never does I/O. Two threads do the rest:
+never blocks and never does I/O. Threads do the rest:
 
 * the **batcher** wakes when ``batch_rows`` rows are waiting or every
   ``flush_interval_s``, takes the waiting rows, encodes them per table
   (:mod:`router.history.encode`), reserves a sequence number for each batch and either
-  hands it to the inserter (when the store is healthy and the spool is empty; it waits
-  at most ``handoff_wait_s`` for a busy inserter) or writes it to the spool. It never
-  waits on the network longer than that, so memory holds the rows submitted during about
-  ``handoff_wait_s`` plus three batches, whatever the store does (a hung server included),
-  as long as the disk keeps up.
-* the **inserter** applies the migrations once, inserts handed batches (through a child
-  process holding its own connection for a server store, see
-  :mod:`router.history.inserter`; in this process for chdb), and while the
-  spool is not empty replays it oldest first (several files of one table per insert, up to
-  ``replay_rows``), deleting each file once its rows are in the store. A batch that fails
-  with :class:`StoreUnavailable` goes to the spool under its own sequence number, so the
-  spool stays in submission order; retries back off from ``retry_initial_s`` to
-  ``retry_max_s``. A batch the store refuses for good (:class:`StoreError`) is moved to
-  ``spool/rejected/`` and counted, never retried, never blocking the others.
+  hands it to an inserter (when the store is healthy and the spool is empty; it waits
+  at most ``handoff_wait_s`` for a free one) or writes it to the spool. It never waits on
+  the network longer than that, so memory holds the rows submitted during about
+  ``handoff_wait_s`` plus a few batches, whatever the store does (a hung server
+  included), as long as the disk keeps up.
+* ``insert_concurrency`` **inserters** (2 for a server store, 1 for chdb) insert handed
+  batches — for a server store through child processes holding their own connections
+  (:mod:`router.history.inserter`), so the driver's CPU is not the routing process's.
+  Inserter 0 also applies the migrations first and, while the spool is not empty,
+  replays it oldest first (several files of one table per insert, up to
+  ``replay_rows``), deleting each file once its rows are in the store. New batches go
+  straight to the store meanwhile when it is healthy; they only join the spool while it
+  is down, or when every inserter stayed busy for ``handoff_wait_s`` (overload: the spool
+  then absorbs the excess and is replayed in large inserts). A batch that fails with
+  :class:`StoreUnavailable` goes to the spool under its own sequence number; retries
+  back off from ``retry_initial_s`` to ``retry_max_s``. A batch the store refuses for
+  good (:class:`StoreError`) is moved to ``spool/rejected/`` and counted, never retried,
+  never blocking the others. Batches may land in the store in any order; nothing
+  depends on it (a correction carries a higher ``ver``).
 
 A batch is only removed from the spool after its insert returned. An insert that timed out
 may still have been applied; it is replayed anyway, and the tables' keys make the copy
 invisible to every query (see :mod:`router.history.schema`). The spool survives a restart:
 a new writer on the same directory replays what the old one left.
 
-Rows submitted but not yet in a batch live only in memory: :meth:`close` spools them, but
-a SIGKILL loses them. The node therefore treats its journal as the source of truth and
-re-submits the history of calls ended after its last snapshot on restart (the keys absorb
-the copies); see :mod:`router.history.rows`.
+Rows submitted but not yet in a batch live only in memory (about ``flush_interval_s`` of
+them): :meth:`close` spools them, but a SIGKILL loses them. The node's journal is the
+source of truth: on start, after recovery, the node re-submits the ``interactions`` row of
+every ended call its engine still retains, which covers whatever was in memory at the
+crash (the keys absorb the copies); see :mod:`router.history.rows`.
 """
 
 from __future__ import annotations
@@ -172,6 +178,8 @@ class HistoryWriter:
     def start(self) -> "HistoryWriter":
         if not self._started:
             self._started = True
+            for ins in self._inserters:
+                ins.start()
             self._batcher_thread.start()
             for t in self._inserter_threads:
                 t.start()
@@ -273,7 +281,7 @@ class HistoryWriter:
             if not data or not data[0]:
                 continue
             batch = _Batch(self.spool.reserve_seq(), table, enc.names, data)
-            if self._healthy and self.spool.empty() and not self._closing:
+            if self._healthy and not self._closing:
                 # Wait a little for a busy inserter (pipelining), never longer than
                 # handoff_wait_s: a hung store must not stall the batcher.
                 with self._inflight_lock:
@@ -354,16 +362,15 @@ class HistoryWriter:
             except StoreError as e:
                 self._failed(e)
                 return
-        while not self.spool.empty() and not self._store_down():
-            if not self._replay_some():
-                return
-            if self._stop_inserter:
-                return
+        # One chunk per pass, so this thread also takes handed batches in between.
+        if not self.spool.empty() and not self._store_down():
+            self._replay_some()
 
     def _insert_handed(self, i: int, batch: _Batch) -> None:
-        # The spool is older than anything handed over: while it is not empty (or the
-        # store is down, or not migrated yet), new batches join it, in order.
-        if self._need_migrate or self._store_down() or not self.spool.empty():
+        # Store down or not migrated yet: the batch joins the spool. A healthy store takes
+        # new batches directly even while older ones are being replayed: the spool is
+        # replayed in its own order, and nothing depends on the order between the two.
+        if self._need_migrate or self._store_down():
             self._to_spool(batch)
             return
         try:
