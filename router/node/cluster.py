@@ -12,8 +12,8 @@ What it does, on the node's event loop:
   :class:`~router.coord.base.Member` (site, advertised address, region, kind); the
   coordinator keeps the registration wanted through outages and new sessions;
 * publishes a :class:`~router.overflow.LoadSnapshot` built from the engine every
-  ``LOAD_POLL_S`` (the coordinator skips unchanged ones and rate-limits the rest), and
-  right after an offer;
+  ``LOAD_POLL_S`` (the coordinator skips unchanged ones and rate-limits the rest; the
+  offer path stays free of it);
 * after each offer that got QUEUED, evaluates :func:`router.overflow.decide` with the
   policy and contingency mode in force (read from the coordinator's watched caches, so a
   change in etcd applies to the next call, without restart) and the peers' loads; on an
@@ -348,7 +348,6 @@ class ClusterLink:
         if call.state != "queued" or self._closed:
             return None
         try:
-            self.publish()
             if not self.coord.connected:
                 self.stats.paused += 1
                 self._stayed.setdefault(call.queue, {})[call.call_id] = None
