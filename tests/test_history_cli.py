@@ -85,6 +85,11 @@ def test_bad_arguments(args, msg):
     assert code == 2 and msg in out
 
 
+def test_data_dir_without_history(tmp_path):
+    code, out = run("report", "kpi", "--data-dir", str(tmp_path))
+    assert code == 2 and "no history in" in out and not (tmp_path / "history").exists()
+
+
 def test_unreachable_server_exits_1():
     code, out = run("report", "kpi", "--clickhouse", "clickhouse://127.0.0.1:9/x")
     assert code == 1 and "error:" in out

@@ -22,6 +22,22 @@ from router.history.writer import HistoryWriter
 START = 1_790_000_000
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_inserters():
+    """Every writer closed by a test leaves no insert process or writer thread behind."""
+    yield
+    import multiprocessing
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        procs = [p for p in multiprocessing.active_children() if p.name == "tandem-history-inserter"]
+        threads = [t for t in threading.enumerate() if t.name.startswith("history-")]
+        if not procs and not threads:
+            return
+        time.sleep(0.05)
+    assert not procs and not threads, (procs, threads)
+
+
 def totals(store):
     """What the queries see (FINAL: each key once) and what is physically stored."""
     (n, ids, wait, csat), = store.query(

@@ -38,11 +38,14 @@ def history_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / "history"
 
 
-def _open(clickhouse: Optional[str], data_dir: Optional[Path]):
+def _open(clickhouse: Optional[str], data_dir: Optional[Path], *, create: bool = False):
     from router.history.store import StoreError, open_store
 
     if bool(clickhouse) == bool(data_dir):
         _fail("give exactly one of --clickhouse URL or --data-dir DIR")
+    if data_dir and not create and not history_path(data_dir).is_dir():
+        _fail(f"no history in {data_dir} (expected {history_path(data_dir)}/; "
+              f"`tandem history migrate --data-dir {data_dir}` creates an empty one)")
     try:
         return open_store(clickhouse) if clickhouse else open_store(history_path(data_dir))
     except (StoreError, ValueError) as e:
@@ -93,7 +96,7 @@ def migrate(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] = 
     """Create or upgrade the history schema (idempotent)."""
     from router.history.store import StoreError
 
-    store = _open(clickhouse, data_dir)
+    store = _open(clickhouse, data_dir, create=True)
     try:
         applied = store.migrate()
         versions = store.applied_versions()
@@ -154,7 +157,7 @@ def synth_cmd(clickhouse: Optional[str] = _CLICKHOUSE, data_dir: Optional[Path] 
 
     span = int(days * 86400)
     t0 = parse_time(start) if start else int(time.time()) - span
-    store = _open(clickhouse, data_dir)
+    store = _open(clickhouse, data_dir, create=True)
     import tempfile
 
     spool = history_path(data_dir) / "spool-synth" if data_dir else Path(tempfile.mkdtemp(prefix="tandem-synth-"))
