@@ -10,15 +10,22 @@ A node's stdout and stderr go to ``DATA_DIR/node.log``; a node that fails to sta
 
 Nodes run in their own session (a Ctrl-C in the terminal reaches the demo, which stops
 them in order) and, on Linux, get SIGTERM if the process that started them dies, so a
-killed demo leaves no node behind.
+killed demo leaves no node behind. That parent-death signal is set by a wrapper the node
+is started through (:func:`pdeathsig_argv`: util-linux ``setpriv --pdeathsig``, or a
+three-line Python ``prctl`` + ``execv`` where setpriv is missing), never by a
+``preexec_fn``: Python code between fork and exec can crash the child (SIGSEGV) when the
+parent already runs gRPC's threads, as the demo and the benchmarks do.
+
+Note: Linux sends the parent-death signal when the *thread* that forked the child exits;
+start nodes from a thread that lives as long as they should (the main thread does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,12 +92,25 @@ class NodeProcess:
         return self.proc.wait()
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+# Sets PR_SET_PDEATHSIG, gives up if the parent is already gone, then becomes the command.
+_PDEATHSIG_WRAPPER = (
+    "import ctypes,os,signal,sys\n"
+    "try: ctypes.CDLL(None, use_errno=True).prctl(%d, signal.SIGTERM)\n"
+    "except (OSError, AttributeError): pass\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+) % _PR_SET_PDEATHSIG
+
+
+def pdeathsig_argv(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so that the process gets SIGTERM when its parent dies (Linux;
+    elsewhere ``cmd`` unchanged). ``cmd[0]`` must be an absolute path."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+    return [sys.executable, "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *cmd]
 
 
 def site_name(site_file: Path) -> str:
@@ -120,14 +140,14 @@ def spawn_node(
     run_env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log_path, "ab") as log:
         offset = log.tell()
+        # No preexec_fn (see the module docstring): the wrapper sets the death signal.
         proc = subprocess.Popen(
-            cmd,
+            pdeathsig_argv(cmd),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=run_env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     return NodeProcess(
         site_name(site_file), Path(site_file), data_dir, proc, log_path=log_path, log_offset=offset

@@ -1,0 +1,150 @@
+"""A throw-away etcd for the demo and the benchmarks (Debian's ``/usr/bin/etcd``).
+
+:func:`etcd_server` is a context manager: one single-member etcd with its client and
+peer ports on free loopback ports and its data in a fresh directory (under ``root`` if
+given, else a temp dir on tmpfs when there is one: etcd 3.4 has no ``--unsafe-no-fsync``
+and fsync is slow on small VMs). It waits until ``/health`` answers, yields the
+:class:`EtcdServer`, and on exit kills the server and removes its data.
+
+The server is started through :func:`router.nodeproc.pdeathsig_argv` (it gets SIGTERM
+if the process that started it dies) and in its own session (a Ctrl-C in the terminal
+reaches the demo, which stops it in order). ``tests/etcd_fixtures.py`` has the tests'
+version of the same thing (TLS, pause/resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from router.nodeproc import pdeathsig_argv
+
+ETCD_ENV = "TANDEM_ETCD_BIN"
+
+
+def etcd_binary() -> str:
+    return os.environ.get(ETCD_ENV) or shutil.which("etcd") or "/usr/bin/etcd"
+
+
+class EtcdStartError(RuntimeError):
+    """etcd is not installed, exited, or did not become healthy in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None) -> None:
+        self.binary = etcd_binary()
+        if not (os.path.exists(self.binary) and os.access(self.binary, os.X_OK)):
+            raise EtcdStartError(
+                f"etcd not found at {self.binary}: install Debian's etcd-server (make deps does), "
+                f"or set {ETCD_ENV}"
+            )
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint,)
+
+    def _args(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            "--name", "tandem", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"tandem={peer}",
+            "--initial-cluster-state", "new", "--initial-cluster-token", uuid.uuid4().hex,
+            "--logger", "zap", "--log-level", "warn",
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start and wait until it answers /health."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                pdeathsig_argv([self.binary, *self._args()]), stdout=logf, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EtcdStartError(
+                    f"etcd exited with {self.proc.returncode}; see {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise EtcdStartError(f"etcd did not become healthy within {timeout:g} s; see {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL and reap (no-op when not running)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+
+def _tmp_root() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def etcd_server(root: Path | None = None) -> Iterator[EtcdServer]:
+    """A running etcd with its data in a fresh directory under ``root`` (default: a temp
+    dir on tmpfs if there is one), killed and its data removed on exit."""
+    base = Path(root) if root is not None else _tmp_root()
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="etcd-", dir=base))
+    server = EtcdServer(d / "data")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+        shutil.rmtree(d, ignore_errors=True)
