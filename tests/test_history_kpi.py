@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -209,7 +210,7 @@ def test_empty_history(history_store):
 def test_sl_definitions_from_site_files():
     from router.config import load_sites
 
-    defs = sl_definitions(load_sites("sites"))
+    defs = sl_definitions(load_sites(Path(__file__).resolve().parent.parent / "sites"))
     assert defs[("lyon", "billing-email")].abandons == "exclude"
     assert defs[("montreal", "support-en-voice")].threshold_s == 45
 

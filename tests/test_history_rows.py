@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,9 @@ from router.history.encode import TableEncoder
 from router.history.schema import TABLES
 from router.model import AgentView, CallView, OfferResult
 
-LYON = load_site("sites/lyon.yaml")
-CALLPRO = load_site("sites/callpro.yaml")
+SITES = Path(__file__).resolve().parent.parent / "sites"
+LYON = load_site(SITES / "lyon.yaml")
+CALLPRO = load_site(SITES / "callpro.yaml")
 T = 1_790_000_000.25
 
 
