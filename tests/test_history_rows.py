@@ -64,6 +64,13 @@ def test_partner_rows_carry_the_origin():
     assert r["transferred_at"] == 1_790_000_002
     unknown = rows.interaction_row(call(site="callpro", queue="billing-en-voice"), CALLPRO)
     assert unknown["origin_region"] == ""  # a partner's own region is not its customers'
+    moved = call(site="callpro", queue="billing-en-voice")
+    if hasattr(moved, "transfer_origin"):  # the engine's transfer fields
+        moved.transfer_origin = "lyon"
+        r = rows.interaction_row(moved, CALLPRO, regions={"lyon": "emea", "montreal": "amer"})
+        assert (r["origin_site"], r["origin_region"]) == ("lyon", "emea")
+        with pytest.raises(ValueError):
+            rows.interaction_row(call(state="transferred"), LYON)
 
 
 def test_decision_from_offer():

@@ -3,8 +3,9 @@
 How a site node feeds the history (the wiring lives in the node; ``writer`` is a
 :class:`router.history.writer.HistoryWriter`):
 
-* a call reaches a final state (completed / abandoned / rejected; the ``CallChanged``
-  effect of a durable command)::
+* a call reaches a final outcome (completed / abandoned / rejected; the ``CallChanged``
+  effect of a durable command; a call "transferred" away is written by the site that
+  ends it, with this site as its origin)::
 
       writer.submit("interactions", interaction_row(engine.call(call_id), site_cfg))
 
@@ -61,17 +62,20 @@ def interaction_row(
     origin_region: str = "",
     transferred_at: float = 0.0,
     wrap_s: float | None = None,
+    regions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The ``interactions`` row of a call in a final state.
+    """The ``interactions`` row of a call in a final state (completed, abandoned,
+    rejected — not "transferred": the site that ends the call writes its row).
 
     ``origin_site`` / ``origin_region``: where the call first arrived (who pays for it),
-    when it came to this site by overflow; default this site, or for a partner site
-    ``context["attributes"]["origin_site"/"origin_region"]`` when present. ``wrap_s``
-    defaults to the queue's configured wrap-up for an answered call (what the engine
-    counts in its AHT).
+    when it came to this site by overflow; by default the call's ``transfer_origin``, or
+    ``context["attributes"]["origin_site"/"origin_region"]``, or this site; the origin's
+    region comes from ``regions`` (site -> region, e.g. from cluster membership) when not
+    given. ``wrap_s`` defaults to the queue's configured wrap-up for an answered call
+    (what the engine counts in its AHT).
     """
     if call.state not in FINAL_STATES:
-        raise ValueError(f"call {call.call_id} is {call.state}, not in a final state")
+        raise ValueError(f"call {call.call_id} is {call.state}, not a final outcome")
     attrs = (call.context or {}).get("attributes") or {}
     answered = call.answered_at > 0
     start = call.queued_at or call.offered_at
@@ -88,11 +92,14 @@ def interaction_row(
             q = next((q for q in site.queues if q.name == call.queue), None)
             wrap_s = q.wrap_up_s if q is not None else 0.0
     info = site.site
-    o_site = origin_site or attrs.get("origin_site", "") or info.name
+    o_site = (origin_site or getattr(call, "transfer_origin", "") or attrs.get("origin_site", "")
+              or info.name)
     if origin_region:
         o_region = origin_region
     elif attrs.get("origin_region"):
         o_region = attrs["origin_region"]
+    elif regions and o_site in regions:
+        o_region = regions[o_site]
     else:
         o_region = info.region if o_site == info.name and info.kind == "inhouse" else ""
     return {
