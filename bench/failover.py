@@ -49,7 +49,7 @@ import grpc  # noqa: E402
 import yaml  # noqa: E402
 
 from router.coord import EtcdCoordinator, EtcdSettings, Member  # noqa: E402
-from router.nodeproc import NodeProcess, site_name, stop_nodes, wait_listening  # noqa: E402
+from router.nodeproc import spawn_node, stop_nodes, wait_listening  # noqa: E402
 from router.v1 import admin_pb2, admin_pb2_grpc, agents_pb2, agents_pb2_grpc, routing_pb2, routing_pb2_grpc  # noqa: E402
 from router.v1 import types_pb2 as t  # noqa: E402
 
@@ -63,23 +63,6 @@ SITE = {
 OWNED = {t.CALL_STATE_QUEUED, t.CALL_STATE_ASSIGNED, t.CALL_STATE_CONNECTED, t.CALL_STATE_TRANSFERRING,
          t.CALL_STATE_COMPLETED, t.CALL_STATE_ABANDONED, t.CALL_STATE_REJECTED}
 _DECISION = re.compile(r"tandem\.overflow: overflow (\{.*\})$")
-
-
-def spawn_node(site_file: Path, data_dir: Path, *, extra_args=(), env=None) -> NodeProcess:
-    """Like :func:`router.nodeproc.spawn_node`, without a ``preexec_fn``: this process
-    runs gRPC threads, and Python code between fork and exec can crash the child."""
-    import subprocess
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "node.log"
-    with open(log_path, "ab") as log:
-        offset = log.tell()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "node", "--site", str(site_file), "--data-dir", str(data_dir),
-             "--listen", "127.0.0.1:0", *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    return NodeProcess(site_name(site_file), site_file, data_dir, proc, log_path=log_path, log_offset=offset)
 
 
 def write_site(directory: Path, name: str) -> Path:

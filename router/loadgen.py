@@ -6,7 +6,11 @@ Callers: each :class:`CallStream` is a Poisson arrival process of one kind of ca
 site's VIP / whitelisted / blacklisted numbers), offers the call (``OfferCall``) and waits
 to be connected — the generator learns it from its own agents' ``Connected`` events — for
 at most its patience (exponential with the stream's mean; ``None`` = infinite), after which
-it hangs up (``AbandonCall``). Agents: see :mod:`router.loadgen_agents`.
+it hangs up (``AbandonCall``). A call that overflowed to another site (the origin answers
+the hang-up with TRANSFERRING / TRANSFERRED and forwards it) is followed there: the
+caller finds the site that owns it (``GetCall`` on every node) and hangs up there, or
+sees it already ended by the forward. Agents: see :mod:`router.loadgen_agents`; they
+answer calls at whichever site routes them.
 
 Time compression: every duration in the configuration (rates per *simulated* hour, talk
 times, patience, ring and recovery times) is in simulated seconds; the generator runs
@@ -49,6 +53,10 @@ CHANNELS = {
     "email": types_pb2.CHANNEL_EMAIL,
     "social": types_pb2.CHANNEL_SOCIAL,
 }
+# Answers to AbandonCall at the origin of a call that moved (or is moving) to another site.
+_MOVING = (types_pb2.CALL_STATE_TRANSFERRING, types_pb2.CALL_STATE_TRANSFERRED)
+# The call reached an agent: the caller no longer hangs up in the queue.
+_TAKEN = (types_pb2.CALL_STATE_CONNECTED, types_pb2.CALL_STATE_COMPLETED)
 FINAL = {
     types_pb2.CALL_STATE_COMPLETED: "completed",
     types_pb2.CALL_STATE_ABANDONED: "abandoned",
@@ -151,6 +159,7 @@ class CallRecord:
     offer_error: str = ""
     complete_failed: str = ""
     node_call: object = None  # the node's final Call, from Complete/Abandon answers
+    owner: str = ""  # the site that owned the call when the caller hung up, if it moved
 
     def completed(self, call: types_pb2.Call) -> None:
         self.outcome = FINAL.get(call.state, "pending")
@@ -406,14 +415,77 @@ class LoadGen:
             self._error(f"{rec.call_id}: {rec.offer_error}")
             return
         state = resp.call.state
+        if state in _MOVING:
+            # Overflowed (or on its way): the origin recorded the hang-up and hands it on
+            # to the site that owns the call now; follow it there.
+            await self._abandon_moved(rec, reason)
+            return
         if state == types_pb2.CALL_STATE_ABANDONED:
-            rec.outcome, rec.ended_at, rec.abandon_reason = "abandoned", time.time(), reason
-            rec.node_call = resp.call
-            if reason == "end_of_run":
-                self.counters[rec.site].forced_abandons += 1
+            self._abandoned(rec, resp.call, reason)
         else:
             self._error(f"{rec.call_id}: AbandonCall answered state {state}")
             await self._await_answer(rec)
+
+    def _abandoned(self, rec: CallRecord, call: types_pb2.Call, reason: str) -> None:
+        rec.outcome, rec.ended_at, rec.abandon_reason = "abandoned", time.time(), reason
+        rec.node_call = call
+        if reason == "end_of_run":
+            self.counters[rec.site].forced_abandons += 1
+
+    async def _locate(self, call_id: str) -> tuple[str, types_pb2.Call] | None:
+        """The site that owns the call now and its copy there (the copy that is not
+        TRANSFERRED; a TRANSFERRING one while nothing newer exists); None if no site
+        answers for it."""
+        best: tuple[str, types_pb2.Call] | None = None
+        req = routing_pb2.GetCallRequest(call_id=call_id)
+        for site, client in self.clients.items():
+            try:
+                r = await client.routing.GetCall(req, timeout=self.cfg.rpc_timeout_s)
+            except grpc.aio.AioRpcError:
+                continue
+            c = r.call
+            if c.state == types_pb2.CALL_STATE_TRANSFERRED:
+                continue
+            if best is None or c.transfer_count > best[1].transfer_count:
+                best = (site, c)
+        return best
+
+    async def _abandon_moved(self, rec: CallRecord, reason: str) -> None:
+        """Hang up a call that overflowed: find the site that owns it (the origin's
+        forward may have ended it there already) and abandon it there. Bounded; a call
+        it cannot settle stays "pending" for the reconciliation to report."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.rpc_timeout_s * 3
+        while loop.time() < deadline:
+            found = await self._locate(rec.call_id)
+            if found is not None:
+                site, call = found
+                rec.owner = site
+                if call.state == types_pb2.CALL_STATE_ABANDONED:
+                    self._abandoned(rec, call, reason)
+                    return
+                if call.state in _TAKEN:
+                    await self._await_answer(rec)  # our agent there sees it connected
+                    return
+                if call.state in (types_pb2.CALL_STATE_QUEUED, types_pb2.CALL_STATE_ASSIGNED):
+                    try:
+                        resp = await call_with_retry(
+                            self.clients[site].routing.AbandonCall,
+                            routing_pb2.AbandonCallRequest(call_id=rec.call_id, reason=reason),
+                            timeout=self.cfg.rpc_timeout_s,
+                        )
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                            await self._await_answer(rec)  # connected meanwhile
+                            return
+                        self._error(f"{rec.call_id}: AbandonCall at {site} failed: {describe(e)}")
+                    else:
+                        if resp.call.state == types_pb2.CALL_STATE_ABANDONED:
+                            self._abandoned(rec, resp.call, reason)
+                            return
+            await asyncio.sleep(0.05)  # transferring: the two-phase commit is deciding
+        rec.offer_error = "AbandonCall: the overflowed call could not be located in time"
+        self._error(f"{rec.call_id}: {rec.offer_error}")
 
     async def _await_answer(self, rec: CallRecord) -> None:
         """The node says the call is connected (or ended); wait, bounded, for our agent

@@ -3,16 +3,18 @@
 :func:`reconcile` compares the generator's own record of every call with what the nodes
 say (``Admin.ListCalls``):
 
-* ``lost`` — a call the generator offered successfully that no node knows, whose final
-  state on the node differs from the generator's (completed / abandoned / rejected), or
+* ``lost`` — a call the generator offered successfully that no node owns (unknown, or
+  TRANSFERRED everywhere), whose final state on the owning node differs from the generator's (completed / abandoned / rejected), or
   that the generator saw connected while the node never answered it;
-* ``duplicates`` — a call listed twice by a node or by two nodes, offered to two of our
-  agents at once, connected twice, or connected to one agent by our account and to
-  another by the node's;
+* ``duplicates`` — a call listed twice by a node, owned by two sites (two live copies,
+  or TRANSFERRED and live copies that disagree: see :func:`ownership`), offered to two
+  of our agents at once, connected twice, or connected to one agent by our account and
+  to another by the node's;
 * ``unfinished`` — calls the generator could not take to an end itself (an RPC of its own
   failed); not a node fault, listed for the curious.
 
-:func:`queue_kpis` computes per site and queue: offered, answered, abandoned, rejected,
+:func:`queue_kpis` computes per site and queue (where the call arrived; an overflowed
+call keeps counting for its origin queue, with the outcome it got at the other site): offered, answered, abandoned, rejected,
 service level by the queue's own definition (``ServiceLevelDefinition``), ASA, AHT (talk
 time on the node plus the queue's configured wrap-up), abandon rate and CSAT. The nodes
 ran on compressed time, so every duration is multiplied by ``time_scale`` back to
@@ -43,11 +45,89 @@ class Reconciliation:
     duplicates: int = 0
     unfinished: int = 0
     unknown: int = 0  # calls of this run on a node that the generator never offered
+    transferred: int = 0  # calls owned at the end by another site than the one offered
     examples: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
         if len(self.examples) < 20:
             self.examples.append(text)
+
+
+_MOVED = types_pb2.CALL_STATE_TRANSFERRED
+_MOVING = types_pb2.CALL_STATE_TRANSFERRING
+
+
+@dataclass
+class Owned:
+    """One call over all sites: the copy that owns it, where it arrived, every copy."""
+
+    call_id: str
+    site: str  # the owning site
+    call: object  # its Call there
+    origin_site: str
+    origin_queue: str
+    origin_start: float  # when it joined the origin's queue (Unix seconds)
+    copies: list = field(default_factory=list)  # (site, Call), in node order
+    problem: str = ""  # "" | "lost" | "duplicate": how the copies break invariant 1
+
+    @property
+    def moved(self) -> bool:
+        return self.site != self.origin_site
+
+
+def ownership(node_calls: dict[str, list]) -> dict[str, Owned]:
+    """Every call the nodes list, with the copy that owns it (invariant 1).
+
+    A call that moved between sites has a TRANSFERRED copy at each site it left (with
+    the transfer number of that hop as ``transfer_count``) and one live copy — queued,
+    ringing, talking or final — at the site that has it now, whose ``transfer_count``
+    is at least every TRANSFERRED copy's. The origin is the site that handed it on
+    first (the TRANSFERRED copy with the lowest transfer number), or the owner itself.
+    A copy still TRANSFERRING owns the call unless the target already shows the same
+    transfer committed (the origin's Commit answer still on its way): then the target
+    owns it. ``problem``: "lost" when no copy owns the call, "duplicate" when two
+    copies do, or when the TRANSFERRED and live copies disagree (a live copy older
+    than a committed hand-over, a site listing the call twice).
+    """
+    where: dict[str, list[tuple[str, object]]] = {}
+    twice: set[str] = set()
+    for site, calls in node_calls.items():
+        seen: set[str] = set()
+        for call in calls:
+            if call.call_id in seen:
+                twice.add(call.call_id)
+            seen.add(call.call_id)
+            where.setdefault(call.call_id, []).append((site, call))
+    out: dict[str, Owned] = {}
+    for call_id, copies in where.items():
+        moved = sorted(((s, c) for s, c in copies if c.state == _MOVED), key=lambda sc: sc[1].transfer_count)
+        live = [(s, c) for s, c in copies if c.state != _MOVED]
+        problem = "duplicate" if call_id in twice else ""
+        if len(live) > 1:
+            # A transfer between commit and done: the target's copy owns the call.
+            landed = [(s, c) for s, c in live if c.state != _MOVING]
+            moving = [(s, c) for s, c in live if c.state == _MOVING]
+            if len(landed) == 1 and all(c.transfer_count <= landed[0][1].transfer_count for _, c in moving):
+                live = landed
+            else:
+                problem = "duplicate"
+        if live:
+            site, call = max(live, key=lambda sc: sc[1].transfer_count)
+            if moved and call.transfer_count < moved[-1][1].transfer_count:
+                problem = "duplicate"  # a live copy older than a committed hand-over
+            if call.transfer_count and not moved and len(node_calls) > 1:
+                # Arrived by a transfer whose origin has no record of it: the origin
+                # might still think it owns it. (A single node listed: nothing to check.)
+                problem = problem or "duplicate"
+        else:
+            site, call = moved[-1]
+            problem = "lost"
+        first_site, first = moved[0] if moved else (site, call)
+        out[call_id] = Owned(
+            call_id, site, call, first_site, first.queue,
+            first.queued_at or first.offered_at, copies, problem,
+        )
+    return out
 
 
 def reconcile(
@@ -56,21 +136,18 @@ def reconcile(
     ledger: Ledger,
     run_id: str,
 ) -> Reconciliation:
+    """The generator's records against every site's (see the module docstring). Each
+    call is checked against the copy that owns it over all sites (:func:`ownership`),
+    wherever it was offered: after an overflow the site that took the offer holds only
+    a TRANSFERRED record."""
     r = Reconciliation()
-    where: dict[str, list[tuple[str, object]]] = {}
+    owned = ownership(node_calls)
     dup: set[str] = set()
-    for site, calls in node_calls.items():
-        seen: set[str] = set()
-        for call in calls:
-            if call.call_id in seen:
-                dup.add(call.call_id)
-                r.note(f"{call.call_id}: listed twice by {site}")
-            seen.add(call.call_id)
-            where.setdefault(call.call_id, []).append((site, call))
-    for call_id, copies in where.items():
-        if len({s for s, _ in copies}) > 1 and not any(c.transfer_count for _, c in copies):
+    for call_id, o in owned.items():
+        if o.problem == "duplicate":
             dup.add(call_id)
-            r.note(f"{call_id}: known to {sorted({s for s, _ in copies})}")
+            r.note(f"{call_id}: owned inconsistently: " + ", ".join(
+                f"{s} {types_pb2.CallState.Name(c.state)}#{c.transfer_count}" for s, c in o.copies))
     for call_id in ledger.duplicates:
         dup.add(call_id)
     r.examples.extend(ledger.anomalies[: max(0, 20 - len(r.examples))])
@@ -83,36 +160,61 @@ def reconcile(
                 r.unfinished += 1
             continue
         r.offered += 1
-        copies = where.get(rec.call_id, [])
-        own = [c for s, c in copies if s == rec.site] or [c for _, c in copies]
-        if not own:
+        o = owned.get(rec.call_id)
+        if o is None or o.problem == "lost":
             r.lost += 1
-            r.note(f"{rec.call_id}: offered to {rec.site}, known to no node")
+            r.note(f"{rec.call_id}: offered to {rec.site}, owned by no node"
+                   + (f" (copies: {[s for s, _ in o.copies]})" if o else ""))
             continue
-        call = own[-1]
+        call = o.call
+        if o.site != rec.site:
+            r.transferred += 1
         if rec.outcome in _STATE_OF_OUTCOME:
             if call.state != _STATE_OF_OUTCOME[rec.outcome]:
                 r.lost += 1
                 r.note(
-                    f"{rec.call_id}: generator saw {rec.outcome}, node {rec.site} says "
+                    f"{rec.call_id}: generator saw {rec.outcome}, node {o.site} says "
                     f"{types_pb2.CallState.Name(call.state)}"
                 )
                 continue
         elif rec.outcome == "pending":
             r.unfinished += 1
             r.note(f"{rec.call_id}: unfinished by the generator ({rec.complete_failed or rec.offer_error})"
-                   f"; node says {types_pb2.CallState.Name(call.state)}")
+                   f"; node {o.site} says {types_pb2.CallState.Name(call.state)}")
         if rec.answered_at and not call.answered_at:
             r.lost += 1
-            r.note(f"{rec.call_id}: our agent {rec.agent_id} was connected, node never answered it")
+            r.note(f"{rec.call_id}: our agent {rec.agent_id} was connected, node {o.site} never answered it")
             continue
         if rec.agent_id and call.agent_id and rec.agent_id != call.agent_id:
             dup.add(rec.call_id)
-            r.note(f"{rec.call_id}: connected to {rec.agent_id}, node says {call.agent_id}")
+            r.note(f"{rec.call_id}: connected to {rec.agent_id}, node {o.site} says {call.agent_id}")
     prefix = f"{run_id}-"
-    r.unknown = sum(1 for cid in where if cid.startswith(prefix) and cid not in offered_ids)
+    r.unknown = sum(1 for cid in owned if cid.startswith(prefix) and cid not in offered_ids)
     r.duplicates = len(dup)
     return r
+
+
+@dataclass
+class Overflow:
+    """Transfers of one site: calls it handed on (``out``: its TRANSFERRED copies) and
+    calls it took from another site (``in_``: its copies that arrived by a transfer).
+    Over all sites the two sums are equal."""
+
+    out: int = 0
+    in_: int = 0
+
+
+def overflow_counts(node_calls: dict[str, list]) -> dict[str, Overflow]:
+    out = {site: Overflow() for site in node_calls}
+    for o in ownership(node_calls).values():
+        if o.problem:  # counted by reconcile(); its copies tell no consistent story
+            continue
+        for site, c in o.copies:
+            if c.state == _MOVED:
+                out[site].out += 1
+            if site != o.origin_site:
+                out[site].in_ += 1
+    return out
 
 
 @dataclass
@@ -179,48 +281,59 @@ class QueueKpi:
 
 
 def queue_kpis(
-    node_calls: dict[str, list], sites: dict[str, SiteConfig], time_scale: float
+    node_calls: dict[str, list], sites: dict[str, SiteConfig], time_scale: float,
+    origin_site: dict[str, str] | None = None,
 ) -> dict[str, dict[str, QueueKpi]]:
-    """site -> queue -> KPIs (rejected calls, which have no queue, under "(rejected)")."""
+    """site -> queue -> KPIs (rejected calls, which have no queue, under "(rejected)").
+
+    Calls count where they *arrived* (site and queue), with the outcome of the copy that
+    owns them (:func:`ownership`): a call that overflowed counts for its origin queue,
+    its wait from its arrival there to its answer at the other site, against the origin
+    queue's service-level definition. ``origin_site`` (call id -> site) overrides the
+    arrival site, for runs where several sites' traffic went to one node (the pooled
+    reference of the demo)."""
     out: dict[str, dict[str, QueueKpi]] = {}
-    for site, calls in node_calls.items():
+    for o in ownership(node_calls).values():
+        call = o.call
+        site = (origin_site or {}).get(o.call_id, o.origin_site)
         cfg = sites.get(site)
-        qcfg = {q.name: q for q in cfg.queues} if cfg else {}
-        per: dict[str, QueueKpi] = {}
-        for call in calls:
-            name = call.queue or "(rejected)"
-            k = per.get(name)
-            if k is None:
-                q = qcfg.get(call.queue)
-                k = per[name] = QueueKpi(site, name)
-                if q is not None:
-                    k.threshold_s = q.service_level.threshold_s
-                    k.target = q.service_level.target
-                    k.abandons = q.service_level.abandons
-                    k.wrap_up_s = q.wrap_up_s
-            k.offered += 1
-            start = call.queued_at or call.offered_at
-            if call.state == types_pb2.CALL_STATE_REJECTED:
-                k.rejected += 1
-            elif call.answered_at:
-                k.answered += 1
-                wait = max(0.0, call.answered_at - start) * time_scale
-                k.wait_sum += wait
-                k.answered_in_t += wait <= k.threshold_s
-                if call.state == types_pb2.CALL_STATE_COMPLETED and call.ended_at:
-                    k.talk_sum += (call.ended_at - call.answered_at) * time_scale + k.wrap_up_s
-                    k.talk_n += 1
-                    if call.disposition.csat:
-                        k.csat_sum += call.disposition.csat
-                        k.csat_n += 1
-            elif call.state == types_pb2.CALL_STATE_ABANDONED:
-                k.abandoned += 1
-                waited = max(0.0, (call.ended_at or start) - start) * time_scale
-                k.abandoned_after_t += waited > k.threshold_s
-            else:
-                k.active += 1
-        out[site] = dict(sorted(per.items()))
-    return out
+        qname = o.origin_queue
+        per = out.setdefault(site, {})
+        name = qname or "(rejected)"
+        k = per.get(name)
+        if k is None:
+            q = next((q for q in cfg.queues if q.name == qname), None) if cfg else None
+            k = per[name] = QueueKpi(site, name)
+            if q is not None:
+                k.threshold_s = q.service_level.threshold_s
+                k.target = q.service_level.target
+                k.abandons = q.service_level.abandons
+                k.wrap_up_s = q.wrap_up_s
+        k.offered += 1
+        start = o.origin_start
+        if call.state == types_pb2.CALL_STATE_REJECTED:
+            k.rejected += 1
+        elif call.answered_at:
+            k.answered += 1
+            wait = max(0.0, call.answered_at - start) * time_scale
+            k.wait_sum += wait
+            k.answered_in_t += wait <= k.threshold_s
+            if call.state == types_pb2.CALL_STATE_COMPLETED and call.ended_at:
+                k.talk_sum += (call.ended_at - call.answered_at) * time_scale + k.wrap_up_s
+                k.talk_n += 1
+                if call.disposition.csat:
+                    k.csat_sum += call.disposition.csat
+                    k.csat_n += 1
+        elif call.state == types_pb2.CALL_STATE_ABANDONED:
+            k.abandoned += 1
+            waited = max(0.0, (call.ended_at or start) - start) * time_scale
+            k.abandoned_after_t += waited > k.threshold_s
+        else:
+            k.active += 1
+    for site in node_calls:
+        if origin_site is None:
+            out.setdefault(site, {})
+    return {site: dict(sorted(per.items())) for site, per in out.items()}
 
 
 def total(kpis: Iterable[QueueKpi], site: str = "", queue: str = "") -> QueueKpi:

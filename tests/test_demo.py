@@ -49,6 +49,75 @@ def test_demo_traffic_loads_the_sites():
         assert low <= erlangs / agents <= high, (site, erlangs, agents)
 
 
+def _rec(call_id: str, site: str, outcome: str, answered: bool = True):
+    from router.loadgen import CallRecord
+
+    r = CallRecord(call_id=call_id, site=site, stream="q", caller="+1", talk_s=1.0, patience_s=None,
+                   wake=None, acked_at=1.0, outcome=outcome)  # type: ignore[arg-type]
+    if answered:
+        r.answered_at, r.agent_id = 2.0, "a-1"
+    return r
+
+
+def _c(call_id, state, site, n=0, queue="q", answered=True):
+    from router.v1 import types_pb2
+
+    return types_pb2.Call(call_id=call_id, state=state, site=site, transfer_count=n, queue=queue,
+                          offered_at=1.0, queued_at=1.0 + 0.5 * n, answered_at=2.0 if answered else 0.0,
+                          agent_id="a-1" if answered else "", ended_at=3.0)
+
+
+def test_reconcile_follows_transfers():
+    """After an overflow the offer site holds a TRANSFERRED record; the call counts
+    where it is owned, exactly once, and for its origin queue in the KPIs."""
+    from router.config import load_sites
+    from router.loadgen_agents import Ledger
+    from router.loadgen_report import overflow_counts, ownership, queue_kpis, reconcile
+    from router.v1 import types_pb2 as t
+
+    X, C, Q, A = t.CALL_STATE_TRANSFERRED, t.CALL_STATE_COMPLETED, t.CALL_STATE_QUEUED, t.CALL_STATE_ABANDONED
+    records = [
+        _rec("r-a-1", "a", "completed"),  # a -> b, answered at b: fine
+        _rec("r-a-2", "a", "completed"),  # a -> b -> c: fine
+        _rec("r-a-3", "a", "completed"),  # TRANSFERRED at a, nowhere else: lost
+        _rec("r-a-4", "a", "completed"),  # TRANSFERRED at a, but a live copy at a and b: duplicate
+        _rec("r-a-5", "a", "abandoned", answered=False),  # a -> b, abandoned at b: fine
+        _rec("r-a-6", "a", "completed"),  # a -> b: fine
+        _rec("r-a-7", "a", "completed"),  # b's live copy older than a's hand-over: duplicate
+    ]
+    nodes = {
+        "a": [_c("r-a-1", X, "a", 1, answered=False), _c("r-a-2", X, "a", 1, answered=False),
+              _c("r-a-3", X, "a", 1, answered=False), _c("r-a-4", C, "a"),
+              _c("r-a-5", X, "a", 1, answered=False), _c("r-a-6", X, "a", 1, answered=False),
+              _c("r-a-7", X, "a", 2, answered=False)],
+        "b": [_c("r-a-1", C, "b", 1, queue="qb"), _c("r-a-2", X, "b", 2, queue="qb", answered=False),
+              _c("r-a-4", C, "b", 1), _c("r-a-5", A, "b", 1, queue="qb", answered=False),
+              _c("r-a-6", C, "b", 1), _c("r-a-7", C, "b", 1)],
+        "c": [_c("r-a-2", C, "c", 2, queue="qc")],
+    }
+    own = ownership(nodes)
+    assert own["r-a-1"].site == "b" and own["r-a-1"].origin_site == "a" and own["r-a-1"].origin_queue == "q"
+    assert own["r-a-2"].site == "c" and own["r-a-2"].problem == ""
+    assert own["r-a-3"].problem == "lost" and own["r-a-4"].problem == "duplicate"
+    assert own["r-a-7"].problem == "duplicate"
+    rec = reconcile(records, nodes, Ledger(), "r")
+    assert rec.lost == 1, rec.examples
+    assert rec.duplicates == 2, rec.examples
+    assert rec.transferred == 6 and rec.offered == 7
+    flows = overflow_counts(nodes)
+    # Consistent calls only (r-a-3, r-a-4, r-a-7 are counted by reconcile()).
+    assert (flows["a"].out, flows["a"].in_) == (4, 0)
+    assert (flows["b"].out, flows["b"].in_) == (1, 4)
+    assert (flows["c"].out, flows["c"].in_) == (0, 1)
+    # KPIs: every call once, under its origin site and queue.
+    kpis = queue_kpis({"a": nodes["a"], "b": nodes["b"][:2], "c": nodes["c"]}, {}, 1.0)
+    assert set(kpis["a"]) == {"q"} and kpis["a"]["q"].offered == 7
+    assert kpis["a"]["q"].answered == 3  # r-a-1, r-a-2 from their owners; r-a-4 at a
+    assert not kpis.get("b") and not kpis.get("c")
+    sites = load_sites(REPO / "sites")
+    assert sites  # the example sites parse (the pooled reference merges them)
+
+
 @pytest.mark.slow
 
 
