@@ -25,8 +25,10 @@ import asyncio
 import fcntl
 import json
 import os
+import queue
 import re
 import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,9 +200,11 @@ class Journal:
         # (seq, payload or _ROTATE/_BARRIER, future or None inside an append_many)
         self._pending: list[tuple[int, Any, asyncio.Future | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal-writer")
+        # The writer thread takes whole batches from _handoff; _busy: a batch is handed
+        # over (or about to be) and not yet reported back by _written.
+        self._thread: threading.Thread | None = None
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = False
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="journal-compact")
         self._compact_lock = asyncio.Lock()
         self._failure: BaseException | None = None
@@ -426,10 +430,9 @@ class Journal:
             async with self._compact_lock:
                 pass
         finally:
-            if self._task is not None:
-                self._wake.set()
-                await asyncio.wait([self._task])
-            self._writer.shutdown(wait=True)
+            if self._thread is not None:
+                self._handoff.put(None)         # the writer thread ends after its batch
+                await asyncio.get_running_loop().run_in_executor(self._compactor, self._thread.join)
             self._compactor.shutdown(wait=True)
             os.close(self._fd)
             os.close(self._lock_fd)
@@ -454,41 +457,65 @@ class Journal:
 
     def _start(self) -> asyncio.AbstractEventLoop:
         """The journal's loop; the first call (on the loop) binds it and starts the
-        writer task. Later calls trust the caller to be on that loop's thread (the
+        writer thread. Later calls trust the caller to be on that loop's thread (the
         documented contract): no get_running_loop() (a getpid() each) per append."""
         loop = self._loop
         if loop is not None:
             return loop
         loop = asyncio.get_running_loop()
-        self._loop, self._wake = loop, asyncio.Event()
-        self._task = loop.create_task(self._write_loop(), name="journal-writer")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._writer_main, name="journal-writer", daemon=True)
+        self._thread.start()
         self._recovered = None
         return loop
 
-    def _enqueue(self, seq: int, data: Any, fut: asyncio.Future) -> None:
+    def _enqueue(self, seq: int, data: Any, fut: asyncio.Future | None) -> None:
         self._pending.append((seq, data, fut))
-        self._wake.set()
+        if not self._busy:
+            # Hand over at the end of this loop iteration: everything appended until
+            # then goes in the same write (group commit), as does everything appended
+            # while that write+sync is in flight (handed over when it is done).
+            self._busy = True
+            self._loop.call_soon(self._hand_over)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _hand_over(self) -> None:
+        """Loop thread: give the pending records to the writer thread (one wake-up)."""
+        items, self._pending = self._pending, []
+        if items and self._failure is None:
+            self._handoff.put(items)
+        else:
+            self._busy = False
+
+    def _written(self, items: list, exc: BaseException | None) -> None:
+        """Loop thread: the writer thread finished ``items`` (``exc``: it failed)."""
+        if exc is not None:
+            self._busy = False
+            self._fail(items, exc)
+            return
+        for seq, data, fut in items:
+            if data is not _BARRIER and data is not _ROTATE:
+                self._durable_seq = seq
+            if fut is not None and not fut.done():
+                fut.set_result(seq)
+        if self._pending:
+            self._hand_over()
+        else:
+            self._busy = False
+
+    def _writer_main(self) -> None:
+        """Writer thread: write+sync each batch handed over, report to the loop."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            items, self._pending = self._pending, []
-            if items:
-                try:
-                    await loop.run_in_executor(self._writer, self._write_batch, items)
-                except BaseException as exc:
-                    self._fail(items, exc)
-                    if isinstance(exc, Exception):
-                        return          # a disk error: the journal is done
-                    raise
-                for seq, data, fut in items:
-                    if data is not _BARRIER and data is not _ROTATE:
-                        self._durable_seq = seq
-                    if fut is not None and not fut.done():
-                        fut.set_result(seq)
-            elif self._closing:
+            items = self._handoff.get()
+            if items is None:
+                return
+            exc = None
+            try:
+                self._write_batch(items)
+            except BaseException as e:  # noqa: BLE001 - reported to the loop thread
+                exc = e
+            try:
+                self._loop.call_soon_threadsafe(self._written, items, exc)
+            except RuntimeError:  # the loop is closed: nobody waits for these any more
                 return
 
     def _fail(self, items: list, exc: BaseException) -> None:
