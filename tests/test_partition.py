@@ -21,8 +21,8 @@ in every load it ever published.
    new calls overflow again; a reconciliation over both sites (Admin.ListCalls) finds
    every call owned by exactly one site and answered exactly once; no process crashed.
 
-A second test (xfail, strict) pins a bug found this way: an overflow whose transfer the
-cut aborted is never decided again (router/node/cluster.py), the call stays at its origin.
+A second test guards a bug found this way (fixed): an overflow whose transfer the
+cut aborted must be decided again after the heal, not left queued at its origin.
 """
 
 from __future__ import annotations
@@ -307,11 +307,6 @@ class StrandedCall(AssertionError):
     """The one failure the xfail test below expects (any other failure is real)."""
 
 
-@pytest.mark.xfail(strict=True, raises=StrandedCall, reason=(
-    "router/node/cluster.py: when an overflow transfer ends 'aborted' (here: the target "
-    "was cut off while the loads were still fresh, the propose got no answer), "
-    "ClusterLink._transfer forgets the call without putting it back among the calls that "
-    "stayed (_stayed), so no sweep decides for it again and it waits at its origin for ever"))
 async def test_overflow_caught_by_the_cut_is_decided_again_after_the_heal(etcd_prefix, tmp_path):
     async with partitionable_cluster(etcd_prefix, tmp_path) as c:
         c.topo.cut()

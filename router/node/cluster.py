@@ -454,6 +454,7 @@ class ClusterLink:
         except Exception:  # noqa: BLE001
             self.stats.failed += 1
             self._forget(sent)
+            self._stay_again(sent.call_id)
             log.exception("%s: transfer of %s to %s failed", self.site, sent.call_id, sent.site)
             return
         if out.state == "committed":
@@ -464,12 +465,35 @@ class ClusterLink:
             self.stats.overflow_aborted += 1
             self.stats.aborted_by_reason[out.reason] = self.stats.aborted_by_reason.get(out.reason, 0) + 1
             self._forget(sent)
+            self._stay_again(sent.call_id)
             log.info("%s: overflow of %s to %s declined: %s", self.site, sent.call_id, sent.site, out.reason)
         else:
             self.stats.overflow_pending += 1
             sent.done_at = time.time()
             log.warning("%s: overflow of %s to %s still unresolved after %.0f s",
                         self.site, sent.call_id, sent.site, TRANSFER_WAIT_S)
+
+    def _stay_again(self, call_id: str) -> None:
+        """A declined or failed overflow leaves the call queued here, in its place: put it
+        back among the calls the sweep decides again for (in arrival order), or it would
+        wait here for good even when a peer has room later."""
+        try:
+            call = self.node.engine.call(call_id)
+        except RoutingError:
+            return
+        if call.state != "queued":
+            return
+        ids = self._stayed.setdefault(call.queue, {})
+        ids[call_id] = None
+        engine = self.node.engine
+
+        def arrival(cid: str) -> float:
+            try:
+                return engine.call(cid).offered_at
+            except RoutingError:
+                return 0.0
+
+        self._stayed[call.queue] = dict.fromkeys(sorted(ids, key=arrival))
 
     def _forget(self, sent: _Sent) -> None:
         if sent in self._sent:
