@@ -32,6 +32,10 @@ def node(
                                              help="client certificate (TLS)"),
     etcd_key: Optional[Path] = typer.Option(None, "--etcd-key", envvar="TANDEM_ETCD_KEY", help="client key (TLS)"),
     advertise: Optional[str] = typer.Option(None, "--advertise", help="host:port peers reach this node at"),
+    history: str = typer.Option(
+        "off", "--history", envvar="TANDEM_HISTORY", metavar="off|embedded|URL",
+        help="interaction history: off, embedded (chdb in DATA_DIR/history) or clickhouse://host:port/db",
+    ),
 ) -> None:
     """Run one site node until SIGTERM/SIGINT (with --etcd: as a member of the cluster)."""
     from router.node.main import run_node
@@ -45,21 +49,28 @@ def node(
             "cert_file": str(etcd_cert) if etcd_cert else None,
             "key_file": str(etcd_key) if etcd_key else None,
         }
-    raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync, etcd=cluster, advertise=advertise))
+    raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync, etcd=cluster, advertise=advertise,
+                              history=history))
 
 
 @app.command()
 def demo(
     sites: Path = typer.Option(Path("sites"), "--sites", help="directory of site files"),
-    duration: float = typer.Option(60.0, "--duration", help="seconds of traffic"),
+    duration: float = typer.Option(40.0, "--duration", help="seconds of traffic per run"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="default: a temp dir"),
     json_out: bool = typer.Option(False, "--json", help="end with one JSON summary line"),
     seed: int = typer.Option(1, "--seed"),
+    reference: bool = typer.Option(
+        True, "--reference/--no-reference",
+        help="also run the same traffic on isolated sites and on all agents pooled (reference figures)",
+    ),
 ) -> None:
-    """Start the example sites' nodes, drive traffic, print KPIs per site and queue."""
+    """Start etcd and the example cluster, drive unbalanced traffic (overflow between
+    sites), print KPIs per site and queue against the isolated and pooled references."""
     from router.demo import run_demo
 
-    raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed))
+    raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed,
+                              reference=reference))
 
 
 if __name__ == "__main__":

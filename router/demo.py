@@ -1,31 +1,49 @@
 """``tandem demo``: the example cluster under load, on compressed time.
 
-:func:`run_demo` starts one node per site file (:mod:`router.nodeproc`) on scaled copies
-of the site files, signs in every configured agent (simulated by :mod:`router.loadgen`),
-offers traffic for ``duration`` real seconds at ``time_scale`` simulated seconds per real
-second (default 60: one simulated hour per real minute), shows a live view while it runs,
-then prints KPI tables per site and queue computed from the nodes' own records
-(``Admin.ListCalls``) and reconciles those records with the generator's.
+:func:`run_demo` starts a throw-away etcd (:mod:`router.etcdproc`, free loopback ports,
+data under the demo's data dir), writes the cluster's overflow policy into it
+(:data:`DEMO_POLICY`), starts one node per site file (:mod:`router.nodeproc`) with
+``--etcd`` on scaled copies of the site files, signs in every configured agent
+(simulated by :mod:`router.loadgen`), offers traffic for ``duration`` real seconds at
+``time_scale`` simulated seconds per real second (default 60: one simulated hour per
+real minute), shows a live view while it runs (overflow counts included), then prints
+KPI tables per site and queue computed from the nodes' own records
+(``Admin.ListCalls``) and reconciles those records with the generator's over all sites
+(:func:`router.loadgen_report.reconcile`: a call that overflowed is owned by the site
+that took it, and TRANSFERRED at the one it left).
 
-Traffic: :data:`DEMO_LOAD` gives each queue of the example sites an offered load in
-Erlangs, chosen for ~85-90% voice-agent occupancy in Lyon and at the partner, while
-Montréal is offered more than its agents can take (abandons balance it) — so service
-levels differ by site.
-Queues of other site files get a share of 85% of their site's voice agents.
+Traffic: :data:`DEMO_LOAD` is unbalanced on purpose: Montréal is offered more than its
+agents can take, Lyon is moderately busy and the partner CallPro has agents to spare, so
+overflow visibly happens: Montréal's English billing and support work goes to CallPro
+(standard value, within the partner's contract and cap), its French and its high-value
+sales work to Lyon.
+
+Reference runs (skipped with ``reference=False``): the same traffic — same seed, same
+arrivals, talk times and patience — is played twice more, each run as long as the
+cluster's: ``isolated`` (the same three nodes without etcd: no overflow) and ``pooled``
+(one node whose site merges every agent and queue of the cluster: the bound perfect
+pooling would reach). Every call's service level is measured against the definition of
+the queue it arrived in, wherever it was answered.
 
 Output: with ``json_out`` the tables go to stderr and stdout holds exactly one line, the
 JSON summary; without, the tables go to stdout. The live view is drawn only on a terminal
 and without ``json_out``. JSON keys: ``duration_s``, ``offered``, ``answered``,
 ``abandoned``, ``rejected``, ``lost``, ``duplicates``, ``service_level``, ``asa_s``,
-``sites`` {name: {``offered``, ``answered``, ``abandoned``, ``rejected``,
-``service_level``, ``asa_s``, ``aht_s``, ``abandon_rate``, ``csat``}}, plus
-``time_scale``. **Every time in it is in simulated seconds** (real seconds multiplied back
-by the time scale), ``duration_s`` included; rates and service levels are fractions,
-null when undefined (nothing answered).
+``overflow`` (calls handed from one site to another), ``isolated_service_level``,
+``pooled_service_level`` (null without the reference runs), ``sites`` {name:
+{``offered``, ``answered``, ``abandoned``, ``rejected``, ``service_level``, ``asa_s``,
+``aht_s``, ``abandon_rate``, ``csat``, ``occupancy``, ``overflow_out``, ``overflow_in``,
+``isolated_service_level``}}, plus ``time_scale``. A site's calls are those that
+*arrived* there (an overflowed call counts for its origin, with the outcome it got where
+it was answered); ``overflow_out`` / ``overflow_in`` count the hand-overs it made / took.
+**Every time in it is in simulated seconds** (real seconds multiplied back by the time
+scale), ``duration_s`` included; rates and service levels are fractions, null when
+undefined (nothing answered).
 
-Exit code: 0 when ``lost`` and ``duplicates`` are both 0 and no agent was offered more
-calls of a channel than its capacity (invariant 2, checked by the simulated agents); 1
-otherwise; 2 when the nodes could not be started; 130 when interrupted.
+Exit code: 0 when ``lost`` and ``duplicates`` are both 0 (in every run) and no agent was
+offered more calls of a channel than its capacity (invariant 2, checked by the simulated
+agents); 1 otherwise; 2 when etcd or the nodes could not be started; 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -38,7 +56,9 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import grpc
 import yaml
@@ -47,13 +67,16 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from router.config import Channel, SiteConfig, load_sites
+from router.config import Channel, SiteConfig, load_sites, parse_site
+from router.etcdproc import EtcdStartError, etcd_server
 from router.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
 from router.loadgen_agents import AgentBehaviour
 from router.loadgen_rpc import NodeClient, describe
 from router.loadgen_report import (
+    Overflow,
     QueueKpi,
     Reconciliation,
+    overflow_counts,
     queue_kpis,
     reconcile,
     total,
@@ -63,32 +86,58 @@ from router.nodeproc import NodeStartError, running_nodes
 from router.v1 import admin_pb2
 
 DEMO_TIME_SCALE = 60.0
+DEMO_DURATION_S = 40.0  # real seconds of arrivals per run (cluster, isolated, pooled)
 # A real offer timeout below this would be a race with the generator's own latency.
 MIN_OFFER_TIMEOUT_S = 1.0
+ETCD_PREFIX = "/tandem-demo/"
+ETCD_TTL_S = 3
 
 # Offered load in Erlangs per (site, queue) of the example cluster (talk + wrap-up).
-#   Lyon, 28 voice agents: 26.5 E -> ~90% occupancy, billing-en (8 bilingual agents,
-#     shared with three other queues) the weak spot.
-#   Montréal, 26 voice agents: 28.5 E -> overloaded; abandons bring occupancy to ~95%+ and
-#     service level well below Lyon's.
-#   CallPro, 18 voice agents: 15 E -> ~83%.
+#   Montréal, 26 voice agents: 37 E -> overloaded (~140%): only abandons or overflow
+#     relieve it; its English work is standard value (partner may take it).
+#   Lyon, 28 voice agents: 19.5 E -> ~70%, room for Montréal's French and sales calls.
+#   CallPro, 18 voice agents: 10 E -> ~55%, room for English billing and support.
+# Together 66.5 E on 72 voice agents (~92%): pooled, the cluster could meet its targets.
 # Chat and e-mail run on their own capacity (agents' chat / e-mail slots).
 DEMO_LOAD = {
-    ("lyon", "billing-fr-voice"): 11.0,
-    ("lyon", "billing-en-voice"): 3.0,
-    ("lyon", "support-fr-voice"): 7.0,
-    ("lyon", "sales-voice"): 5.5,
+    ("lyon", "billing-fr-voice"): 8.5,
+    ("lyon", "billing-en-voice"): 2.0,
+    ("lyon", "support-fr-voice"): 5.5,
+    ("lyon", "sales-voice"): 3.5,
     ("lyon", "support-chat"): 6.0,
     ("lyon", "billing-email"): 8.0,
-    ("montreal", "billing-en-voice"): 10.5,
-    ("montreal", "billing-fr-voice"): 2.5,
-    ("montreal", "support-en-voice"): 11.0,
-    ("montreal", "sales-voice"): 4.5,
-    ("montreal", "support-chat"): 6.0,
+    ("montreal", "billing-en-voice"): 14.0,
+    ("montreal", "billing-fr-voice"): 3.5,
+    ("montreal", "support-en-voice"): 14.0,
+    ("montreal", "sales-voice"): 5.5,
+    ("montreal", "support-chat"): 8.0,
     ("montreal", "screening-voice"): 0.0,  # only blacklisted callers land here
-    ("callpro", "billing-en-voice"): 6.0,
-    ("callpro", "support-en-voice"): 9.0,
-    ("callpro", "support-chat"): 6.0,
+    ("callpro", "billing-en-voice"): 4.0,
+    ("callpro", "support-en-voice"): 6.0,
+    ("callpro", "support-chat"): 5.0,
+}
+# Other load mixes on the same sites (bench/overflow.py).
+LOAD_MIXES: dict[str, dict[tuple[str, str], float]] = {
+    "montreal-surge": DEMO_LOAD,
+    # Lyon overloaded in billing and sales (French billing can go to Montréal's bilingual
+    # agents, English billing to Montréal or CallPro, sales to Montréal); Montréal busy.
+    "lyon-surge": {
+        ("lyon", "billing-fr-voice"): 13.0,
+        ("lyon", "billing-en-voice"): 5.0,
+        ("lyon", "support-fr-voice"): 6.0,
+        ("lyon", "sales-voice"): 7.0,
+        ("lyon", "support-chat"): 6.0,
+        ("lyon", "billing-email"): 8.0,
+        ("montreal", "billing-en-voice"): 7.5,
+        ("montreal", "billing-fr-voice"): 2.0,
+        ("montreal", "support-en-voice"): 8.0,
+        ("montreal", "sales-voice"): 2.5,
+        ("montreal", "support-chat"): 6.0,
+        ("montreal", "screening-voice"): 0.0,
+        ("callpro", "billing-en-voice"): 4.0,
+        ("callpro", "support-en-voice"): 6.5,
+        ("callpro", "support-chat"): 5.0,
+    },
 }
 # Mean talk time (simulated s) by skill and channel; patience by channel (None: waits).
 TALK_S = {"billing": 240.0, "support": 360.0, "sales": 300.0, "screening": 420.0}
@@ -97,6 +146,27 @@ PATIENCE_S = {Channel.VOICE: 180.0, Channel.CHAT: 420.0, Channel.EMAIL: None, Ch
 BEHAVIOUR = AgentBehaviour(
     reject_p=0.01, no_answer_p=0.005, ring_s=3.0, recover_s=30.0, resolved_p=0.8, csat_p=0.35
 )
+
+# The cluster's overflow policy (put into etcd under ETCD_PREFIX + "policy/overflow").
+# Every queue: overflow when the call's expected wait here exceeds half its region's
+# service-level threshold (wait_threshold 0.5 x target: move the call while it can
+# still be answered in time elsewhere, not once it is late), and only to a site whose
+# expected wait is better by a margin (at least a third shorter: BSR style, so that two
+# equally loaded sites do not trade calls).
+# Value decides where: high-value work (sales) stays in-house; the partner CallPro takes
+# low- and standard-value English work (its queues: billing and support voice, chat) up
+# to 14 calls at once (of its 18 agents: it keeps room for its own traffic). Loads older
+# than 3 s are never used.
+DEMO_POLICY = {
+    "version": 1,
+    "max_peer_age_s": 3.0,
+    "default": {"wait_threshold": {"factor": 0.5}, "margin": {"ratio": 0.33}},
+    "queues": {
+        "billing-email": {"enabled": False},  # only Lyon answers e-mail
+        "screening-voice": {"enabled": False},  # blacklisted callers stay with the fraud team
+    },
+    "partners": {"callpro": {"max_value": "standard", "max_concurrent": 14}},
+}
 
 
 # --- scaled site files ------------------------------------------------------------------
@@ -131,6 +201,31 @@ def write_scaled_sites(sites: list[SiteConfig], directory: Path, scale: float) -
     return paths
 
 
+def pooled_site(sites: list[SiteConfig], name: str = "pooled") -> dict:
+    """One site file (a dict) with every agent and every queue of ``sites``: the cluster
+    as one shared queue set, the bound perfect pooling would reach. Queues of the same
+    name (same skill, channel, language) become one, with the mean wrap-up; routing is
+    the largest in-house site's; caller lists are merged."""
+    biggest = max(sites, key=lambda s: (s.site.kind == "inhouse", len(s.agent_profiles())))
+    d = biggest.model_dump(mode="json", exclude_none=True)
+    d["site"] = {"name": name, "region": biggest.site.region, "kind": "inhouse", "listen": "127.0.0.1:0",
+                 "description": "the whole cluster as one site (tandem demo reference)"}
+    queues: dict[str, dict] = {}
+    wraps: dict[str, list[float]] = {}
+    for s in sites:
+        for q in s.model_dump(mode="json", exclude_none=True)["queues"]:
+            queues.setdefault(q["name"], q)
+            wraps.setdefault(q["name"], []).append(q["wrap_up_s"])
+    for qname, q in queues.items():
+        q["wrap_up_s"] = sum(wraps[qname]) / len(wraps[qname])
+    d["queues"] = list(queues.values())
+    d["agents"] = [g for s in sites for g in s.model_dump(mode="json", exclude_none=True)["agents"]]
+    lists = {k: sorted({n for s in sites for n in getattr(s.lists, k)}) for k in ("vip", "whitelist", "blacklist")}
+    d["lists"] = lists
+    parse_site(d, f"<{name}>")  # valid, or a clear error
+    return d
+
+
 # --- traffic ------------------------------------------------------------------------------
 
 
@@ -140,14 +235,15 @@ def _voice_agents(site: SiteConfig) -> int:
     )
 
 
-def demo_streams(sites: list[SiteConfig]) -> list[CallStream]:
-    """One Poisson stream per queue, at the load of :data:`DEMO_LOAD`."""
+def demo_streams(sites: list[SiteConfig], load: Mapping[tuple[str, str], float] | None = None) -> list[CallStream]:
+    """One Poisson stream per queue, at the load of ``load`` (default :data:`DEMO_LOAD`)."""
+    load = DEMO_LOAD if load is None else load
     streams = []
     for site in sites:
         voice = [q for q in site.queues if q.channel == Channel.VOICE]
         default_share = 0.85 * _voice_agents(site) / max(1, len(voice))
         for q in site.queues:
-            erlangs = DEMO_LOAD.get((site.site.name, q.name))
+            erlangs = load.get((site.site.name, q.name))
             if erlangs is None:
                 erlangs = default_share if q.channel == Channel.VOICE else 2.0
             talk = TALK_S_BY_CHANNEL.get(q.channel, TALK_S.get(q.skill, 300.0))
@@ -202,12 +298,13 @@ def _secs(x: float | None) -> str:
 _SL_ABBR = {"count_against": "A", "exclude": "X", "short_excluded": "S"}
 
 
-def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float) -> Table:
+def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float, title: str = "tandem demo") -> Table:
     elapsed = (time.time() - t0) * scale if t0 else 0.0
-    t = _table(f"tandem demo — simulated time {elapsed / 60:.0f} min (x{scale:g})")
+    t = _table(f"{title} — simulated time {elapsed / 60:.0f} min (x{scale:g})")
     for col in ("site", "offered", "answered", "abandoned", "rejected", "queued", "talking",
-                "ready", "SL now"):
+                "ready", "ovf out", "ovf in", "SL now"):
         t.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
+    flows = _live_flows(gen, status)
     for site, c in gen.counters.items():
         st = status.get(site)
         queued = ready = sl = "-"
@@ -217,10 +314,32 @@ def _progress_table(gen: LoadGen, status: dict, scale: float, t0: float) -> Tabl
             vals = [(q.service_level, q.answered) for q in st.queues if q.service_level >= 0]
             if vals and sum(n for _, n in vals):
                 sl = _pct(sum(v * n for v, n in vals) / sum(n for _, n in vals))
+        out, in_ = flows.get(site, ("-", "-"))
         t.add_row(site, str(c.offered), str(c.answered), str(c.abandoned), str(c.rejected),
-                  queued, str(c.talking), ready, sl)
-    t.caption = "SL now: the nodes' recent service level; ready: agents ready for a call"
+                  queued, str(c.talking), ready, str(out), str(in_), sl)
+    t.caption = ("offered/answered/abandoned: calls that arrived at the site, wherever answered; "
+                 "ovf out: calls it handed to another site; ovf in: other sites' calls its agents "
+                 "answered; SL now: the nodes' recent service level")
     return t
+
+
+def _live_flows(gen: LoadGen, status: dict) -> dict[str, tuple[int, int]]:
+    """Per site, for the live view: hand-overs out (the node's TRANSFERRED calls) and
+    other sites' calls its agents answered (from the simulated agents' view)."""
+    agent_site = getattr(gen, "_agent_site", None)
+    if agent_site is None:
+        agent_site = gen._agent_site = {a: s for s, ids in gen.cfg.agents.items() for a in ids}  # type: ignore[attr-defined]
+    in_: dict[str, int] = {}
+    for rec in list(gen.records.values()):
+        if rec.agent_id:
+            where = agent_site.get(rec.agent_id)
+            if where is not None and where != rec.site:
+                in_[where] = in_.get(where, 0) + 1
+    out = {}
+    for site in gen.counters:
+        st = status.get(site)
+        out[site] = (st.calls_by_state.get("transferred", 0) if st is not None else 0, in_.get(site, 0))
+    return out
 
 
 _COLS = ("offer", "ans", "aband", "rej", "SL", "ASA", "AHT", "ab.%", "CSAT")
@@ -231,15 +350,21 @@ def _table(title: str) -> Table:
                  pad_edge=False, caption_justify="left")
 
 
-def kpi_tables(kpis: dict[str, dict[str, QueueKpi]], occupancy: dict[str, float | None]) -> Group:
+def kpi_tables(kpis: dict[str, dict[str, QueueKpi]], occupancy: dict[str, float | None],
+               flows: dict[str, Overflow] | None = None) -> Group:
     """Per-site and per-queue KPI tables (times in simulated seconds)."""
+    flows = flows or {}
     sites = _table("KPIs per site — simulated time, from the nodes' records")
     sites.add_column("site", no_wrap=True)
     for c in _COLS:
         sites.add_column(c, justify="right")
     sites.add_column("occ", justify="right")
-    sites.caption = ("SL by each queue's own definition; ASA, AHT (talk + wrap-up) in seconds; "
-                     "occ: voice agents' occupancy after the first 10% of the run")
+    sites.add_column("ovf out", justify="right")
+    sites.add_column("ovf in", justify="right")
+    sites.caption = ("calls count where they arrived, with the outcome they got where they were "
+                     "answered; SL by the arrival queue's own definition, wait from the arrival; "
+                     "ASA, AHT (talk + wrap-up) in seconds; occ: voice agents' occupancy after the "
+                     "first 10% of the run; ovf out/in: calls handed to / taken from other sites")
     queues = _table("KPIs per queue")
     queues.add_column("queue", no_wrap=True)
     queues.add_column("target", no_wrap=True)
@@ -256,7 +381,9 @@ def kpi_tables(kpis: dict[str, dict[str, QueueKpi]], occupancy: dict[str, float 
         return cells if rejected else cells[:3] + cells[4:]
 
     for site, per in kpis.items():
-        sites.add_row(site, *row(total(per.values(), site)), _pct(occupancy.get(site)))
+        f = flows.get(site)
+        sites.add_row(site, *row(total(per.values(), site)), _pct(occupancy.get(site)),
+                      str(f.out) if f else "-", str(f.in_) if f else "-")
         queues.add_row(f"[bold]{site}[/bold]")
         for name, k in per.items():
             if name == "(rejected)":
@@ -264,31 +391,48 @@ def kpi_tables(kpis: dict[str, dict[str, QueueKpi]], occupancy: dict[str, float 
             target = f"{_dur(k.threshold_s)} {100 * k.target:g}% {_SL_ABBR[k.abandons]}"
             queues.add_row(f" {name}", target, *row(k, rejected=False))
     all_k = total([total(per.values()) for per in kpis.values()])
-    sites.add_row("all", *row(all_k), "", style="bold")
+    moved = sum(f.out for f in flows.values())
+    sites.add_row("all", *row(all_k), "", str(moved) if flows else "", str(moved) if flows else "", style="bold")
     return Group(sites, "", queues)
 
 
-def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float,
-            scale: float, occupancy: dict[str, float | None]) -> dict:
-    def rnd(x: float | None, n: int = 4) -> float | None:
-        return None if x is None or math.isnan(x) else round(x, n)
+def _rnd(x: float | None, n: int = 4) -> float | None:
+    return None if x is None or math.isnan(x) else round(x, n)
 
+
+def service_level(kpis: dict[str, dict[str, QueueKpi]]) -> float | None:
+    """The overall service level of a run (each queue's own numerator and denominator)."""
+    return total([total(per.values()) for per in kpis.values()]).service_level
+
+
+def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float,
+            scale: float, occupancy: dict[str, float | None], flows: dict[str, Overflow] | None = None,
+            isolated: dict[str, dict[str, QueueKpi]] | None = None,
+            pooled: dict[str, dict[str, QueueKpi]] | None = None) -> dict:
+    flows = flows or {}
     sites = {}
     for site, per in kpis.items():
         k = total(per.values(), site)
+        f = flows.get(site, Overflow())
+        iso = total(isolated[site].values()).service_level if isolated and site in isolated else None
         sites[site] = {
             "offered": k.offered, "answered": k.answered, "abandoned": k.abandoned,
-            "rejected": k.rejected, "service_level": rnd(k.service_level),
-            "asa_s": rnd(k.asa_s, 2), "aht_s": rnd(k.aht_s, 2),
-            "abandon_rate": rnd(k.abandon_rate), "csat": rnd(k.csat, 3),
-            "occupancy": rnd(occupancy.get(site)),
+            "rejected": k.rejected, "service_level": _rnd(k.service_level),
+            "asa_s": _rnd(k.asa_s, 2), "aht_s": _rnd(k.aht_s, 2),
+            "abandon_rate": _rnd(k.abandon_rate), "csat": _rnd(k.csat, 3),
+            "occupancy": _rnd(occupancy.get(site)),
+            "overflow_out": f.out, "overflow_in": f.in_,
+            "isolated_service_level": _rnd(iso),
         }
     a = total([total(per.values()) for per in kpis.values()])
     return {
         "duration_s": round(duration_sim_s, 1),
         "offered": a.offered, "answered": a.answered, "abandoned": a.abandoned,
         "rejected": a.rejected, "lost": rec.lost, "duplicates": rec.duplicates,
-        "service_level": rnd(a.service_level), "asa_s": rnd(a.asa_s, 2),
+        "service_level": _rnd(a.service_level), "asa_s": _rnd(a.asa_s, 2),
+        "overflow": sum(f.out for f in flows.values()),
+        "isolated_service_level": _rnd(service_level(isolated)) if isolated else None,
+        "pooled_service_level": _rnd(service_level(pooled)) if pooled else None,
         "sites": sites, "time_scale": scale,
     }
 
@@ -296,8 +440,34 @@ def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_
 # --- the run --------------------------------------------------------------------------------
 
 
+class RunFailed(RuntimeError):
+    """A run's traffic could not be driven (an RPC, a node or etcd failed)."""
+
+
+@dataclass
+class RunResult:
+    """One run of the traffic: ``kind`` "cluster" | "isolated" | "pooled"."""
+
+    kind: str
+    gen: LoadGen
+    node_calls: dict[str, list]
+    rec: Reconciliation
+    kpis: dict[str, dict[str, QueueKpi]]
+    flows: dict[str, Overflow] = field(default_factory=dict)
+    occupancy: dict[str, float | None] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def service_level(self) -> float | None:
+        return service_level(self.kpis)
+
+    @property
+    def clean(self) -> bool:
+        return self.rec.lost == 0 and self.rec.duplicates == 0 and not self.gen.ledger.over_capacity
+
+
 async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Console | None,
-                       scale: float) -> None:
+                       scale: float, label: str) -> None:
     """GetStatus from every node twice a second (for the live view); without a live view,
     a plain progress line on ``log`` every 10 s."""
     last_line = time.monotonic()
@@ -308,16 +478,56 @@ async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Con
         if log is not None and gen.started_at and time.monotonic() - last_line >= 10:
             last_line = time.monotonic()
             sim_min = (time.time() - gen.started_at) * scale / 60
-            log.print(f"simulated {sim_min:.0f} min: " + "; ".join(
+            flows = _live_flows(gen, status) if label == "cluster" else {}
+            log.print(f"{label}, simulated {sim_min:.0f} min: " + "; ".join(
                 f"{site} offered {c.offered} answered {c.answered} abandoned {c.abandoned} "
-                f"waiting {c.waiting}" for site, c in gen.counters.items()), soft_wrap=True)
+                f"waiting {c.waiting}" + (f" overflow out {flows[site][0]} in {flows[site][1]}"
+                                          if site in flows else "")
+                for site, c in gen.counters.items()), soft_wrap=True)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
 
-async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: float, scale: float,
-                 seed: int, live_console: Console | None, log_console: Console) -> tuple:
-    streams = demo_streams(sites)
+async def _cluster_up(endpoints: tuple[str, ...], prefix: str, names: list[str], policy: Mapping,
+                      timeout: float = 20.0) -> None:
+    """Put the overflow policy into etcd and wait until every node is a member with its
+    load published (so the first calls already see their peers)."""
+    from router.coord import EtcdCoordinator, EtcdSettings
+
+    coord = EtcdCoordinator("demo", EtcdSettings(endpoints=endpoints, prefix=prefix, ttl_s=ETCD_TTL_S,
+                                                 op_timeout_s=2.0))
+    await coord.start()
+    try:
+        await coord.wait_ready(timeout)
+        await coord.put_policy(dict(policy))
+        deadline = time.monotonic() + timeout
+        while not (set(names) <= set(coord.members()) and set(names) <= set(coord.peer_loads())):
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the nodes did not join the cluster within {timeout:g} s "
+                                f"(members {sorted(coord.members())}, loads {sorted(coord.peer_loads())})")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # every node's watch has its peers by now
+    finally:
+        await coord.close()
+
+
+async def _settle(clients: dict[str, NodeClient], timeout: float = 15.0) -> None:
+    """Wait (bounded) until no node has a call in the middle of a transfer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = 0
+        for c in clients.values():
+            with contextlib.suppress(Exception):
+                st = await c.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=1.0)
+                busy += st.calls_by_state.get("transferring", 0)
+        if not busy:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
+                 streams: list[CallStream], duration: float, scale: float, seed: int,
+                 live_console: Console | None, log_console: Console) -> tuple:
     cfg = LoadGenConfig(
         addresses=addresses,
         streams=streams,
@@ -328,14 +538,14 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
         behaviour=BEHAVIOUR,
         callers=caller_pools(sites, streams, duration * scale),
         seed=seed,
-        drain_s=min(20.0, max(5.0, duration / 4)),
+        drain_s=min(20.0, max(5.0, duration / 6)),
         max_calls=200_000,
     )
     gen = LoadGen(cfg)
     status: dict = {}
     stop = asyncio.Event()
     poller = asyncio.create_task(
-        _poll_status(gen, status, stop, None if live_console else log_console, scale)
+        _poll_status(gen, status, stop, None if live_console else log_console, scale, kind)
     )
     t0 = time.time()
     try:
@@ -348,17 +558,96 @@ async def _drive(addresses: dict[str, str], sites: list[SiteConfig], duration: f
     finally:
         stop.set()
         await asyncio.gather(poller, return_exceptions=True)
-    log_console.print(f"traffic and drain took {time.time() - t0:.1f} s; reading the nodes' records")
     node_calls = {}
-    for site, addr in addresses.items():
-        client = NodeClient(site, addr)
-        try:
+    clients = {site: NodeClient(site, addr) for site, addr in listing.items()}
+    try:
+        await _settle(clients)
+        for site, client in clients.items():
             calls = await client.list_calls(timeout=10.0)
-        finally:
+            node_calls[site] = [c for c in calls if c.call_id.startswith(gen.run_id + "-")]
+    finally:
+        for client in clients.values():
             await client.close()
-        node_calls[site] = [c for c in calls if c.call_id.startswith(gen.run_id + "-")]
+    log_console.print(f"{kind}: traffic and drain took {time.time() - t0:.1f} s")
     rec = reconcile(gen.records.values(), node_calls, gen.ledger, gen.run_id)
     return gen, node_calls, rec
+
+
+def _node_logs(nodes: dict) -> str:
+    return "\n".join(f"--- {n.name} ({'running' if n.alive() else 'exited'}), {n.log_path}:\n{n.log_tail(10)}"
+                     for n in nodes.values())
+
+
+async def run_traffic(
+    kind: str,
+    sites: list[SiteConfig],
+    root: Path,
+    *,
+    load: Mapping[tuple[str, str], float] | None = None,
+    duration: float = DEMO_DURATION_S,
+    scale: float = DEMO_TIME_SCALE,
+    seed: int = 1,
+    etcd_endpoints: tuple[str, ...] = (),
+    etcd_prefix: str = ETCD_PREFIX,
+    policy: Mapping | None = None,
+    live_console: Console | None = None,
+    log_console: Console | None = None,
+) -> RunResult:
+    """One run of the traffic ``load`` on the example sites, data under ``root/kind``.
+
+    ``kind``: "cluster" (one node per site, joined through etcd at ``etcd_endpoints``
+    with ``policy``), "isolated" (one node per site, no etcd) or "pooled" (one node
+    serving every agent and queue: :func:`pooled_site`). The same ``seed`` plays the same
+    arrivals in every kind. Raises :class:`NodeStartError` or :class:`RunFailed`."""
+    log_console = log_console or _console(sys.stderr)
+    base = Path(root) / kind
+    streams = demo_streams(sites, load)
+    extra: list[str] = []
+    if kind == "pooled":
+        d = scaled_site(parse_site(pooled_site(sites), "<pooled>"), scale)
+        (base / "sites").mkdir(parents=True, exist_ok=True)
+        files = [base / "sites" / "pooled.yaml"]
+        files[0].write_text(yaml.safe_dump(d, sort_keys=False))
+    else:
+        files = write_scaled_sites(sites, base / "sites", scale)
+        if kind == "cluster":
+            if not etcd_endpoints:
+                raise ValueError("a cluster run needs etcd endpoints")
+            extra = ["--etcd", ",".join(etcd_endpoints), "--etcd-prefix", etcd_prefix,
+                     "--etcd-ttl", str(ETCD_TTL_S)]
+    running = {p.stem: load_site_file(p) for p in files}
+    with running_nodes(files, base / "nodes", extra_args=extra) as nodes:
+        if kind == "pooled":
+            addr = nodes["pooled"].address
+            addresses = {s.site.name: addr for s in sites}
+            listing = {"pooled": addr}
+        else:
+            addresses = listing = {name: n.address for name, n in nodes.items()}
+        log_console.print(f"{kind}: nodes " + ", ".join(f"{k} {n.address}" for k, n in nodes.items()))
+        try:
+            if kind == "cluster":
+                await _cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
+            t0 = time.time()
+            gen, node_calls, rec = await _drive(kind, addresses, listing, sites, streams, duration, scale,
+                                                seed, live_console, log_console)
+        except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
+            raise RunFailed(f"the {kind} run failed: {describe(e)}\n{_node_logs(nodes)}") from None
+        except RunFailed as e:
+            raise RunFailed(f"{e}\n{_node_logs(nodes)}") from None
+    by_site = {s.site.name: s for s in sites}
+    origin = {r.call_id: r.site for r in gen.records.values()} if kind == "pooled" else None
+    kpis = queue_kpis(node_calls, by_site, scale, origin_site=origin)
+    kpis = {s.site.name: kpis.get(s.site.name, {}) for s in sites}
+    t_a, t_b = gen.started_at, gen.arrivals_ended_at
+    occupancy = voice_occupancy(node_calls, running, t_a + 0.1 * (t_b - t_a), t_b)
+    flows = overflow_counts(node_calls) if kind == "cluster" else {}
+    return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0)
+
+
+def load_site_file(path: Path) -> SiteConfig:
+    from router.config import load_site
+
+    return load_site(path)
 
 
 def _interrupt(signum, frame) -> None:
@@ -372,13 +661,40 @@ def _console(file) -> Console:
     return c
 
 
+def gap_closed(cluster: float | None, isolated: float | None, pooled: float | None) -> float | None:
+    """How much of the service-level gap between isolated sites and perfect pooling the
+    cluster closes: (cluster - isolated) / (pooled - isolated); None when undefined."""
+    if cluster is None or isolated is None or pooled is None or pooled - isolated <= 1e-9:
+        return None
+    return (cluster - isolated) / (pooled - isolated)
+
+
+def _report(out: Console, res: RunResult) -> None:
+    rec, gen = res.rec, res.gen
+    out.print(
+        f"{res.kind} reconciliation: {rec.offered} calls offered by the generator, lost {rec.lost}, "
+        f"duplicates {rec.duplicates}, answered or ended at another site than offered "
+        f"{rec.transferred}, unfinished by the generator {rec.unfinished}, unknown {rec.unknown}; "
+        f"agent rejects {gen.ledger.rejects}, no-answers {gen.ledger.no_answers}; callers still "
+        f"waiting at the end {gen.totals().forced_abandons}"
+    )
+    over = len(gen.ledger.over_capacity)
+    if over:
+        out.print(f"[red]{res.kind}: {over} offers exceeded an agent's capacity on a channel[/red]")
+    for ex in rec.examples[:10]:
+        out.print(f"  {ex}", markup=False)
+    for e in gen.errors[:10]:
+        out.print(f"  generator: {e}", markup=False)
+
+
 def run_demo(
     sites_dir: Path,
-    duration: float = 60.0,
+    duration: float = DEMO_DURATION_S,
     data_dir: Path | None = None,
     json_out: bool = False,
     seed: int = 1,
     time_scale: float = DEMO_TIME_SCALE,
+    reference: bool = True,
 ) -> int:
     """Run the demo; returns the process exit code (see the module docstring)."""
     import uvloop
@@ -390,56 +706,68 @@ def run_demo(
         err.print(f"no site files (*.yaml) in {sites_dir}")
         return 2
     live = out if (out.is_terminal and not json_out) else None
+
+    async def main() -> tuple[RunResult, RunResult | None, RunResult | None]:
+        with etcd_server(root / "etcd") as etcd:
+            err.print(f"etcd at {etcd.endpoint} (data in {etcd.data_dir}); overflow policy under "
+                      f"{ETCD_PREFIX}policy/overflow")
+            cluster = await run_traffic("cluster", sites, root, duration=duration, scale=time_scale,
+                                        seed=seed, etcd_endpoints=etcd.endpoints, live_console=live,
+                                        log_console=err)
+        isolated = pooled = None
+        if reference:
+            err.print("reference runs on the same traffic: isolated sites (no overflow), then all "
+                      "agents pooled in one site")
+            isolated = await run_traffic("isolated", sites, root, duration=duration, scale=time_scale,
+                                         seed=seed, log_console=err)
+            pooled = await run_traffic("pooled", sites, root, duration=duration, scale=time_scale,
+                                       seed=seed, log_console=err)
+        return cluster, isolated, pooled
+
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tandem-demo-")))
         else:
             root = Path(data_dir)
             root.mkdir(parents=True, exist_ok=True)
-        files = write_scaled_sites(sites, root / "sites", time_scale)
-        scaled = {s.site.name: s for s in load_sites(root / "sites")}
-        err.print(f"starting {len(files)} nodes ({', '.join(s.site.name for s in sites)}); data in {root}")
+        n_runs = 3 if reference else 1
+        err.print(f"tandem demo: {len(sites)} sites ({', '.join(s.site.name for s in sites)}), "
+                  f"{n_runs} run(s) of {duration:g} s of traffic (x{time_scale:g}); data in {root}")
         # SIGTERM ends the demo like Ctrl-C: the nodes are stopped, the temp dir removed.
         stack.callback(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
         signal.signal(signal.SIGTERM, _interrupt)
         try:
-            with running_nodes(files, root / "nodes") as nodes:
-                addresses = {name: n.address for name, n in nodes.items()}
-                err.print("nodes: " + ", ".join(f"{k} {v}" for k, v in addresses.items()))
-                try:
-                    gen, node_calls, rec = uvloop.run(
-                        _drive(addresses, sites, duration, time_scale, seed, live, err)
-                    )
-                except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
-                    err.print(f"[red]the run failed:[/red] {describe(e)}")
-                    for n in nodes.values():
-                        err.print(f"--- {n.name} ({'running' if n.alive() else 'exited'}), "
-                                  f"{n.log_path}:\n{n.log_tail(10)}", markup=False)
-                    return 1
-        except NodeStartError as e:
-            err.print(f"[red]could not start the nodes:[/red] {e}")
+            cluster, isolated, pooled = uvloop.run(main())
+        except (NodeStartError, EtcdStartError) as e:
+            err.print(f"[red]could not start the cluster:[/red] {e}", markup=True)
             return 2
+        except RunFailed as e:
+            err.print("[red]the run failed:[/red]")
+            err.print(str(e), markup=False)
+            return 1
         except KeyboardInterrupt:
-            err.print("interrupted: nodes stopped")
+            err.print("interrupted: nodes and etcd stopped")
             return 130
-    kpis = queue_kpis(node_calls, {s.site.name: s for s in sites}, time_scale)
-    t0, t1 = gen.started_at, gen.arrivals_ended_at
-    occupancy = voice_occupancy(node_calls, scaled, t0 + 0.1 * (t1 - t0), t1)
-    out.print(kpi_tables(kpis, occupancy))
-    out.print(
-        f"reconciliation: {rec.offered} calls offered by the generator, lost {rec.lost}, "
-        f"duplicates {rec.duplicates}, unfinished by the generator {rec.unfinished}, "
-        f"unknown {rec.unknown}; agent rejects {gen.ledger.rejects}, no-answers "
-        f"{gen.ledger.no_answers}; callers still waiting at the end {gen.totals().forced_abandons}"
-    )
-    over = len(gen.ledger.over_capacity)
-    if over:
-        out.print(f"[red]{over} offers exceeded an agent's capacity on a channel[/red]")
-    for ex in rec.examples[:10]:
-        out.print(f"  {ex}")
-    for e in gen.errors[:10]:
-        out.print(f"  generator: {e}")
+    out.print(kpi_tables(cluster.kpis, cluster.occupancy, cluster.flows))
+    runs = [r for r in (cluster, isolated, pooled) if r is not None]
+    for r in runs:
+        _report(out, r)
+    if isolated is not None and pooled is not None:
+        gap = gap_closed(cluster.service_level, isolated.service_level, pooled.service_level)
+        out.print(
+            f"service level on the same traffic: cluster {_pct(cluster.service_level, 1)}, isolated sites "
+            f"{_pct(isolated.service_level, 1)}, all agents pooled {_pct(pooled.service_level, 1)}"
+            + (f" — the cluster closes {_pct(gap)} of the gap" if gap is not None else "")
+        )
+        out.print("  per site, cluster vs isolated: " + ", ".join(
+            f"{s} {_pct(total(cluster.kpis[s].values()).service_level)} vs "
+            f"{_pct(total(isolated.kpis.get(s, {}).values()).service_level)}" for s in cluster.kpis))
     if json_out:
-        sys.stdout.write(json.dumps(summary(kpis, rec, duration * time_scale, time_scale, occupancy)) + "\n")
+        doc = summary(cluster.kpis, cluster.rec, duration * time_scale, time_scale, cluster.occupancy,
+                      cluster.flows, isolated.kpis if isolated else None, pooled.kpis if pooled else None)
+        if any(not r.clean for r in runs[1:]):
+            doc["reference_lost"] = sum(r.rec.lost for r in runs[1:])
+            doc["reference_duplicates"] = sum(r.rec.duplicates for r in runs[1:])
+        sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
-    return 0 if rec.lost == 0 and rec.duplicates == 0 and not over else 1
+    return 0 if all(r.clean for r in runs) else 1

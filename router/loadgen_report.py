@@ -167,7 +167,7 @@ def reconcile(
                    + (f" (copies: {[s for s, _ in o.copies]})" if o else ""))
             continue
         call = o.call
-        if o.site != rec.site:
+        if o.site != rec.site and rec.site in node_calls:
             r.transferred += 1
         if rec.outcome in _STATE_OF_OUTCOME:
             if call.state != _STATE_OF_OUTCOME[rec.outcome]:
