@@ -33,6 +33,9 @@ Routing (see :mod:`router.policy` for the rules):
   (waited = ended_at - queued_at), for ``routing.service_level_window_s``.
 * Repeat callers: the last ``screen_pop_history + 1`` contacts of each non-empty
   caller within ``repeat_window_h`` are remembered (0 h: no memory, no repeat class).
+  An offer may carry ``history_repeat: true`` (the node found a contact within the
+  window in the interaction history): the call then counts as a repeat caller too.
+  It is not part of the offer's identity (a retry without it is the same offer).
 * ``set_state`` to the current state is a no-op (changed False): ready again,
   not_ready with the same reason, wrap_up again (the running wrap-up keeps its end).
 
@@ -164,6 +167,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
     def _op_offer(self, cmd: dict, now: float) -> Outcome:
         fields = v.offer(cmd)
         cid, channel, skill, language, caller, customer, declared, ctx = fields
+        from_history = v.history_repeat(cmd)
         call = self._calls.get(cid)
         if call is not None:
             if fields == (
@@ -185,7 +189,8 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
                 + (f" in {language!r}" if language else ""),
                 skill=skill, channel=channel, language=language,
             )  # fmt: skip
-        klass = policy.classify(caller, customer, declared, self._lists, self._recent(caller, now))
+        recent = from_history or self._recent(caller, now)
+        klass = policy.classify(caller, customer, declared, self._lists, recent)
         if klass == "blacklist":
             # Restricted only on the queue's own channel; anything else is rejected.
             r = self._restricted

@@ -203,6 +203,17 @@ def offer(cmd: dict) -> tuple[str, str, str, str, str, str, str, dict]:
     return cid, ch, skill, lang, caller, customer, pc, context(cmd.get("context"))
 
 
+def history_repeat(cmd: dict) -> bool:
+    """The offer's optional ``history_repeat`` flag: the node found a contact of the
+    caller within the repeat window in the history (journaled: replays need no history)."""
+    hr = cmd.get("history_repeat")
+    if hr is None:
+        return False
+    if not isinstance(hr, bool):
+        raise invalid("INVALID_FIELD", "history_repeat must be a boolean", field="history_repeat")
+    return hr
+
+
 def complete(cmd: dict) -> tuple[str, bool, int, str]:
     """(call_id, resolved, csat, wrap_up_code)"""
     cid = call_id(cmd)

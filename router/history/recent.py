@@ -61,6 +61,7 @@ class RecentContacts:
         cooldown_s: float = 5.0,
         max_entries: int = 100_000,
         max_inflight: int = 4,
+        trip_on_timeout: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -71,6 +72,11 @@ class RecentContacts:
         self.cooldown_s = cooldown_s
         self.max_entries = max_entries
         self.max_inflight = max_inflight
+        # False: a look-up that outwaits timeout_s returns [] but leaves the store in
+        # service (its query goes on and fills the cache); only a failed query trips
+        # the cool-down, and at most max_inflight queries wait on a hung store. For a
+        # short timeout (the node's 20 ms) that a healthy but busy store may miss.
+        self.trip_on_timeout = trip_on_timeout
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, list[PastContact]]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -115,10 +121,18 @@ class RecentContacts:
             # shield: a timed-out waiter must not cancel the fetch others may share
             return list(await asyncio.wait_for(asyncio.shield(fut), self.timeout_s))
         except asyncio.TimeoutError:
-            self._trip(f"no answer within {self.timeout_s} s")
+            if self.trip_on_timeout:
+                self._trip(f"no answer within {self.timeout_s} s")
+            else:
+                self.degraded += 1
             return []
         except Exception:  # StoreError or worse: routing goes on without history
             return []  # (_fetched has tripped the breaker)
+
+    def cached(self, caller: str) -> list[PastContact] | None:
+        """The cached contacts, fresh or stale (None when unknown); no I/O, no refresh."""
+        entry = self._cache.get(caller)
+        return list(entry[1]) if entry is not None else None
 
     # --- writes --------------------------------------------------------------------------
 

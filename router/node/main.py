@@ -5,7 +5,9 @@ serves (tools and tests parse the port from it).
 
 Environment: ``TANDEM_DRAIN_S`` (seconds of drain after SIGTERM, default 2),
 ``TANDEM_METRICS_PORT`` (serve Prometheus metrics on 127.0.0.1:PORT),
-``TANDEM_LOG_LEVEL`` (default INFO). With etcd endpoints (``--etcd`` or
+``TANDEM_LOG_LEVEL`` (default INFO), ``TANDEM_HISTORY`` (= ``--history``: off,
+embedded or a clickhouse:// URL; see :mod:`router.node.history_link`) and
+``TANDEM_HISTORY_LOOKUP_MS`` (the repeat-caller look-up's bound, default 20). With etcd endpoints (``--etcd`` or
 ``TANDEM_ETCD_ENDPOINTS``) the node joins the cluster (:mod:`router.node.cluster`):
 it registers, publishes its load and overflows queued calls; etcd being down never
 delays its start nor its routing. Exit codes: 0 after a clean shutdown,
@@ -48,7 +50,8 @@ def _host_of(address: str) -> str:
 
 
 async def serve(
-    site, data_dir: Path, listen: str, sync: str, drain_s: float, etcd=None, advertise: str | None = None
+    site, data_dir: Path, listen: str, sync: str, drain_s: float, etcd=None, advertise: str | None = None,
+    history: str = "off",
 ) -> int:
     from router.node.server import RecoveryError, build_node
 
@@ -60,6 +63,16 @@ async def serve(
     except Exception as e:  # noqa: BLE001 - e.g. JournalError: data dir in use, JournalCorrupt
         print(f"tandem node {site.site.name}: cannot start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    link = None
+    if history != "off":
+        from router.node.history_link import HistoryLink
+
+        try:
+            link = HistoryLink.open(node, history, data_dir)
+        except Exception as e:  # noqa: BLE001 - e.g. chdb path in use, bad URL
+            print(f"tandem node {site.site.name}: history: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            await node.stop(grace=0)
+            return 1
     tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -78,6 +91,8 @@ async def serve(
         cluster = ClusterLink(node, etcd, advertise=advertise or advertised_address(listen, port))
         await cluster.start()
         node.cluster = cluster
+        if link is not None:
+            link.attach_cluster(cluster)
     print(f"tandem node {site.site.name} listening on {_host_of(listen)}:{port}", flush=True)
 
     stopper = asyncio.create_task(stop.wait())
@@ -91,6 +106,8 @@ async def serve(
     await node.wait_stopped()
     if cluster is not None:
         await cluster.close()
+    if link is not None:
+        await link.aclose()
     stopper.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
@@ -102,7 +119,7 @@ async def serve(
 
 def run_node(
     site_path, data_dir, listen: str | None = None, sync: str = "fdatasync", *,
-    etcd: dict | None = None, advertise: str | None = None,
+    etcd: dict | None = None, advertise: str | None = None, history: str | None = "off",
 ) -> int:
     """Load the site file and serve until a signal. Returns the process exit code.
 
@@ -134,8 +151,15 @@ def run_node(
         except ValidationError as e:
             print(f"bad etcd options: {e}", file=sys.stderr, flush=True)
             return 2
+    from router.node.history_link import history_spec
+
+    try:
+        history = history_spec(history)
+    except ValueError as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 2
     drain_s = float(os.environ.get("TANDEM_DRAIN_S", "2.0"))
     address = listen or site.site.listen
     import uvloop
 
-    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise))
+    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise, history))

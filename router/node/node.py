@@ -102,6 +102,7 @@ class Node:
         # Call messages built by the last submit (for its assignments), as the step left
         # the calls: the caller may reuse them for its reply instead of building again.
         self.step_calls: dict[str, Any] = {}
+        self.history: Any = None  # router.node.history_link.HistoryLink, set by main
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
         self._compaction: asyncio.Task | None = None
@@ -174,6 +175,8 @@ class Node:
         except Exception:  # noqa: BLE001 - streams resync on reconnect; the state is safe
             log.exception("building stream messages for %r failed", cmd)
             deliveries = []
+        if self.history is not None and outcome.changed:  # rows follow the journal ack
+            self.history.capture(records, effects, outcome.result, deliveries)
         if fut is not None:
             self._pending.append((fut, deliveries, self._last_apply))
             fut.add_done_callback(self._on_durable)
@@ -356,10 +359,13 @@ class Node:
 
     def assignment_msg(self, assignment_id: str, call_id: str, connected: bool = False) -> agents_pb2.Assignment:
         call = self.engine.call(call_id)
+        pop = self.engine.screen_pop(call_id)
+        if self.history is not None:  # merged with the caller's contacts in the history
+            pop = self.history.screen_pop(call, pop)
         return agents_pb2.Assignment(
             assignment_id=assignment_id,
             call=convert.call_msg(call),
-            screen_pop=convert.screen_pop_msg(call, self.engine.screen_pop(call_id)),
+            screen_pop=convert.screen_pop_msg(call, pop),
             offer_timeout_s=self.site.routing.offer_timeout_s,
             connected=connected,
         )

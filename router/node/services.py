@@ -58,7 +58,11 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     async def OfferCall(self, request, context):
         _draining(self.node)
         node = self.node
-        outcome, fut = node.submit(convert.offer_cmd(request, node.now()))
+        cmd = convert.offer_cmd(request, 0.0)
+        if node.history is not None:  # repeat caller from the history: bounded, never raises
+            await node.history.prepare_offer(cmd)
+        cmd["t"] = node.now()
+        outcome, fut = node.submit(cmd)
         res = outcome.result
         # The call as this step left it (connected already if an auto-answer agent took
         # it); the assignment's message has it built when the call went to an agent.
