@@ -15,6 +15,8 @@ import logging
 import math
 import time
 
+import grpc
+
 from router.model import RoutingError
 from router.node import convert
 from router.node.errors import Malformed, abort, guard, malformed_error
@@ -198,7 +200,7 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         if first.WhichOneof("kind") != "hello" or not first.hello.agent_id:
             await abort(context, "INVALID_ARGUMENT", "MISSING_FIELD", "the first message must be a hello with agent_id", field="hello.agent_id")
         stream = await node.open_agent_stream(first.hello.agent_id, first.hello.auto_answer)
-        reader = asyncio.create_task(self._read(requests, stream))
+        reader = asyncio.create_task(self._read(context, stream))
         try:
             while True:
                 msg = await stream.queue.get()
@@ -211,12 +213,17 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
             reader.cancel()
             node.close_agent_stream(stream)
 
-    async def _read(self, requests, stream) -> None:
+    async def _read(self, context, stream) -> None:
         """Accept / Reject / Complete from the agent. When the agent closes its side (or
-        the transport fails), the stream ends."""
+        the transport fails), the stream ends. Reads with ``context.read()`` (the request
+        iterator only wraps it in an async generator)."""
         node = self.node
+        read = context.read
         try:
-            async for msg in requests:
+            while True:
+                msg = await read()
+                if msg is grpc.aio.EOF:
+                    break
                 kind = msg.WhichOneof("kind")
                 if kind == "complete":
                     node.agent_complete(stream, convert.stream_complete_cmd(msg.complete))

@@ -9,9 +9,53 @@ stream with ABORTED SLOW_CONSUMER rather than growing without bound.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 from router.v1 import agents_pb2
+
+
+class Outbox:
+    """A FIFO with one consumer (the stream's handler): the part of asyncio.Queue the
+    streams use (put_nowait, get, get_nowait, empty, qsize), without its bookkeeping
+    (unfinished-task counts, a getter list, a loop look-up per blocking get). Created on
+    the loop's thread."""
+
+    __slots__ = ("_items", "_waiter", "_loop")
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
 
 
 class _Subscriber:
@@ -20,7 +64,7 @@ class _Subscriber:
     max_backlog = 10_000
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = Outbox()
         self.closed = False
         self.end: tuple[str, str, str] | None = None  # (code, reason, message)
 
