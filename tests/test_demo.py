@@ -177,7 +177,7 @@ def test_demo_json(tmp_path):
     assert s["offered"] > 0 and s["answered"] > 0
     assert s["offered"] == s["answered"] + s["abandoned"] + s["rejected"]
     assert 0 <= s["service_level"] <= 1 and s["asa_s"] >= 0
-    assert s["duration_s"] == pytest.approx(15 * s["time_scale"])
+    assert s["duration_s"] == pytest.approx(12 * s["time_scale"])
     assert set(s["sites"]) == {"lyon", "montreal", "callpro"}
     for key in ("offered", "answered", "abandoned", "rejected"):
         assert sum(site[key] for site in s["sites"].values()) == s[key], key
