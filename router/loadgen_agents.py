@@ -300,6 +300,14 @@ class SimAgent:
                 log.warning("%s: stream ended: %s", self.agent_id, describe(e))
         except asyncio.CancelledError:
             pass
+        finally:
+            # The node's contract (agents.proto, Connect): when the stream ends, the
+            # agent's ringing offers go back to the queue. No AssignmentCancelled can
+            # reach a closed stream, so the ledger withdraws them here; otherwise the
+            # next offer of such a call to another agent looks like a double assignment.
+            for call_id in list(self.ledger.in_hand.get(self.agent_id, {})):
+                if call_id not in self._talking:
+                    self.ledger.withdrawn(self.agent_id, call_id)
 
     def _on_state(self, agent: agents_pb2.Agent) -> None:
         self.state, self.reason = agent.state, agent.reason
