@@ -46,6 +46,9 @@ bench: build
 	$(PY) bench/queue_core.py --json
 	$(PY) bench/journal.py --json
 	$(PY) bench/route.py --json
+	$(PY) bench/failover.py --json
+	$(PY) bench/overflow.py --json
+	$(PY) bench/history.py --json
 
 clean:
 	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV)
