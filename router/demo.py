@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -615,6 +616,10 @@ async def run_traffic(
                 raise ValueError("a cluster run needs etcd endpoints")
             extra = ["--etcd", ",".join(etcd_endpoints), "--etcd-prefix", etcd_prefix,
                      "--etcd-ttl", str(ETCD_TTL_S)]
+    # The cluster run fills the history (each node: chdb in its data dir, read merged by
+    # `tandem report kpi --data-dir DIR`; TANDEM_HISTORY=URL or off overrides); the
+    # reference runs replay the same call ids and must not touch it.
+    extra += ["--history", os.environ.get("TANDEM_HISTORY", "embedded") if kind == "cluster" else "off"]
     running = {p.stem: load_site_file(p) for p in files}
     with running_nodes(files, base / "nodes", extra_args=extra) as nodes:
         if kind == "pooled":

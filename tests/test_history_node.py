@@ -269,3 +269,33 @@ def test_embedded_history_read_back_by_the_report(tmp_path):
     (row,) = json.loads(r.stdout)["rows"]
     assert (row["offered"], row["answered"], row["abandoned"], row["rejected"]) == (
         30, expected["completed"], expected.get("abandoned", 0), 1)
+
+
+def test_report_reads_several_node_histories_merged(tmp_path):
+    """`tandem report kpi --data-dir DIR` over a directory of node dirs (the demo's
+    layout: DIR/cluster/nodes/<site>/history), one chdb history per node."""
+    import yaml
+
+    root = tmp_path / "demo"
+    site_a = write_site(tmp_path / "a.yaml")
+    d = yaml.safe_load(site_a.read_text())
+    d["site"]["name"] = "othersite"
+    site_b = tmp_path / "b.yaml"
+    site_b.write_text(yaml.safe_dump(d))
+    (root / "cluster" / "sites").mkdir(parents=True)
+    (root / "cluster" / "sites" / "a.yaml").write_text(site_a.read_text())
+    env = history_env("embedded")
+    with node_process(site_a, root / "cluster" / "nodes" / "testsite", env=env) as a, \
+            node_process(site_b, root / "cluster" / "nodes" / "othersite", env=env) as b:
+        asyncio.run(traffic(a.address, 12, "a"))
+        asyncio.run(traffic(b.address, 8, "b"))
+        # while the nodes run, their histories are locked: a clear error
+        r = cli("report", "kpi", "--data-dir", str(root), "--by", "site", "--json")
+        assert r.returncode != 0 and "still running" in r.stderr
+        assert a.terminate() == 0 and b.terminate() == 0
+    r = cli("report", "kpi", "--data-dir", str(root), "--by", "site", "--json")
+    assert r.returncode == 0, r.stderr
+    got = {row["group"]["site"]: (row["offered"], row["rejected"]) for row in json.loads(r.stdout)["rows"]}
+    assert got == {"othersite": (8, 1), "testsite": (12, 1)}
+    r = cli("history", "status", "--data-dir", str(root), "--json")
+    assert json.loads(r.stdout)["rows"]["interactions"] == 20

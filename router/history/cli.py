@@ -1,8 +1,9 @@
 """``tandem history …`` and ``tandem report …`` (registered by :func:`register`).
 
 Every command takes the history as ``--clickhouse URL`` (``clickhouse://host:9000/db``)
-or ``--data-dir DIR`` (the embedded chdb history of a node or the demo, kept in
-``DIR/history``). Heavy modules are imported inside the commands so ``tandem --help``
+or ``--data-dir DIR`` (the embedded chdb history of a node, kept in ``DIR/history``; when
+there is none, the node histories below ``DIR`` — e.g. ``tandem demo --data-dir DIR``'s,
+one per node — are read merged, see :mod:`router.history.merge`). Heavy modules are imported inside the commands so ``tandem --help``
 stays fast.
 """
 
@@ -25,7 +26,8 @@ report_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="Reports from the history: KPIs and chargeback.")
 
 _CLICKHOUSE = typer.Option(None, "--clickhouse", help="clickhouse://host:port/database")
-_DATA_DIR = typer.Option(None, "--data-dir", help="data dir whose history/ holds the embedded (chdb) history")
+_DATA_DIR = typer.Option(None, "--data-dir", help="data dir whose history/ holds the embedded (chdb) history; "
+                         "without one, the node histories below it (e.g. a demo's) are read merged")
 
 
 def register(app: typer.Typer) -> None:
@@ -44,12 +46,30 @@ def _open(clickhouse: Optional[str], data_dir: Optional[Path], *, create: bool =
     if bool(clickhouse) == bool(data_dir):
         _fail("give exactly one of --clickhouse URL or --data-dir DIR")
     if data_dir and not create and not history_path(data_dir).is_dir():
-        _fail(f"no history in {data_dir} (expected {history_path(data_dir)}/; "
-              f"`tandem history migrate --data-dir {data_dir}` creates an empty one)")
+        from router.history.merge import merged_store, node_histories
+
+        found = node_histories(data_dir)  # e.g. the demo's nodes, one history each
+        if not found:
+            _fail(f"no history in {data_dir} (expected {history_path(data_dir)}/ or node histories "
+                  f"below it; `tandem history migrate --data-dir {data_dir}` creates an empty one)")
+        try:
+            return merged_store(found)
+        except (StoreError, OSError) as e:
+            _fail(str(e))
     try:
         return open_store(clickhouse) if clickhouse else open_store(history_path(data_dir))
     except (StoreError, ValueError) as e:
         _fail(str(e))
+
+
+def default_sites(data_dir: Optional[Path]) -> Path:
+    """The site files a data dir keeps (``DIR/sites`` or ``DIR/*/sites``: the demo writes
+    its time-scaled copies there), else ``./sites``."""
+    if data_dir is not None:
+        for cand in [Path(data_dir) / "sites", *sorted(Path(data_dir).glob("*/sites"))]:
+            if cand.is_dir() and any(cand.glob("*.yaml")):
+                return cand
+    return Path("sites")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -192,7 +212,9 @@ def report_kpi(
     interval: Optional[str] = typer.Option(None, "--interval", help="bucket length, e.g. 15m, 1h"),
     start: Optional[str] = typer.Option(None, "--from", help="offered at or after (ISO UTC or Unix s)"),
     end: Optional[str] = typer.Option(None, "--to", help="offered before (ISO UTC or Unix s)"),
-    sites: Path = typer.Option(Path("sites"), "--sites", help="site files with each queue's service-level definition"),
+    sites: Optional[Path] = typer.Option(
+        None, "--sites", help="site files with each queue's service-level definition (default: the site "
+        "files kept in --data-dir, e.g. the demo's scaled copies, else ./sites)"),
     fcr_days: float = typer.Option(7.0, "--fcr-days", help="FCR: no repeat contact for the same skill within N days"),
     json_out: bool = typer.Option(False, "--json", help="one JSON document instead of a table"),
 ) -> None:
@@ -202,6 +224,8 @@ def report_kpi(
     from router.history.store import StoreError
 
     dims = tuple(d.strip() for d in by.split(",") if d.strip())
+    if sites is None:
+        sites = default_sites(data_dir)
     defs = {}
     if sites.is_dir():
         try:
