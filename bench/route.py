@@ -2,27 +2,43 @@
 
 One ``tandem node`` process serves a bench site made in code (one voice queue, wrap-up
 0, ``--agents`` agents, a queue long enough for every bounded offer). A separate process
-plays the agents (:class:`router.loadgen_agents.SimAgent`: accept at once, complete at
-once), draining the queue while this process runs closed-loop clients: ``c`` coroutines
+plays the agents (:class:`router.loadgen_agents.SimAgent`, talk time 0), draining the
+queue while this process runs closed-loop clients: ``c`` coroutines
 that each offer a call (``Routing.OfferCall``, a fresh call id and caller each time) as
 soon as the previous one returned. Then, on the same server at the same concurrency,
 the same clients call ``Diagnostics.Echo`` (a 64-byte payload): the transport's ceiling
 with no routing work.
 
+The agents speak the cheapest protocol the node offers (``--protocol auto``, the
+default): auto answer declared in their hello — the node connects each call in the
+same journaled step that assigns it and pushes one Assignment marked connected — and
+``Complete`` on their Connect stream, answered there by a ``CommandResult`` once
+durable. Per routed call the node then handles one unary RPC (OfferCall) and three
+stream messages (Assignment out, Complete in, CommandResult out) and journals two
+steps (offer + accept, complete). ``--protocol classic`` measures the older path:
+Assignment, Accept, Connected on the stream and a unary ``CompleteCall``.
+
 For each concurrency (1, 16, 64) and each of ``--runs`` runs: a warm-up, a routing
 phase and an echo phase, each bounded by ``--calls`` calls and ``--seconds`` seconds;
-between runs the agents drain the queue (bounded). Printed per concurrency (``--json``:
+between phases the agents drain the queue (bounded) and the node gets ``--settle``
+seconds of quiet (its journal compaction runs in quiet moments and would otherwise
+stall the next phase — usually an echo phase). Printed per concurrency (``--json``:
 one JSON line each) — medians over the runs:
 
     {"concurrency", "route_calls_per_s", "echo_calls_per_s", "ratio", "p50_ms", "p99_ms",
-     "drained_calls_per_s", "node_cpu_route", "node_cpu_echo"}
+     "drained_calls_per_s", "node_cpu_route", "node_cpu_echo", "node_cpu_ms_per_call",
+     "node_cpu_ms_per_echo"}
 
 ``ratio`` = route / echo throughput (median of the per-run ratios); p50/p99 are OfferCall
 latencies; ``drained_calls_per_s`` is how fast the agents completed calls during the
-routing phase; ``node_cpu_*`` the node process's CPU use in each phase (1.0 = one core:
-on a 2-core machine the node, the clients and the agents share two cores while routing,
-only the node and the clients while echoing). At the end every call offered must be COMPLETED on the node exactly once
-(checked with Admin.ListCalls and the agents' ledger); otherwise the exit code is 1.
+routing phase; ``node_cpu_ms_per_call`` / ``_per_echo`` the node's CPU time per routed
+call / per echo (steadier than the rates on a shared machine: a node that does not get
+its core shows it in the rates, much less in these); ``node_cpu_*`` the node process's
+CPU use in each phase (1.0 = one core: on a 2-core machine the node, the clients and
+the agents share two cores while routing, only the node and the clients while
+echoing). At the end every call offered must be
+COMPLETED on the node exactly once (checked with Admin.ListCalls and the agents'
+ledger); otherwise the exit code is 1.
 """
 
 from __future__ import annotations
@@ -208,6 +224,7 @@ async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], i
         await closed_loop(c, echo, max(50, c * 20), 0.5)
         for _ in range(args.runs):
             await wait_drained(client, args.drain_timeout)
+            await asyncio.sleep(args.settle)
             done0 = await completed_count(client)
             t0 = time.perf_counter()
             meter.start()
@@ -216,6 +233,7 @@ async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], i
             done1 = await completed_count(client)
             drained = (done1 - done0) / (time.perf_counter() - t0)
             await wait_drained(client, args.drain_timeout)
+            await asyncio.sleep(args.settle)
             meter.start()
             echo_rate, _ = await closed_loop(c, echo, args.calls, args.seconds)
             cpu_echo = meter.stop()
@@ -223,6 +241,8 @@ async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], i
                 "route": route_rate, "echo": echo_rate, "ratio": route_rate / echo_rate,
                 "p50": pct(lat, 0.50) * 1000, "p99": pct(lat, 0.99) * 1000, "drained": drained,
                 "node_cpu_route": cpu_route["node"], "node_cpu_echo": cpu_echo["node"],
+                "node_ms_route": cpu_route["node"] / route_rate * 1000,
+                "node_ms_echo": cpu_echo["node"] / echo_rate * 1000,
                 "cpu_route": cpu_route, "cpu_echo": cpu_echo,
             })
         med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
@@ -236,6 +256,8 @@ async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], i
             "drained_calls_per_s": round(med("drained"), 1),
             "node_cpu_route": round(med("node_cpu_route"), 2),
             "node_cpu_echo": round(med("node_cpu_echo"), 2),
+            "node_cpu_ms_per_call": round(med("node_ms_route"), 3),
+            "node_cpu_ms_per_echo": round(med("node_ms_echo"), 3),
         })
         for r in runs:
             cpu = lambda d: " ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
@@ -275,6 +297,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="max seconds per phase")
     p.add_argument("--agents", type=int, default=100)
     p.add_argument("--drain-timeout", type=float, default=20.0)
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds of quiet before each phase: the node compacts its journal "
+                        "in quiet moments (a snapshot holds its loop ~13 ms per 1000 retained "
+                        "calls), which must not land in the next phase")
     p.add_argument("--sync", default="fdatasync", help="the node's journal sync mode")
     p.add_argument("--protocol", choices=("auto", "classic"), default="auto",
                    help="the agents' protocol: auto answer + Complete on the stream (default), "
