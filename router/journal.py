@@ -385,12 +385,15 @@ class Journal:
         self._enqueue(self._next_seq - 1, _BARRIER, barrier)
         await barrier
 
-    async def compact(self, snapshot: dict) -> None:
+    async def compact(self, snapshot: dict, *, handed_over: dict[str, list] | None = None) -> None:
         """Make `snapshot` the new recovery base and drop what it covers.
 
         snapshot must reflect every record appended (not necessarily durable) before this
         call; it is serialized before compact() first yields, so the caller may go on
-        changing its state and appending. Waits until those records are durable and a new
+        changing its state and appending. `handed_over`: more top-level entries of the
+        state, as lists that the caller will never change again (nor anything in them):
+        they are serialized in the compaction thread a slice at a time, so a large state
+        holds the event loop (and the GIL) for milliseconds, not for its whole encoding. Waits until those records are durable and a new
         segment has started, then writes the snapshot atomically (tmp file, fsync, rename,
         fsync dir) in a separate thread, so appends go on meanwhile, and deletes segments
         and snapshots made obsolete. Safe against SIGKILL at any point: recovery afterwards
@@ -401,7 +404,11 @@ class Journal:
         """
         self._check_usable()
         seq = self._next_seq - 1
-        data = _dumps({"seq": seq, "state": snapshot})
+        data: Any = _dumps({"seq": seq, "state": snapshot})
+        if handed_over:
+            if any(k in snapshot or not isinstance(k, str) for k in handed_over):
+                raise ValueError("handed_over keys must be strings not in snapshot")
+            data = (data, bool(snapshot), dict(handed_over))
         rotated = self._start().create_future()
         self._enqueue(seq + 1, _ROTATE, rotated)
         async with self._compact_lock:
@@ -569,8 +576,10 @@ class Journal:
             _fsync_dir(self._dir)    # the file must exist after a crash before we ack into it
         self._step("rotated")
 
-    def _write_snapshot(self, seq: int, data: bytes) -> None:
+    def _write_snapshot(self, seq: int, data: Any) -> None:
         """Compaction thread: atomic snapshot write, then delete what it made obsolete."""
+        if isinstance(data, tuple):
+            data = _join_handed_over(*data)
         final = self._dir / _snapshot_name(seq)
         tmp = final.with_name(final.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -597,6 +606,30 @@ class Journal:
     def _step(self, name: str) -> None:
         if self._probe is not None:
             self._probe(name)
+
+
+# Items of a handed-over list encoded per slice: ≈ 2–3 ms of C encoding for call rows,
+# after which the loop thread can take the GIL back.
+_SLICE = 256
+
+
+def _join_handed_over(head: bytes, nonempty: bool, lists: dict[str, list]) -> bytes:
+    """The snapshot document: `head` ({"seq":S,"state":{...}}) with the handed-over lists
+    added to "state", each encoded a slice at a time (compaction thread)."""
+    out = bytearray(head[:-2])  # without the closing "}}"
+    sep = b"," if nonempty else b""
+    for key, items in lists.items():
+        out += sep + _dumps(key) + b":["
+        sep = b","
+        first = True
+        for i in range(0, len(items), _SLICE):
+            if not first:
+                out += b","
+            out += _dumps(items[i:i + _SLICE])[1:-1]
+            first = False
+        out += b"]"
+    out += b"}}"
+    return bytes(out)
 
 
 def _fsync_dir(path: Path) -> None:

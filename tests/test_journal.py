@@ -297,6 +297,26 @@ async def test_missing_segment_is_a_hard_error(tmp_path):
 
 # ---------------------------------------------------------------- snapshots
 
+async def test_compaction_with_handed_over_lists(tmp_path):
+    """Lists handed over are encoded in the compaction thread, a slice at a time, and
+    land in the same snapshot document."""
+    j = Journal.open(tmp_path)
+    recs = [{"i": i} for i in range(5)]
+    await asyncio.gather(*(j.append(r) for r in recs))
+    rows = [[i, f"call-{i}", {"ivr_path": ["1"], "attributes": {"k": "é"}}] for i in range(1000)]
+    with pytest.raises(ValueError):
+        await j.compact({"calls": 1}, handed_over={"calls": rows})
+    await j.compact({"queues": {"q": [1, 2]}}, handed_over={"calls": rows, "empty": []})
+    await j.close()
+    snap, tail = await reopen(tmp_path)
+    assert snap == {"queues": {"q": [1, 2]}, "calls": rows, "empty": []} and tail == []
+    j = Journal.open(tmp_path)
+    j.recover()
+    await j.compact({}, handed_over={"calls": rows[:3]})
+    await j.close()
+    assert (await reopen(tmp_path))[0] == {"calls": rows[:3]}
+
+
 async def test_compaction_and_recovery(tmp_path):
     j = Journal.open(tmp_path)
     recs = [{"i": i} for i in range(30)]
