@@ -205,6 +205,7 @@ class Node:
             if not out.changed:
                 continue
             records.append(accept)
+            self._count("accept", "changed")
             if answered is None:
                 answered = set()
                 effects = list(effects)
