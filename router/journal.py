@@ -490,8 +490,10 @@ class Journal:
         items, self._pending = self._pending, []
         if items and self._failure is None:
             self._handoff.put(items)
-        else:
-            self._busy = False
+            return
+        self._busy = False
+        if items:  # appends are refused once failed; be safe all the same
+            self._fail(items, self._failure)
 
     def _written(self, items: list, exc: BaseException | None) -> None:
         """Loop thread: the writer thread finished ``items`` (``exc``: it failed)."""
