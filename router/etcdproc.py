@@ -8,8 +8,8 @@ and fsync is slow on small VMs). It waits until ``/health`` answers, yields the
 
 The server is started through :func:`router.nodeproc.pdeathsig_argv` (it gets SIGTERM
 if the process that started it dies) and in its own session (a Ctrl-C in the terminal
-reaches the demo, which stops it in order). ``tests/etcd_fixtures.py`` has the tests'
-version of the same thing (TLS, pause/resume).
+reaches the demo, which stops it in order). ``tests/etcd_fixtures.py`` extends it for
+the tests (pause/resume, etcdctl).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -49,7 +50,11 @@ def free_port() -> int:
 class EtcdServer:
     """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        """``tls``: {"ca", "server_cert", "server_key", "client_cert", "client_key"} paths;
+        clients then need https and a client certificate."""
+        self.tls = tls
         self.binary = etcd_binary()
         if not (os.path.exists(self.binary) and os.access(self.binary, os.X_OK)):
             raise EtcdStartError(
@@ -71,9 +76,13 @@ class EtcdServer:
         return (self.endpoint,)
 
     def _args(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        return [
+        tls = []
+        if self.tls:
+            tls = ["--cert-file", str(self.tls["server_cert"]), "--key-file", str(self.tls["server_key"]),
+                   "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
+        return [*tls,
             "--name", "tandem", "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
@@ -83,7 +92,7 @@ class EtcdServer:
         ]  # fmt: skip
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start and wait until it answers /health."""
+        """Start (or restart, same ports and data) and wait until it answers /health."""
         if self.proc is not None and self.proc.poll() is None:
             return
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +114,15 @@ class EtcdServer:
         raise EtcdStartError(f"etcd did not become healthy within {timeout:g} s; see {self.log_path}:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
+        ctx = None
+        if self.tls:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            ctx.load_cert_chain(str(self.tls["client_cert"]), str(self.tls["client_key"]))
+        scheme = "https" if self.tls else "http"
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"{scheme}://{self.endpoint}/health", timeout=0.5, context=ctx) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
@@ -122,8 +138,23 @@ class EtcdServer:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused etcd dies as well
             self.proc.kill()
         self.proc.wait()
+        self.proc = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
 

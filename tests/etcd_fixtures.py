@@ -19,106 +19,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-ETCD = os.environ.get("TANDEM_TEST_ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
+from router import etcdproc
+from router.etcdproc import free_port  # noqa: F401 - re-exported for the tests
+
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EtcdServer:
-    """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
-
-    def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
-        if not (os.path.exists(ETCD) and os.access(ETCD, os.X_OK)):
-            raise RuntimeError(
-                f"etcd not found at {ETCD}: install Debian's etcd-server (make deps does), "
-                "or point TANDEM_TEST_ETCD_ENDPOINTS at a running etcd"
-            )
-        self.data_dir = Path(data_dir)
-        self.client_port = client_port or free_port()
-        self.peer_port = peer_port or free_port()
-        self.tls = tls  # from make_tls(): clients then need https and a client certificate
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-    @property
-    def endpoints(self) -> tuple[str, ...]:
-        return (self.endpoint,)
-
-    def _args(self) -> list[str]:
-        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        tls = []
-        if self.tls:
-            tls = ["--cert-file", str(self.tls["server_cert"]), "--key-file", str(self.tls["server_key"]),
-                   "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
-        return [*tls,
-            "--name", "tandem-test", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"tandem-test={peer}",
-            "--initial-cluster-state", "new", "--initial-cluster-token", uuid.uuid4().hex,
-            "--logger", "zap", "--log-level", "warn",
-        ]
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Start (or restart, same ports and data) and wait until it answers /health."""
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen([ETCD, *self._args()], stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}:\n{self.log_tail()}")
-            if self.healthy():
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"etcd did not become healthy within {timeout} s; see {self.log_path}:\n{self.log_tail()}")
-
-    def healthy(self) -> bool:
-        ctx = None
-        if self.tls:
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
-            ctx.load_cert_chain(str(self.tls["client_cert"]), str(self.tls["client_key"]))
-        scheme = "https" if self.tls else "http"
-        try:
-            with urllib.request.urlopen(f"{scheme}://{self.endpoint}/health", timeout=0.5, context=ctx) as r:
-                return json.loads(r.read()).get("health") == "true"
-        except (OSError, ValueError):
-            return False
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+class EtcdServer(etcdproc.EtcdServer):
+    """router.etcdproc's server, plus what tests do to it: freeze it, run etcdctl."""
 
     def pause(self) -> None:
         """SIGSTOP: the ports stay open, nothing answers. Returns once every thread of
@@ -139,30 +57,6 @@ class EtcdServer:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        """SIGKILL and reap (no-op when not running)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
     def etcdctl(self, *args: str, check: bool = True) -> str:
         """Run etcdctl against this server; returns stdout."""
