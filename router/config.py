@@ -87,13 +87,21 @@ class QueueConfig(_Model):
 
 
 class AgentGroup(_Model):
-    """One agent (``id``) or ``count`` agents named ``{id}-{n:03d}`` sharing a profile."""
+    """One agent (``id``) or ``count`` agents named ``{id}-{n:03d}`` sharing a profile.
+
+    ``backoffice: true`` marks back-office overflow agents: they take calls of their
+    skills on the voice and chat channels only while the site's contingency mode turns
+    back-office agents on (``backoffice_agents`` of the mode's settings in the overflow
+    policy: by default surge and emergency). Otherwise they are not eligible for any
+    voice or chat queue; their other channels (email, social) are never affected.
+    """
 
     id: AgentId
     count: int | None = Field(None, ge=1, le=10_000)
     skills: dict[Name, int] = Field(min_length=1)
     languages: list[Language] = Field(default_factory=list)
     capacity: dict[Channel, int] = Field(default_factory=lambda: {Channel.VOICE: 1})
+    backoffice: bool = False
 
     @field_validator("skills")
     @classmethod

@@ -36,6 +36,9 @@ Routing (see :mod:`router.policy` for the rules):
   An offer may carry ``history_repeat: true`` (the node found a contact within the
   window in the interaction history): the call then counts as a repeat caller too.
   It is not part of the offer's identity (a retry without it is the same offer).
+* Contingency mode (``set_mode``, see :mod:`router.engine_mode`): back-office agents
+  (``AgentGroup.backoffice``) are eligible for voice/chat queues only while the mode
+  turns them on; the mode's IVR announcement is kept for the edges.
 * ``set_state`` to the current state is a no-op (changed False): ready again,
   not_ready with the same reason, wrap_up again (the running wrap-up keeps its end).
 
@@ -64,6 +67,7 @@ from router import engine_validate as v
 from router import policy
 from router.config import SiteConfig
 from router.engine_core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
+from router.engine_mode import GATED_CHANNELS, ModeMixin
 from router.engine_records import Agent, Call, Queue
 from router.engine_snapshot import SnapshotMixin
 from router.engine_transfer import RESERVE, TransferMixin
@@ -79,7 +83,7 @@ from router.model import (
 )
 
 
-class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
+class Engine(ViewsMixin, SnapshotMixin, TransferMixin, ModeMixin, CoreMixin):
     def __init__(self, site: SiteConfig, *, queue_factory: Any = None) -> None:
         if queue_factory is None:
             from router.pqueue import IndexedPQ as queue_factory
@@ -105,14 +109,22 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
             self._queues[r.restricted_queue] if r.blacklist_action == "restricted_queue" else None
         )
         self._agents: dict[str, Agent] = {}
+        all_queues: dict[str, list[Queue]] = {}
+        backoffice: set[str] = set()
         for aid, g in site.agent_profiles().items():
             cap = dict.fromkeys(v.CHANNEL_ORDER, 0)
             cap.update({getattr(ch, "value", ch): n for ch, n in g.capacity.items()})
             a = Agent(aid, dict(g.skills), list(g.languages), cap)
+            gated = getattr(g, "backoffice", False)  # voice/chat only in some modes
+            if gated:
+                backoffice.add(aid)
+            all_queues[aid] = []
             for q in self._queues.values():
                 if policy.eligible(a.skills, a.languages, cap, q.skill, q.language, q.channel):
-                    a.queues.append(q)
-                    q.agents.append(a)
+                    all_queues[aid].append(q)
+                    if not (gated and q.channel in GATED_CHANNELS):
+                        a.queues.append(q)
+                        q.agents.append(a)
             self._agents[aid] = a
 
         self._now = 0.0
@@ -147,6 +159,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, CoreMixin):
             "tick": self._op_tick,
         }
         self._init_transfers()  # transfer_* commands (router.engine_transfer)
+        self._init_mode(all_queues, backoffice)  # set_mode (router.engine_mode)
 
     # -- entry point --------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 A snapshot is a JSON-able dict holding everything the engine needs to continue exactly
 as before: calls (rows of :attr:`Call.FIELDS`, offer order), queue order (call ids in
 service order), per-queue counters, AHT and service-level window, agents, repeat-caller
-memory, pending deadlines, the ended-call retention order and id counters. Derived
+memory, pending deadlines, the ended-call retention order, id counters and the
+contingency mode (``set_mode``; absent in older snapshots, which restore as normal). Derived
 indexes (heaps, free-agent sets, staffed slots) are rebuilt on restore. Restoring a
 snapshot and applying the same commands gives the same states as the original engine.
 """
@@ -38,6 +39,7 @@ class SnapshotMixin:
             "agents": {aid: a.dump() for aid, a in self._agents.items()},
             "memory": {who: [list(c) for c in cs] for who, cs in self._memory.items()},
             "transfers": self._dump_transfers(),
+            "mode": self.mode(),  # contingency mode; absent in old snapshots: normal
             # Derived from calls and agents, listed for readers (and checked on restore).
             "deadlines": [
                 list(e) for e in sorted({e for e in self._deadlines if self._deadline_live(e)})
@@ -55,6 +57,12 @@ class SnapshotMixin:
             )
         e = cls(site, queue_factory=queue_factory)
         e._now = float(snapshot["now"])
+        mode = snapshot.get("mode") or {}
+        e._mode_name = mode.get("mode", "normal")
+        e._announcement = mode.get("announcement", "")
+        if mode.get("backoffice", False):  # before the agents: their queue lists change
+            e._switch_backoffice(True)
+        e._dirty_agents = {}
         e._next_handle = int(snapshot["next_handle"])
         for row in snapshot["calls"]:
             c = Call.from_row(list(row))

@@ -24,6 +24,8 @@ accept      agent_id, assignment_id
 reject      agent_id, assignment_id, reason
 disconnect  agent_id                      (the agent's Connect stream ended)
 tick        (nothing else)                (expire offer timeouts and wrap-ups due by t)
+set_mode    mode ("normal"|"surge"|"emergency"), backoffice (bool: back-office agents
+            take voice/chat), announcement (str <= 256, the IVR message)
 =========== ===================================================================
 
 ``Engine.apply(cmd)`` either raises :class:`RoutingError` having changed nothing, or

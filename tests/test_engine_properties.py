@@ -59,7 +59,7 @@ def make_site(selection: str, blacklist: str):
             {"id": "a2", "skills": {"sales": 7}, "languages": ["fr"], "capacity": {"voice": 1}},
             {"id": "a3", "skills": {"help": 4}, "languages": ["en", "fr"], "capacity": {"chat": 3}},
             {"id": "a4", "skills": {"sales": 2, "help": 9}, "languages": ["fr"],
-             "capacity": {"voice": 1, "chat": 1}},
+             "capacity": {"voice": 1, "chat": 1}, "backoffice": True},
             {"id": "a5", "skills": {"sales": 5, "help": 5}, "languages": ["en", "fr"],
              "capacity": {"voice": 2, "chat": 2}},
         ],
@@ -85,9 +85,9 @@ junk = st.one_of(
 )  # fmt: skip
 FIELDS = ["call_id", "channel", "skill", "language", "caller", "customer_id", "priority_class",
           "context", "reason", "resolved", "csat", "wrap_up_code", "agent_id", "state",
-          "timeout_s", "assignment_id"]  # fmt: skip
+          "timeout_s", "assignment_id", "mode", "backoffice", "announcement"]  # fmt: skip
 OPS = ["offer", "abandon", "complete", "sign_in", "sign_out", "set_state", "accept", "reject",
-       "disconnect", "tick", "launch"]  # fmt: skip
+       "disconnect", "tick", "set_mode", "launch"]  # fmt: skip
 
 
 def dump(snapshot: dict) -> str:
@@ -199,6 +199,12 @@ class EngineMachine(RuleBasedStateMachine):
     def tick(self, dt):
         self.run({"op": "tick", "t": self.advance(dt)})
 
+    @rule(mode=st.sampled_from(["normal", "surge", "emergency", "panic"]),
+          backoffice=st.booleans(), text=st.sampled_from(["", "Busy.", "x" * 257]), dt=dts)  # fmt: skip
+    def set_mode(self, mode, backoffice, text, dt):
+        self.run({"op": "set_mode", "t": self.advance(dt), "mode": mode,
+                  "backoffice": backoffice, "announcement": text})  # fmt: skip
+
     @rule(data=st.data())
     def malformed(self, data):
         cmd = data.draw(st.one_of(
@@ -218,6 +224,8 @@ class EngineMachine(RuleBasedStateMachine):
             q.skill in g.skills
             and (q.language is None or q.language in g.languages)
             and g.capacity.get(q.channel, 0) > 0
+            # back-office agents: voice/chat only while the mode turns them on
+            and (not g.backoffice or self.engine.mode()["backoffice"])
         )
 
     def cap(self, agent_id: str, channel: str) -> int:

@@ -24,6 +24,11 @@ What it does, on the node's event loop:
   newest first (they have the longest expected wait), until one stays: overflow that
   was impossible when a call arrived (no peer with room, etcd down, stale loads)
   happens as soon as it is possible;
+* follows this site's contingency mode (``contingency/<site>`` in etcd, with the mode's
+  settings from the policy): each change, and once at start when etcd's state is
+  loaded, becomes a journaled ``set_mode`` command (back-office agents on or off, the
+  IVR announcement that EstimateWait and WatchCall carry); no restart, nobody is signed
+  out. Partner overflow and wait factors follow the mode in ``decide``;
 * counts, per peer, the transfers it started that the peer's published load cannot show
   yet (in flight, or committed after the snapshot was taken) and charges them to that
   peer's queue before deciding, so a burst does not send twenty calls to a site that
@@ -49,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, Member
+from router.engine_mode import MAX_ANNOUNCEMENT
 from router.model import RoutingError
 from router.overflow import (
     ContingencyState,
@@ -155,6 +161,7 @@ class ClusterLink:
         self._spawn(self._load_loop(), "load")
         self._spawn(self._partner_loop(), "partners")
         self._spawn(self._sweep_loop(), "sweep")
+        self._spawn(self._mode_sync(), "mode")
         for c in self.node.engine.calls("queued"):  # recovered: decide for them in the sweeps
             if not c.transfer_origin:
                 self._stayed.setdefault(c.queue, {})[c.call_id] = None
@@ -206,19 +213,49 @@ class ClusterLink:
     def _on_policy(self, policy: Any) -> None:
         self._ratio_active.clear()  # hysteresis state belongs to the rules it came from
         log.info("%s: overflow policy changed (applies from the next call)", self.site)
+        self._apply_mode()  # the policy holds the modes' settings
 
     def _on_contingency(self, site: str, state: ContingencyState) -> None:
         if site != self.site:
             return
         self._mode = state
         settings = state.settings(self.coord.policy)
-        # Agents stay signed in: a mode only changes overflow decisions and what the
-        # node announces. (Back-office agents are signed in by the operator for now.)
         log.warning(
             "%s: contingency mode %s (partner overflow %s, back-office agents %s, announcement %r)",
             self.site, state.mode, "on" if settings.partner_overflow else "off",
             "on" if settings.backoffice_agents else "off", settings.announcement,
         )
+        self._apply_mode()
+
+    def _apply_mode(self) -> None:
+        """Hand the site's contingency mode to the engine (a journaled ``set_mode``):
+        back-office agents on or off, the IVR announcement. Agents stay signed in;
+        partner overflow follows the mode in :func:`router.overflow.decide`. A no-op
+        when the engine already runs this mode."""
+        if self._closed:
+            return
+        state = self.coord.contingency(self.site)
+        settings = state.settings(self.coord.policy)
+        cmd = {
+            "op": "set_mode", "t": self.node.now(), "mode": state.mode,
+            "backoffice": settings.backoffice_agents,
+            "announcement": settings.announcement[:MAX_ANNOUNCEMENT],
+        }  # fmt: skip
+        try:
+            self.node.submit(cmd)
+        except Exception:  # noqa: BLE001 - a refused mode must not stop the watch
+            log.exception("%s: could not apply contingency mode %s", self.site, state.mode)
+
+    async def _mode_sync(self) -> None:
+        """Once etcd's state is loaded, make the engine's mode (recovered from the
+        journal) agree with it, also when the stored mode did not change meanwhile."""
+        while not self._closed:
+            try:
+                await self.coord.wait_ready(5.0)
+            except CoordinationUnavailable:
+                continue
+            self._apply_mode()
+            return
 
     @property
     def mode(self) -> ContingencyState:

@@ -228,8 +228,9 @@ def queue_status_msg(q: model.QueueView) -> admin_pb2.QueueStatus:
     )
 
 
-def estimate_msg(q: model.QueueView) -> routing_pb2.EstimateWaitResponse:
+def estimate_msg(q: model.QueueView, announcement: str = "") -> routing_pb2.EstimateWaitResponse:
     return routing_pb2.EstimateWaitResponse(
+        announcement=announcement,
         queue=q.name,
         expected_wait_s=q.expected_wait_s,
         queue_length=q.length,

@@ -106,7 +106,7 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
         q = node.engine.estimate(
             request.skill, convert.channel_str(request.channel), request.language, now=node.view_time()
         )
-        return convert.estimate_msg(q)
+        return convert.estimate_msg(q, node.engine.announcement)
 
     @guard
     async def WatchCall(self, request, context):
@@ -139,7 +139,7 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
                         last_sent = time.monotonic()  # the state change comes as an effect
                         continue
                     upd = node.call_update(request.call_id)
-                    key = (upd.position, round(upd.expected_wait_s, 1))
+                    key = (upd.position, round(upd.expected_wait_s, 1), node.engine.announcement)
                     if key == last_key:
                         last_sent = time.monotonic()
                         continue
@@ -148,8 +148,14 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
                     if watch.end:
                         await abort(context, *watch.end)
                     return
-                last_key = (upd.position, round(upd.expected_wait_s, 1))
+                last_key = (upd.position, round(upd.expected_wait_s, 1), node.engine.announcement)
                 last_sent = time.monotonic()
+                if upd.announcement != node.engine.announcement:
+                    # the contingency mode's IVR message, as of now (the update may be
+                    # shared by several watchers: a copy carries it)
+                    shared, upd = upd, routing_pb2.CallUpdate()
+                    upd.CopyFrom(shared)
+                    upd.announcement = node.engine.announcement
                 yield upd
                 state = convert.call_state_str(upd.call.state)
                 if state in FINAL_CALL_STATES:
