@@ -163,6 +163,7 @@ class Traffic:
         self.rate = rate_per_s
         self.sent: list[dict] = []
         self.max_submit_s = 0.0
+        self.slow_submits = 0  # submits over 50 ms: a GIL hiccup on a loaded box, or blocking
         self._stop = threading.Event()
         self._rows = iter(synth.interactions(400_000, seed=seed, start=START, span_s=5 * 86400, prefix="o"))
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -175,7 +176,9 @@ class Traffic:
                 r = next(self._rows)
                 s = time.perf_counter()
                 self.writer.submit("interactions", r)
-                self.max_submit_s = max(self.max_submit_s, time.perf_counter() - s)
+                took = time.perf_counter() - s
+                self.max_submit_s = max(self.max_submit_s, took)
+                self.slow_submits += took > 0.05
                 self.sent.append(r)
             time.sleep(0.005)
 
@@ -222,7 +225,10 @@ def test_server_outage_loses_nothing_and_duplicates_nothing(clickhouse_outage_se
     assert {r[0] for r in store.query("SELECT interaction_id FROM {db}.interactions")} == {
         r["interaction_id"] for r in sent}
     # The routing side never waited on the outage.
-    assert traffic.max_submit_s < 0.05, traffic.max_submit_s
+    # (A submit that waited on ClickHouse would take an insert, a connect timeout (2 s) or
+    # more, once per batch; a rare scheduler/GIL hiccup on this 2-core box can reach
+    # ~0.15 s, so one bound on the worst case alone is flaky.)
+    assert traffic.slow_submits <= 2 and traffic.max_submit_s < 1.0, (traffic.slow_submits, traffic.max_submit_s)
     store.query("DROP DATABASE IF EXISTS {db}")
     store.close()
 
@@ -254,7 +260,10 @@ def test_hung_server_never_blocks_submit_and_memory_stays_bounded(clickhouse_out
         assert w.flush(60), w.stats()
     finally:
         w.close(timeout=5)
-    assert traffic.max_submit_s < 0.05, traffic.max_submit_s
+    # (A submit that waited on ClickHouse would take an insert, a connect timeout (2 s) or
+    # more, once per batch; a rare scheduler/GIL hiccup on this 2-core box can reach
+    # ~0.15 s, so one bound on the worst case alone is flaky.)
+    assert traffic.slow_submits <= 2 and traffic.max_submit_s < 1.0, (traffic.slow_submits, traffic.max_submit_s)
     # 5000 rows/s: the backlog never held much more than a second's worth of rows.
     assert max_backlog < 10_000, max_backlog
     n, ids, *_ = totals(store)
