@@ -228,7 +228,9 @@ def test_clickhouse_outage_neither_blocks_routing_nor_loses_rows(clickhouse_outa
             os.kill(srv.proc.pid, signal.SIGCONT)
         print(f"offer latency, ClickHouse up: p50 {sorted(up)[150] * 1000:.1f} ms p99 {p99(up) * 1000:.1f} ms; "
               f"SIGSTOPped: p50 {sorted(down)[150] * 1000:.1f} ms p99 {p99(down) * 1000:.1f} ms")
-        assert p99(down) < 0.05, sorted(down)[-10:]
+        # Blocking on the hung server would cost the driver's timeouts (>= 1 s) per offer;
+        # 0.25 s leaves room for a loaded 2-core box (measured p99 3.5-23 ms).
+        assert p99(down) < 0.25, sorted(down)[-10:]
         assert spooled, "nothing was spooled during the outage"
         expected = asyncio.run(final_counts(np.address))
         assert expected == {"abandoned": 600}
