@@ -156,10 +156,12 @@ def spawn_node(
 
 def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0) -> None:
     """Block until every node printed its listening line (sets host/port)."""
-    pending = {n.name: n for n in nodes}
+    # Keyed by position, not by name: several nodes may serve the same site file.
+    pending = dict(enumerate(nodes))
     deadline = time.monotonic() + timeout
     while pending:
-        for name, node in list(pending.items()):
+        for key, node in list(pending.items()):
+            name = node.name
             try:
                 with open(node.log_path, "rb") as f:
                     f.seek(node.log_offset)
@@ -169,7 +171,7 @@ def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0) -> None:
             m = _LISTEN_RE.search(text)
             if m:
                 node.host, node.port = m.group(2).strip("[]"), int(m.group(3))
-                del pending[name]
+                del pending[key]
                 continue
             if not node.alive():
                 raise NodeStartError(
@@ -179,7 +181,7 @@ def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0) -> None:
         if not pending:
             break
         if time.monotonic() > deadline:
-            names = ", ".join(sorted(pending))
+            names = ", ".join(sorted(n.name for n in pending.values()))
             tails = "\n".join(f"--- {n.log_path}\n{n.log_tail()}" for n in pending.values())
             raise NodeStartError(
                 f"node(s) {names} did not print 'listening on' within {timeout:.0f} s "
