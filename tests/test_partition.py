@@ -40,9 +40,9 @@ import yaml
 
 from etcd_fixtures import _tmp_root
 from netns_fixtures import HostEtcd, NetnsTopology, netns_topology, start_node
-from node_fixtures import AgentSession, NodeProc, Stubs, site_dict
+from node_fixtures import NodeProc, Stubs, all_calls, answering_agent, site_dict
 from router.coord import EtcdCoordinator, EtcdSettings
-from router.v1 import admin_pb2, agents_pb2, routing_pb2
+from router.v1 import routing_pb2
 from router.v1 import types_pb2 as t
 
 pytestmark = pytest.mark.slow
@@ -78,32 +78,6 @@ async def until(pred, timeout: float, what: str, step: float = 0.05):
 def offer(call_id: str, language: str) -> routing_pb2.OfferCallRequest:
     return routing_pb2.OfferCallRequest(call_id=call_id, skill="billing", channel=t.CHANNEL_VOICE, language=language,
                                         caller="+3361" + str(abs(hash(call_id)) % 10**7).zfill(7))
-
-
-async def answering_agent(stubs: Stubs, agent_id: str, answered: list[str]) -> None:
-    """Sign in, go READY, then accept every offer and complete the call at once."""
-    await stubs.agents.SignIn(agents_pb2.SignInRequest(agent_id=agent_id), timeout=5)
-    session = await AgentSession(stubs, agent_id).hello()
-    await stubs.agents.SetState(agents_pb2.SetStateRequest(agent_id=agent_id, state=t.AGENT_STATE_READY), timeout=5)
-    try:
-        while True:
-            a = await session.next("assignment", timeout=3600)
-            await session.accept(a.assignment_id)
-            await session.next("connected", lambda c: c.assignment_id == a.assignment_id, timeout=10)
-            answered.append(a.call.call_id)
-            await stubs.routing.CompleteCall(routing_pb2.CompleteCallRequest(call_id=a.call.call_id), timeout=5)
-    finally:
-        session.cancel()
-
-
-async def all_calls(stubs: Stubs) -> dict[str, int]:
-    out, token = {}, ""
-    while True:
-        r = await stubs.admin.ListCalls(admin_pb2.ListCallsRequest(page_size=1000, page_token=token), timeout=5)
-        out.update({c.call_id: c.state for c in r.calls})
-        token = r.next_page_token
-        if not token:
-            return out
 
 
 @contextlib.contextmanager
