@@ -43,13 +43,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # etcd_fixtures: the tests' real-etcd helper
 
 import grpc  # noqa: E402
 import yaml  # noqa: E402
 
 from router.coord import EtcdCoordinator, EtcdSettings, Member  # noqa: E402
-from router.nodeproc import spawn_node, stop_nodes, wait_listening  # noqa: E402
+from router.local.etcd import etcd_server  # noqa: E402
+from router.local.nodes import spawn_node, stop_nodes, wait_listening  # noqa: E402
 from router.v1 import admin_pb2, admin_pb2_grpc, agents_pb2, agents_pb2_grpc, routing_pb2, routing_pb2_grpc  # noqa: E402
 from router.v1 import types_pb2 as t  # noqa: E402
 
@@ -166,8 +166,6 @@ async def offer_loop(address: str, rate: float, stop: asyncio.Event, ids: list[s
 
 
 async def run(args) -> dict:
-    from etcd_fixtures import etcd_server
-
     root = Path(tempfile.mkdtemp(prefix="tandem-failover-"))
     with etcd_server() as etcd:
         prefix = "/tandem-bench/"

@@ -30,7 +30,7 @@ import uuid
 
 from router.history import synth
 from router.history.kpi import KpiQuery, fcr_sql, interactions_sql
-from router.history.localserver import running_clickhouse
+from router.local.clickhouse import running_clickhouse
 from router.history.store import ClickHouseServerStore
 from router.history.writer import HistoryWriter
 

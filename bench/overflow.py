@@ -1,11 +1,11 @@
 """Overflow: how much of the pooling gain does the cluster get, on the same traffic?
 
-For each load mix (``router.demo.LOAD_MIXES``) on the example sites (``sites/``), the
+For each load mix (``router.sim.demo.LOAD_MIXES``) on the example sites (``sites/``), the
 same traffic — same seed: same arrivals, talk times and patience — is played three
 times on compressed time (x60 by default), with the demo's machinery
-(``router.demo.run_traffic``):
+(``router.sim.demo.run_traffic``):
 
-* ``cluster``: one node per site, joined through a real etcd (``router.etcdproc``, free
+* ``cluster``: one node per site, joined through a real etcd (``router.local.etcd``, free
   loopback ports, temp data dir) with the demo's overflow policy (``DEMO_POLICY``);
 * ``isolated``: the same nodes without etcd: every site alone;
 * ``pooled``: one node whose site merges every agent and queue of the cluster: the bound
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.config import load_sites  # noqa: E402
-from router.demo import DEMO_POLICY, DEMO_TIME_SCALE, LOAD_MIXES, _console, gap_closed, run_traffic  # noqa: E402
-from router.etcdproc import etcd_server  # noqa: E402
+from router.sim.demo import DEMO_POLICY, DEMO_TIME_SCALE, LOAD_MIXES, _console, gap_closed, run_traffic  # noqa: E402
+from router.local.etcd import etcd_server  # noqa: E402
 
 
 def _r(x: float | None) -> float | None:
@@ -81,7 +81,7 @@ async def run(args) -> list[dict]:
                 per_site = {
                     s: (runs["cluster"].kpis[s], runs["isolated"].kpis.get(s, {})) for s in runs["cluster"].kpis
                 }
-                from router.loadgen_report import total
+                from router.sim.report import total
 
                 log.print(f"{mix} ({time.monotonic() - t0:.0f} s): " + json.dumps(res))
                 log.print("  per site, cluster vs isolated: " + ", ".join(

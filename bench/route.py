@@ -2,7 +2,7 @@
 
 One ``tandem node`` process serves a bench site made in code (one voice queue, wrap-up
 0, ``--agents`` agents, a queue long enough for every bounded offer). A separate process
-plays the agents (:class:`router.loadgen_agents.SimAgent`, talk time 0), draining the
+plays the agents (:class:`router.sim.agents.SimAgent`, talk time 0), draining the
 queue while this process runs closed-loop clients: ``c`` coroutines
 that each offer a call (``Routing.OfferCall``, a fresh call id and caller each time) as
 soon as the previous one returned. Then, on the same server at the same concurrency,
@@ -63,8 +63,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml  # noqa: E402
 
-from router.loadgen_rpc import NodeClient  # noqa: E402
-from router.nodeproc import running_nodes  # noqa: E402
+from router.sim.rpc import NodeClient  # noqa: E402
+from router.local.nodes import running_nodes  # noqa: E402
 from router.v1 import admin_pb2, diagnostics_pb2, routing_pb2, types_pb2  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64)
@@ -85,17 +85,19 @@ def bench_site(agents: int, max_length: int) -> dict:
 # --- the agents' process ------------------------------------------------------------------
 
 
-def agents_main(address: str, agent_ids: list[str], stop, ready, results, protocol: str = "auto") -> None:
+def agents_main(address: str, agent_ids: list[str], stop, ready, results, protocol: str = "auto",
+                tls_dir: str | None = None) -> None:
     """Child process: play the agents until ``stop`` is set; report counts."""
     import uvloop
 
-    uvloop.run(_agents(address, agent_ids, stop, ready, results, protocol))
+    uvloop.run(_agents(address, agent_ids, stop, ready, results, protocol, tls_dir))
 
 
-async def _agents(address, agent_ids, stop, ready, results, protocol) -> None:
-    from router.loadgen_agents import AgentBehaviour, Ledger, SimAgent
+async def _agents(address, agent_ids, stop, ready, results, protocol, tls_dir=None) -> None:
+    from router.sim.agents import AgentBehaviour, SimAgent
+    from router.sim.ledger import Ledger
 
-    client = NodeClient("bench", address)
+    client = NodeClient("bench", address, Path(tls_dir) if tls_dir else None)
     ledger = Ledger()
     force = asyncio.Event()
     behaviour = AgentBehaviour(resolved_p=1.0, csat_p=0.0, protocol=protocol)
@@ -204,8 +206,8 @@ async def completed_count(client: NodeClient) -> int:
     return sum(q.answered for q in st.queues)
 
 
-async def bench(address: str, args, pids: dict[str, int]) -> tuple[list[dict], int]:
-    client = NodeClient("bench", address)
+async def bench(address: str, args, pids: dict[str, int], tls_dir: Path | None = None) -> tuple[list[dict], int]:
+    client = NodeClient("bench", address, tls_dir)
     await client.wait_ready(15.0)
     offers = Offers(f"b{int(time.time()) % 100000}")
     payload = diagnostics_pb2.EchoRequest(payload=b"x" * 64)
@@ -287,6 +289,61 @@ def start_profiler(out: str, pid: int) -> subprocess.Popen:
     )
 
 
+def measure(args, tls: bool) -> tuple[list[dict], int]:
+    """One node (plaintext, or mTLS with certificates made in its temp dir), its agents'
+    process and the clients; returns the rows per concurrency and the invariant problems."""
+    import uvloop
+
+    # Every offer is bounded, so this queue length can never be reached.
+    n_offers = len(args.concurrency) * (args.runs * args.calls + 64 * 20) + 1000
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        tls_dir: Path | None = None
+        extra = ["--sync", args.sync]
+        if tls:
+            from router.security import pki
+
+            tls_dir = Path(tmp) / "tls"
+            pki.init(tls_dir, [("bench", "in_house")])
+            extra += ["--tls-dir", str(tls_dir)]
+        site_file = Path(tmp) / "bench.yaml"
+        site_file.write_text(yaml.safe_dump(bench_site(args.agents, min(1_000_000, n_offers))))
+        with running_nodes([site_file], Path(tmp) / "nodes", extra_args=extra) as nodes:
+            address = nodes["bench"].address
+            ctx = mp.get_context("spawn")
+            stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
+            ids = [f"bench-{n:03d}" for n in range(1, args.agents + 1)]
+            child = ctx.Process(
+                target=agents_main, args=(address, ids, stop, ready, results, args.protocol,
+                      str(tls_dir) if tls_dir else None), daemon=True
+            )
+            child.start()
+            try:
+                if not ready.wait(30):
+                    print("the agents' process did not get ready in 30 s", file=sys.stderr)
+                    return [], 1
+                pids = {"node": nodes["bench"].pid, "agents": child.pid, "clients": os.getpid()}
+                spy = start_profiler(args.profile, nodes["bench"].pid) if args.profile else None
+                try:
+                    rows, problems = uvloop.run(bench(address, args, pids, tls_dir))
+                finally:
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(30)
+            finally:
+                stop.set()
+                try:
+                    agent_stats = results.get(timeout=30)
+                except queue.Empty:
+                    agent_stats = {}
+                child.join(10)
+                if child.is_alive():
+                    child.kill()
+    if agent_stats.get("duplicates"):
+        print(f"INVARIANT: agents saw duplicates: {agent_stats}", file=sys.stderr)
+        problems += 1
+    return rows, problems
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON line per concurrency")
@@ -305,47 +362,32 @@ def main() -> int:
     p.add_argument("--protocol", choices=("auto", "classic"), default="auto",
                    help="the agents' protocol: auto answer + Complete on the stream (default), "
                         "or classic: Accept on the stream, unary CompleteCall")
+    p.add_argument("--tls", action="store_true",
+                   help="measure twice in this run, plaintext then mTLS, and print the cost of mTLS")
     args = p.parse_args()
-    import uvloop
 
-    # Every offer is bounded, so this queue length can never be reached.
-    n_offers = len(args.concurrency) * (args.runs * args.calls + 64 * 20) + 1000
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
-        site_file = Path(tmp) / "bench.yaml"
-        site_file.write_text(yaml.safe_dump(bench_site(args.agents, min(1_000_000, n_offers))))
-        with running_nodes([site_file], Path(tmp) / "nodes", extra_args=["--sync", args.sync]) as nodes:
-            address = nodes["bench"].address
-            ctx = mp.get_context("spawn")
-            stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
-            ids = [f"bench-{n:03d}" for n in range(1, args.agents + 1)]
-            child = ctx.Process(
-                target=agents_main, args=(address, ids, stop, ready, results, args.protocol), daemon=True
-            )
-            child.start()
-            try:
-                if not ready.wait(30):
-                    print("the agents' process did not get ready in 30 s", file=sys.stderr)
-                    return 1
-                pids = {"node": nodes["bench"].pid, "agents": child.pid, "clients": os.getpid()}
-                spy = start_profiler(args.profile, nodes["bench"].pid) if args.profile else None
-                try:
-                    rows, problems = uvloop.run(bench(address, args, pids))
-                finally:
-                    if spy is not None:
-                        spy.send_signal(signal.SIGINT)
-                        spy.wait(30)
-            finally:
-                stop.set()
-                try:
-                    agent_stats = results.get(timeout=30)
-                except queue.Empty:
-                    agent_stats = {}
-                child.join(10)
-                if child.is_alive():
-                    child.kill()
-    if agent_stats.get("duplicates"):
-        print(f"INVARIANT: agents saw duplicates: {agent_stats}", file=sys.stderr)
-        problems += 1
+    if args.tls:
+        # The same measurement twice in one run: plaintext, then mTLS (certificates made
+        # here; the node audits every mutation then, as a TLS node always does).
+        plain, p1 = measure(args, tls=False)
+        tls, p2 = measure(args, tls=True)
+        for a, b in zip(plain, tls):
+            row = {
+                "concurrency": a["concurrency"],
+                "plain_route_calls_per_s": a["route_calls_per_s"], "tls_route_calls_per_s": b["route_calls_per_s"],
+                "tls_ratio": round(b["route_calls_per_s"] / a["route_calls_per_s"], 3),
+                "tls_cost": round(1 - b["route_calls_per_s"] / a["route_calls_per_s"], 3),
+                "plain_echo_calls_per_s": a["echo_calls_per_s"], "tls_echo_calls_per_s": b["echo_calls_per_s"],
+                "plain_p99_ms": a["p99_ms"], "tls_p99_ms": b["p99_ms"],
+                "plain_node_cpu_ms_per_call": a["node_cpu_ms_per_call"],
+                "tls_node_cpu_ms_per_call": b["node_cpu_ms_per_call"],
+            }
+            print(json.dumps(row) if args.json else
+                  f"c={row['concurrency']:>3}  plain {row['plain_route_calls_per_s']:>8.1f}/s  mTLS "
+                  f"{row['tls_route_calls_per_s']:>8.1f}/s  cost {row['tls_cost']:.1%}  p99 "
+                  f"{row['plain_p99_ms']:.1f} / {row['tls_p99_ms']:.1f} ms")
+        return 1 if p1 or p2 else 0
+    rows, problems = measure(args, tls=False)
     for r in rows:
         if args.json:
             print(json.dumps(r))

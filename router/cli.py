@@ -11,6 +11,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 from router.history.cli import register as _register_history  # noqa: E402
 _register_history(app)  # tandem history …, tandem report …
+from router.security.certs_cli import register as _register_certs  # noqa: E402
+_register_certs(app)  # tandem certs …
 
 
 @app.command()
@@ -36,8 +38,16 @@ def node(
         "off", "--history", envvar="TANDEM_HISTORY", metavar="off|embedded|URL",
         help="interaction history: off, embedded (chdb in DATA_DIR/history) or clickhouse://host:port/db",
     ),
+    tls_dir: Optional[Path] = typer.Option(
+        None, "--tls-dir", envvar="TANDEM_TLS_DIR",
+        help="serve mTLS with DIR/site-SITE.crt|.key and DIR/ca.crt (tandem certs init); also for peers and https etcd",
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
 ) -> None:
-    """Run one site node until SIGTERM/SIGINT (with --etcd: as a member of the cluster)."""
+    """Run one site node until SIGTERM/SIGINT (with --etcd: as a member of the cluster).
+
+    Without --tls-dir the node serves plaintext, trusts every caller and keeps no audit
+    log: it refuses to listen on anything but loopback unless --insecure is given."""
     from router.node.main import run_node
 
     cluster = None
@@ -50,7 +60,7 @@ def node(
             "key_file": str(etcd_key) if etcd_key else None,
         }
     raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync, etcd=cluster, advertise=advertise,
-                              history=history))
+                              history=history, tls_dir=tls_dir, insecure=insecure))
 
 
 @app.command()
@@ -67,7 +77,7 @@ def demo(
 ) -> None:
     """Start etcd and the example cluster, drive unbalanced traffic (overflow between
     sites), print KPIs per site and queue against the isolated and pooled references."""
-    from router.demo import run_demo
+    from router.sim.demo import run_demo
 
     raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed,
                               reference=reference))

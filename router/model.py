@@ -144,7 +144,7 @@ class CallView:
     context: dict = field(default_factory=dict)
     reject_reason: str = ""
     abandon_reason: str = ""
-    # Transfers between sites (see router.engine_transfer): the target's address of the
+    # Transfers between sites (see router.engine.transfer): the target's address of the
     # call's latest outgoing transfer, its phase ("begun", "committing", "done",
     # "aborted"), the origin site it came from, and an abandon waiting for the transfer
     # (1) or already handed on (2). States "transferring" and "transferred" (final here:
@@ -208,7 +208,7 @@ class OfferResult:
 class TransferView:
     """The target's view of one transfer key (call_id, transfer_no): state "unknown"
     (never seen, or forgotten), "reserved", "committed" or "aborted"; reason of an abort
-    ("expired", "aborted_by_origin", "call_id_conflict"). See router.engine_transfer."""
+    ("expired", "aborted_by_origin", "call_id_conflict"). See router.engine.transfer."""
 
     call_id: str
     transfer_no: int

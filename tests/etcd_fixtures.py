@@ -29,14 +29,14 @@ from typing import Iterator
 
 import pytest
 
-from router import etcdproc
-from router.etcdproc import free_port  # noqa: F401 - re-exported for the tests
+from router.local import etcd as etcdproc
+from router.local.etcd import free_port  # noqa: F401 - re-exported for the tests
 
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 
 class EtcdServer(etcdproc.EtcdServer):
-    """router.etcdproc's server, plus what tests do to it: freeze it, run etcdctl."""
+    """router.local.etcd's server, plus what tests do to it: freeze it, run etcdctl."""
 
     def pause(self) -> None:
         """SIGSTOP: the ports stay open, nothing answers. Returns once every thread of

@@ -1,6 +1,6 @@
 """Fixtures for the history tests: a real clickhouse-server, chdb, stores per test.
 
-* ``clickhouse_server`` (session): a :class:`router.history.localserver.ClickHouseServer`
+* ``clickhouse_server`` (session): a :class:`router.local.clickhouse.ClickHouseServer`
   started on free loopback ports (tcp, http, interserver) in a temp dir with a minimal
   config.xml/users.xml, stopped at exit — or, when ``TANDEM_TEST_CLICKHOUSE_URL`` is set
   (``clickhouse://host:port``), that server, which the tests then never stop.
@@ -9,7 +9,7 @@
 * ``server_store`` / ``chdb_store`` (function): a store on a database of its own, dropped
   afterwards; ``history_store`` is parametrized over both ("server", "chdb").
 
-The server binary is found as :mod:`router.history.localserver` says; without one the
+The server binary is found as :mod:`router.local.clickhouse` says; without one the
 tests fail with a message saying to run ``make deps`` (Debian's ``clickhouse-server``) or
 to set the URL.
 """
@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from router.history.localserver import ClickHouseServer, ExternalClickHouse, running_clickhouse  # noqa: F401
+from router.local.clickhouse import ClickHouseServer, ExternalClickHouse, running_clickhouse  # noqa: F401
 
 
 def unique_database(prefix: str = "t") -> str:

@@ -266,7 +266,8 @@ def start_node(
     run_env.update(PYTHONUNBUFFERED="1", TANDEM_DRAIN_S="0.2")
     run_env.update(env or {})
     argv = [sys.executable, "-m", "router.cli", "node", "--site", str(site_file), "--data-dir", str(data_dir),
-            "--listen", listen, "--sync", "none", *(("--advertise", advertise) if advertise else ())]
+            "--listen", listen, "--sync", "none", "--insecure",  # a netns of the test's own
+            *(("--advertise", advertise) if advertise else ())]
     if SETPRIV:
         argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
     if topo is not None:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_scaled_site_divides_every_duration():
     from router.config import load_site, parse_site
-    from router.demo import MIN_OFFER_TIMEOUT_S, scaled_site
+    from router.sim.demo import MIN_OFFER_TIMEOUT_S, scaled_site
 
     lyon = load_site(REPO / "sites" / "lyon.yaml")
     scaled = parse_site(scaled_site(lyon, 60.0), "<scaled>")  # still a valid site file
@@ -35,7 +35,7 @@ def test_scaled_site_divides_every_duration():
 
 def test_demo_traffic_loads_the_sites():
     from router.config import load_sites
-    from router.demo import demo_streams
+    from router.sim.demo import demo_streams
 
     sites = load_sites(REPO / "sites")
     streams = demo_streams(sites)
@@ -57,7 +57,7 @@ def test_demo_traffic_loads_the_sites():
 
 def test_pooled_site_merges_the_cluster():
     from router.config import load_sites, parse_site
-    from router.demo import pooled_site
+    from router.sim.demo import pooled_site
 
     sites = load_sites(REPO / "sites")
     pooled = parse_site(pooled_site(sites), "<pooled>")
@@ -66,7 +66,7 @@ def test_pooled_site_merges_the_cluster():
 
 
 def test_demo_policy_is_valid_and_keeps_high_value_in_house():
-    from router.demo import DEMO_POLICY
+    from router.sim.demo import DEMO_POLICY
     from router.overflow import parse_policy
 
     p = parse_policy(DEMO_POLICY)
@@ -75,7 +75,7 @@ def test_demo_policy_is_valid_and_keeps_high_value_in_house():
 
 
 def _rec(call_id: str, site: str, outcome: str, answered: bool = True):
-    from router.loadgen import CallRecord
+    from router.sim.ledger import CallRecord
 
     r = CallRecord(call_id=call_id, site=site, stream="q", caller="+1", talk_s=1.0, patience_s=None,
                    wake=None, acked_at=1.0, outcome=outcome)  # type: ignore[arg-type]
@@ -96,8 +96,8 @@ def test_reconcile_follows_transfers():
     """After an overflow the offer site holds a TRANSFERRED record; the call counts
     where it is owned, exactly once, and for its origin queue in the KPIs."""
     from router.config import load_sites
-    from router.loadgen_agents import Ledger
-    from router.loadgen_report import overflow_counts, ownership, queue_kpis, reconcile
+    from router.sim.ledger import Ledger
+    from router.sim.report import overflow_counts, ownership, queue_kpis, reconcile
     from router.v1 import types_pb2 as t
 
     X, C, Q, A = t.CALL_STATE_TRANSFERRED, t.CALL_STATE_COMPLETED, t.CALL_STATE_QUEUED, t.CALL_STATE_ABANDONED

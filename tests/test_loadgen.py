@@ -31,11 +31,11 @@ import uvloop
 import yaml
 
 from router import erlang
-from router.loadgen import CallStream, LoadGen, LoadGenConfig
-from router.loadgen_agents import AgentBehaviour
-from router.loadgen_report import reconcile
-from router.loadgen_rpc import NodeClient
-from router.nodeproc import running_nodes
+from router.sim.loadgen import CallStream, LoadGen, LoadGenConfig
+from router.sim.agents import AgentBehaviour
+from router.sim.report import reconcile
+from router.sim.rpc import NodeClient
+from router.local.nodes import running_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_erlang_c_agreement(tmp_path: Path):
 def _record(call_id: str, outcome: str, site: str = "s", answered: bool = True, agent: str = "a-001"):
     import asyncio as _asyncio
 
-    from router.loadgen import CallRecord
+    from router.sim.ledger import CallRecord
 
     return CallRecord(
         call_id=call_id, site=site, stream="q", caller="+1", talk_s=1.0, patience_s=None,
@@ -189,7 +189,7 @@ def _call(call_id: str, state: int, answered: bool = True, agent: str = "a-001")
 
 
 def test_reconcile_counts_lost_and_duplicates():
-    from router.loadgen_agents import Ledger
+    from router.sim.ledger import Ledger
     from router.v1 import types_pb2 as t
 
     done, aband = t.CALL_STATE_COMPLETED, t.CALL_STATE_ABANDONED
@@ -224,7 +224,7 @@ def test_reconcile_counts_lost_and_duplicates():
 
 
 def test_ledger_flags_an_offer_held_by_two_agents():
-    from router.loadgen_agents import Ledger
+    from router.sim.ledger import Ledger
 
     ledger = Ledger()
     ledger.assigned("a-001", "c1")
@@ -242,7 +242,7 @@ def test_ledger_flags_an_offer_held_by_two_agents():
 def test_streams_and_caller_pool_draws():
     import random
 
-    from router.loadgen import CallerPool
+    from router.sim.loadgen import CallerPool
 
     rng = random.Random(3)
     for dist in ("exponential", "lognormal"):
@@ -259,7 +259,7 @@ def test_streams_and_caller_pool_draws():
 
 
 def test_ledger_flags_an_agent_over_capacity():
-    from router.loadgen_agents import Ledger
+    from router.sim.ledger import Ledger
     from router.v1 import types_pb2 as t
 
     ledger = Ledger(capacity={"a": {t.CHANNEL_VOICE: 1, t.CHANNEL_CHAT: 2}})

@@ -1,4 +1,4 @@
-"""router.nodeproc: nodes start from a process that already runs gRPC threads (no
+"""router.local.nodes: nodes start from a process that already runs gRPC threads (no
 preexec_fn between fork and exec), and die with the process that started them."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio, json, sys, time
 from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from router.nodeproc import spawn_node, wait_listening
+from router.local.nodes import spawn_node, wait_listening
 
 async def grpc_busy():
     server = grpc.aio.server()
@@ -81,7 +81,7 @@ def test_nodes_start_under_grpc_threads_and_die_with_their_parent(tmp_path):
 
 
 def test_pdeathsig_argv_wraps_the_command():
-    from router.nodeproc import pdeathsig_argv
+    from router.local.nodes import pdeathsig_argv
 
     argv = pdeathsig_argv(["/bin/true"])
     assert argv[-1] == "/bin/true"

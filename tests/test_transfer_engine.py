@@ -1,4 +1,4 @@
-"""The engine's half of transfers between sites (router.engine_transfer): origin commands
+"""The engine's half of transfers between sites (router.engine.transfer): origin commands
 (begin / committing / done / abort), target commands (reserve / commit / cancel, expiry),
 idempotency, validation, snapshot/restore with transfers in flight, and invariant 1 under
 random interleavings of the protocol on two engines (with crashes and lost messages)."""
@@ -13,7 +13,7 @@ import pytest
 
 from router.config import parse_site
 from router.engine import Engine
-from router.engine_transfer import TRANSFER_RETENTION
+from router.engine.transfer import TRANSFER_RETENTION
 from router.model import RoutingError
 
 SITE = {
@@ -296,7 +296,7 @@ def test_old_snapshot_rows_without_transfer_fields_restore():
 
 
 def test_decided_keys_are_retained_up_to_a_bound(monkeypatch):
-    import router.engine_transfer as et
+    import router.engine.transfer as et
 
     monkeypatch.setattr(et, "TRANSFER_RETENTION", 3)
     _, t = engines()

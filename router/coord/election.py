@@ -15,17 +15,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aetcd
 from aetcd import transactions
 
 from router.coord.base import CoordinationUnavailable, Leadership, NotLeader, Targets, _dumps
 from router.coord.link import Backoff, LeaseGone, WatchEnded, cancel_all
-from router.coord.session import EtcdSession, to_bytes as _b
-
-if TYPE_CHECKING:
-    from router.coord.etcd import EtcdCoordinator
+from router.coord.session import CoordinatorParts, EtcdSession, to_bytes as _b
 
 log = logging.getLogger("tandem.coord")
 
@@ -36,7 +33,7 @@ log = logging.getLogger("tandem.coord")
 class EtcdLeadership(Leadership):
     """Leadership held on a session; see :class:`Leadership`."""
 
-    def __init__(self, coord: "EtcdCoordinator", election: str, token: int, value: str, session: EtcdSession) -> None:
+    def __init__(self, coord: CoordinatorParts, election: str, token: int, value: str, session: EtcdSession) -> None:
         self.election, self.token, self.value = election, token, value
         self.session = session
         self.lost = asyncio.Event()

@@ -522,6 +522,36 @@ class EtcdCoordinator(ElectionMixin, Coordinator):
             )
         return resp[0].response_put.header.revision
 
+    # --- documents of other parts (security bindings…) ---------------------------------
+
+    def watch_document(self, name: str, key: str, callback: Callable[[bytes | None], None]) -> None:
+        """Also keep watching one key whose value another part validates: ``callback(value)``
+        at each (re)load and on every change, ``callback(None)`` when the key is absent
+        or deleted. Call before :meth:`start`."""
+        if self._started:
+            raise RuntimeError("watch_document must be called before start()")
+
+        def reset(kvs: dict[str, Any]) -> None:
+            kv = kvs.get(key)
+            _call(name, callback, kv.value if kv is not None else None)
+
+        def event(put: bool, k: str, kv: Any) -> None:
+            if k == key:
+                _call(name, callback, kv.value if put else None)
+
+        self._watches.append(RangeWatch.key(self.link, name, key, reset, event))
+
+    async def put_document(self, key: str, value: str | bytes) -> int:
+        """Put one document (validated by its owner beforehand); returns the revision."""
+        k, v = _b(key), _b(value)
+        put = await self.link.run(f"put {key}", lambda c: c.put(k, v))
+        return put.header.revision
+
+    async def get_document(self, key: str) -> bytes | None:
+        k = _b(key)
+        got = await self.link.run(f"get {key}", lambda c: c.get(k))
+        return None if got is None else got.value
+
     # --- contingency modes --------------------------------------------------------------
 
     def contingency(self, site: str) -> ContingencyState:

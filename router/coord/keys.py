@@ -28,6 +28,11 @@ Key layout::
     /tandem/contingency/<site>    -      ContingencyState: {"mode": "normal" | "surge" |
                                           "emergency", "announcement", "reason",
                                           "set_by", "set_at"}; no key = normal
+    /tandem/security/bindings     -      role bindings (router.security.bindings):
+                                          {"version": 1, "bindings": [{"identity",
+                                          "role", "sites"}]}; validated by the nodes,
+                                          an invalid document leaves the previous one
+                                          in force
     /tandem/rebalancer/leader     lease  {"candidate", "pid", "since"}: the elected
                                           rebalancer; the key's create revision is
                                           the fencing token
@@ -69,6 +74,7 @@ class Keys:
         self.load_prefix = prefix + "load/"
         self.policy_overflow = prefix + "policy/overflow"
         self.contingency_prefix = prefix + "contingency/"
+        self.security_bindings = prefix + "security/bindings"
         self.targets_prefix = prefix + "targets/"
 
     def __repr__(self) -> str:

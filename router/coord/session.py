@@ -8,17 +8,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aetcd
 from aetcd import utils
 
 from router.coord.base import CoordinationUnavailable, Session
-from router.coord.link import Backoff, LeaseGone, Link, WatchEnded, cancel_all
+from router.coord.keys import Keys
+from router.coord.link import Backoff, EtcdSettings, LeaseGone, Link, WatchEnded, cancel_all
 from router.overflow import LoadSnapshot
 
-if TYPE_CHECKING:
-    from router.coord.etcd import EtcdCoordinator
+
+class CoordinatorParts(Protocol):
+    """What the session's helpers (the load publisher, leaderships) use of the
+    coordinator that owns them: declared here so that they need not import
+    :class:`router.coord.etcd.EtcdCoordinator`, which imports them."""
+
+    site: str
+    settings: EtcdSettings
+    keys: Keys
+    link: Link
+
+    @property
+    def session(self) -> "EtcdSession | None": ...
+
+    def _spawn(self, coro: Any, name: str) -> "asyncio.Task[Any]": ...
 
 log = logging.getLogger("tandem.coord")
 
@@ -154,7 +168,7 @@ class LoadPublisher:
     """Puts the latest offered load under ``load/<site>`` on the session lease: when it
     changed, at most ``max_rate`` times a second, and every ``heartbeat_s`` anyway."""
 
-    def __init__(self, coord: "EtcdCoordinator") -> None:
+    def __init__(self, coord: CoordinatorParts) -> None:
         self.coord = coord
         self.min_gap = 1.0 / coord.settings.load_max_rate
         self.heartbeat = coord.settings.load_heartbeat_s

@@ -1,6 +1,7 @@
 """``tandem history …`` and ``tandem report …`` (registered by :func:`register`).
 
-Every command takes the history as ``--clickhouse URL`` (``clickhouse://host:9000/db``)
+Every command takes the history as ``--clickhouse URL`` (``clickhouse://host:9000/db``;
+``report audit`` also as ``--history URL``)
 or ``--data-dir DIR`` (the embedded chdb history of a node, kept in ``DIR/history``; when
 there is none, the node histories below ``DIR`` — e.g. ``tandem demo --data-dir DIR``'s,
 one per node — are read merged, see :mod:`router.history.merge`). Heavy modules are imported inside the commands so ``tandem --help``
@@ -357,3 +358,93 @@ def _print_chargeback(cb) -> None:
     for kind, totals in cb.totals().items():
         for name, amount in totals.items():
             typer.echo(f"total {kind} {name or '(none)'}: {amount:.2f} {cb.currency}")
+
+
+@report_app.command("audit")
+def report_audit(
+    clickhouse: Optional[str] = typer.Option(None, "--clickhouse", "--history", help="clickhouse://host:port/database"),
+    data_dir: Optional[Path] = _DATA_DIR,
+    since: Optional[str] = typer.Option(
+        None, "--since", help="from this time on: ISO date/time (UTC unless it says), Unix seconds, "
+        "or how long ago (900, 15m, 1h, 7d)"),
+    site: Optional[str] = typer.Option(None, "--site", help="only this site's records"),
+    decision: Optional[str] = typer.Option(None, "--decision", help="allow | deny"),
+    limit: int = typer.Option(1000, "--limit", min=1, max=10_000_000, help="the newest N records"),
+    output: str = typer.Option("table", "-o", "--output", help="table | json"),
+) -> None:
+    """Audit records (who did or was refused what, from where, and the result), oldest
+    first; each record once, however often it was written."""
+    import time
+
+    from router.history.store import StoreError
+
+    if output not in ("table", "json"):
+        _fail(f"-o must be table or json, not {output!r}")
+    if decision is not None and decision not in ("allow", "deny"):
+        _fail(f"--decision must be allow or deny, not {decision!r}")
+    try:
+        start = parse_since(since, time.time()) if since else 0
+    except typer.BadParameter as e:
+        _fail(str(e))
+    where = ["at >= toDateTime({start}, 'UTC')"]
+    params: dict = {"start": start, "limit": limit}
+    if site is not None:
+        where.append("site = {site}")
+        params["site"] = site
+    if decision is not None:
+        where.append("decision = {decision}")
+        params["decision"] = decision
+    sql = ("SELECT site, id, toUInt32(at), at_us, identity, role, peer, method, object_keys, "
+           "object_values, decision, reason, code FROM {db}.audit FINAL "
+           f"WHERE {' AND '.join(where)} ORDER BY at DESC, at_us DESC, id DESC LIMIT {{limit}}")
+    store = _open(clickhouse, data_dir)
+    try:
+        rows = store.query(sql, params)
+    except StoreError as e:
+        if e.code == 60:
+            _fail(f"{store.url}: no audit table (`tandem history migrate` creates it)", 1)
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    records = [_audit_record(r) for r in reversed(rows)]
+    if output == "json":
+        typer.echo(json.dumps({"since": start, "site": site, "decision": decision, "limit": limit,
+                               "records": records}))
+        return
+    _print_audit(records)
+
+
+def parse_since(text: str, now: float) -> int:
+    """'2026-11-02T08:00', Unix seconds (9-10 digits), or how long ago: '900', '15m',
+    '1h', '7d' -> Unix seconds."""
+    t = text.strip()
+    if re.fullmatch(r"\d{1,8}\s*[smhd]?", t):
+        return max(0, int(now) - parse_interval(t))
+    return parse_time(t)
+
+
+def _audit_record(r: tuple) -> dict:
+    site, id_, at, at_us, identity, role, peer, method, keys, values, decision, reason, code = r
+    at = int(at) + int(at_us) / 1e6
+    stamp = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {"id": id_, "at": at, "time": stamp, "site": site, "identity": identity, "role": role,
+            "peer": peer, "method": method, "objects": dict(zip(keys, values)),
+            "decision": decision, "reason": reason, "code": code}
+
+
+def _print_audit(records: list[dict]) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD, title="Audit records")
+    for c in ("time (UTC)", "site", "decision", "code", "reason", "identity", "role", "method", "objects", "peer"):
+        t.add_column(c, overflow="fold")  # an identity or method cut short would say nothing
+    for r in records:
+        cells = (r["time"][:-4].replace("T", " "), r["site"], r["decision"], r["code"], r["reason"] or "-",
+                 r["identity"], r["role"] or "-", r["method"],
+                 " ".join(f"{k}={v}" for k, v in r["objects"].items()) or "-", r["peer"])
+        t.add_row(*map(Text, cells))  # Text: what a caller sent is never read as markup
+    _console().print(t)
+    if not records:
+        typer.echo("(no audit records in range)")

@@ -9,7 +9,7 @@ merges them by group:
   how abandons count, passed in per (site, queue)): ``answered within T /
   (answered + abandoned)`` (count_against), ``/ answered`` (exclude), ``/ (answered +
   abandoned after T)`` (short_excluded) — a group of several queues sums each call's
-  numerator and denominator, as :mod:`router.loadgen_report` does;
+  numerator and denominator, as :mod:`router.sim.report` does;
   **ASA** = mean wait of answered calls; **AHT** = mean handle time (talk + wrap-up) of
   completed calls; **abandon rate** = abandoned / (answered + abandoned);
   **CSAT** = mean score of the calls that have one (1..5).

@@ -19,6 +19,8 @@ same partition with the same key:
   corrections: a later row for the same id with a higher ``ver`` wins.
 * ``routing_decisions``: ``(call_id, seq)``.
 * ``agent_state_changes``: ``(site, agent_id, at, seq)``.
+* ``audit``: ``(site, id)`` (one row per audit record of a node, :mod:`router.security.audit`;
+  a node re-submits the records its log retains at every start).
 
 Background merges remove duplicates eventually, never on a schedule, so readers must not
 rely on them: every query reads through ``FROM <table> FINAL`` (see :mod:`router.history.kpi`
@@ -124,11 +126,31 @@ AGENT_STATE_CHANGES: tuple[Column, ...] = (
     _c("calls", "UInt16"),  # interactions in hand after the change
 )
 
+# What the request named (call_id, agent_id, target…) is two parallel arrays rather than a
+# JSON text: 18.16 has no JSONExtract, but it filters and unnests arrays (``has``,
+# ``indexOf``, ``ARRAY JOIN``), e.g. ``object_values[indexOf(object_keys, 'call_id')]``.
+AUDIT: tuple[Column, ...] = (
+    _c("site", "String"),  # the node's site
+    _c("id", "String"),  # unique per record (uuid4 hex)
+    _c("at", DT),  # when the node decided (whole seconds) …
+    _c("at_us", "UInt32"),  # … and the microseconds within that second
+    _c("identity", "String"),  # SPIFFE URI of the caller, or "insecure:" + peer
+    _c("role", "String"),  # the role that allowed it; '' when denied or unbound
+    _c("peer", "String"),  # e.g. "ipv4:127.0.0.1:5555"
+    _c("method", "String"),  # full gRPC method, e.g. "/router.v1.Routing/OfferCall"
+    _c("object_keys", "Array(String)"),  # what the request names: call_id, agent_id, …
+    _c("object_values", "Array(String)"),  # … and their values, in the same order
+    _c("decision", "String"),  # allow | deny
+    _c("reason", "String"),  # ErrorInfo reason of a denial or an error; '' when fine
+    _c("code", "String"),  # gRPC status code name of the result: OK, PERMISSION_DENIED…
+)
+
 #: table -> columns, in insert order
 TABLES: dict[str, tuple[Column, ...]] = {
     "interactions": INTERACTIONS,
     "routing_decisions": ROUTING_DECISIONS,
     "agent_state_changes": AGENT_STATE_CHANGES,
+    "audit": AUDIT,
 }
 
 # Migration 1 as applied: literal text, never edited (later changes are new migrations).
@@ -201,6 +223,25 @@ CREATE TABLE IF NOT EXISTS {db}.agent_state_changes (
 ) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(at) ORDER BY (site, agent_id, at, seq)
 """
 
+# Migration 2 as applied: literal text, never edited.
+_V2_AUDIT = """\
+CREATE TABLE IF NOT EXISTS {db}.audit (
+    site String,
+    id String,
+    at DateTime('UTC'),
+    at_us UInt32,
+    identity String,
+    role String,
+    peer String,
+    method String,
+    object_keys Array(String),
+    object_values Array(String),
+    decision String,
+    reason String,
+    code String
+) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(at) ORDER BY (site, id)
+"""
+
 MIGRATIONS_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
     f"(version UInt32, name String, applied_at {DT}) "
@@ -221,6 +262,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "interactions, routing_decisions, agent_state_changes",
         (_V1_INTERACTIONS, _V1_ROUTING_DECISIONS, _V1_AGENT_STATE_CHANGES),
     ),
+    Migration(2, "audit", (_V2_AUDIT,)),
 )
 
 

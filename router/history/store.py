@@ -1,7 +1,9 @@
 """History stores: one interface, two backends, the same SQL.
 
 * :class:`ClickHouseServerStore` — a real server through clickhouse-driver (native
-  protocol), URL ``clickhouse://[user[:password]@]host[:port][/database]``.
+  protocol), URL ``clickhouse://[user[:password]@]host[:port][/database]``, or over TLS
+  ``clickhouses://…[?ca=PATH&cert=PATH&key=PATH]`` (see :func:`tls_params`). A store's
+  ``url`` is the URL without its password and query: it is what messages and logs show.
 * :class:`ChdbStore` — ClickHouse in-process (chdb) with its files in a data directory;
   the embedded default (``make demo``). chdb is imported only when such a store opens
   (it costs ~0.5 GB and a second), and one process can hold one chdb path at a time.
@@ -25,14 +27,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import ssl
 import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from router.history import schema
 
@@ -182,6 +186,72 @@ class HistoryStore(ABC):
 
 # --- the real server --------------------------------------------------------------------
 
+#: The query parameters of a ``clickhouses://`` URL: the files of its TLS.
+TLS_PARAMS = ("ca", "cert", "key")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages and logs may show it: no password, no query (``?ca=…&key=…``)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit((parts.scheme, f"{user}@{netloc[2]}" if user else netloc[2], parts.path, "", ""))
+
+
+def tls_params(url: str) -> dict[str, str]:
+    """The TLS files a ``clickhouses://`` URL names in its query: ``ca`` (the CA bundle
+    the server's certificate must chain to; absent: the system's CAs), ``cert`` and
+    ``key`` (this client's certificate and key; ``cert`` alone: a PEM holding both).
+    ValueError for another parameter, a repeated one, or any on ``clickhouse://``."""
+    parts = urlsplit(url)
+    found: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in TLS_PARAMS:
+            raise ValueError(f"{shown_url(url)}: unknown parameter {name!r} (only {', '.join(TLS_PARAMS)})")
+        if name in found or not value:
+            raise ValueError(f"{shown_url(url)}: parameter {name!r} given twice or empty")
+        found[name] = value
+    if found and parts.scheme != "clickhouses":
+        raise ValueError(f"{shown_url(url)}: {'=, '.join(found)}= are for clickhouses:// (TLS) only")
+    return found
+
+
+def _tls_options(url: str, ca: str | None, cert: str | None, key: str | None) -> dict[str, Any]:
+    """clickhouse-driver's TLS keywords: the server's certificate is always verified
+    (against ``ca``, else the system's CAs) and its name checked; a client certificate
+    when ``cert`` is given. The files are loaded once here, so a bad one is a clear
+    ValueError now (naming the parameter and the path, never the contents), not an
+    endless "unavailable" later."""
+    if key and not cert:
+        raise ValueError(f"{url}: key= without cert=")
+    for name, path in (("ca", ca), ("cert", cert), ("key", key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{url}: {name}= file is not readable: {path}")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is None:
+        # The system's bundle (clickhouse-driver would take certifi's where installed).
+        system = ssl.get_default_verify_paths().cafile
+        ca = system if system and os.path.isfile(system) else None
+    try:
+        if ca is not None:
+            ctx.load_verify_locations(ca)
+    except (ssl.SSLError, ValueError) as e:
+        raise ValueError(f"{url}: ca= {ca} holds no usable CA certificate: {e}") from None
+    try:
+        if cert is not None:
+            # An encrypted key is refused here rather than prompted for on a terminal.
+            ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise ValueError(f"{url}: cert= {cert} and its key cannot be used: {e}") from None
+    opts: dict[str, Any] = {"secure": True, "verify": True}
+    if ca is not None:
+        opts["ca_certs"] = ca
+    if cert is not None:
+        opts["certfile"] = cert
+        if key is not None:
+            opts["keyfile"] = key
+    return opts
+
 
 class ClickHouseServerStore(HistoryStore):
     """clickhouse-driver over the native protocol. One connection, reconnected on demand
@@ -194,30 +264,50 @@ class ClickHouseServerStore(HistoryStore):
         connect_timeout: float = 2.0,
         send_receive_timeout: float = 30.0,
         settings: Mapping[str, Any] | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
+        """``password``, ``ca``, ``cert``, ``key``: as in the URL (these win over it)."""
         parts = urlsplit(url)
         if parts.scheme not in ("clickhouse", "clickhouses"):
-            raise ValueError(f"not a clickhouse:// URL: {url!r}")
+            raise ValueError(f"not a clickhouse:// URL: {shown_url(url)!r}")
         database = parts.path.strip("/") or schema.DEFAULT_DATABASE
         super().__init__(database)
         from clickhouse_driver import Client
 
-        self.url = url
+        params = tls_params(url)
+        ca, cert, key = (ca or params.get("ca"), cert or params.get("cert"), key or params.get("key"))
+        if parts.scheme != "clickhouses" and (ca or cert or key):
+            raise ValueError(f"{shown_url(url)}: ca, cert and key are for clickhouses:// (TLS) only")
+        if password is None:
+            password = unquote(parts.password or "")
+        self.url = shown_url(url)
+        secure = {}
+        if parts.scheme == "clickhouses":
+            secure = _tls_options(self.url, *(os.path.abspath(f) if f else None for f in (ca, cert, key)))
+        # What another process needs (spec()): the secrets travel as keywords, not in a URL.
         self._spec = {"connect_timeout": connect_timeout, "send_receive_timeout": send_receive_timeout,
                       "settings": dict(settings or {})}
+        if password:
+            self._spec["password"] = password
+        for name, opt in (("ca", "ca_certs"), ("cert", "certfile"), ("key", "keyfile")):
+            if opt in secure:
+                self._spec[name] = secure[opt]
         self.send_receive_timeout = send_receive_timeout
         # Connect to "default": our database may not exist before migrate().
         self._client = Client(
             parts.hostname or "127.0.0.1",
-            port=parts.port or 9000,
+            port=parts.port or (9440 if secure else 9000),
             database="default",
             user=unquote(parts.username or "default"),
-            password=unquote(parts.password or ""),
-            secure=parts.scheme == "clickhouses",
+            password=password,
             connect_timeout=connect_timeout,
             send_receive_timeout=send_receive_timeout,
             sync_request_timeout=min(5.0, send_receive_timeout),
             settings=dict(settings or {}),
+            **secure,
         )
 
     def _call(self, fn, *args, **kwargs):
@@ -249,7 +339,8 @@ class ClickHouseServerStore(HistoryStore):
             raise StoreError(f"{table}: rows cannot be encoded: {e}") from None
 
     def spec(self) -> tuple[str, dict[str, Any]]:
-        """What another process needs to open the same store: ``open_store(url, **kw)``."""
+        """What another process needs to open the same store: ``open_store(url, **kw)``
+        (``url`` is the shown one; the password and the TLS files are in ``kw``)."""
         return self.url, dict(self._spec)
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, Member
-from router.engine_mode import MAX_ANNOUNCEMENT
+from router.engine.mode import MAX_ANNOUNCEMENT
 from router.model import RoutingError
 from router.overflow import (
     ContingencyState,
@@ -557,7 +557,11 @@ class ClusterLink:
                         calls.clear()  # no concurrency cap: nothing to count
                         continue
                     for cid, address in list(calls.items()):
-                        ch = channels.get(address) or channels.setdefault(address, grpc.aio.insecure_channel(address))
+                        factory = getattr(self.node, "channels", None)
+                        if factory is not None:  # mTLS: the partner node must prove it is `site`
+                            ch = factory.channel(address, factory.expect("site", site))
+                        else:
+                            ch = channels.get(address) or channels.setdefault(address, grpc.aio.insecure_channel(address))
                         try:
                             r = await routing_pb2_grpc.RoutingStub(ch).GetCall(
                                 routing_pb2.GetCallRequest(call_id=cid), timeout=1.0

@@ -15,31 +15,12 @@ import logging
 from typing import Any, Callable
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from router.model import RoutingError
 from router.node import metrics
+from router.status import error_status
 
-DOMAIN = "tandem.router"
 log = logging.getLogger("tandem.node")
-
-_CODES = {
-    "INVALID_ARGUMENT": code_pb2.INVALID_ARGUMENT,
-    "NOT_FOUND": code_pb2.NOT_FOUND,
-    "ALREADY_EXISTS": code_pb2.ALREADY_EXISTS,
-    "FAILED_PRECONDITION": code_pb2.FAILED_PRECONDITION,
-    "UNAVAILABLE": code_pb2.UNAVAILABLE,
-    "RESOURCE_EXHAUSTED": code_pb2.RESOURCE_EXHAUSTED,
-    "ABORTED": code_pb2.ABORTED,
-    "INTERNAL": code_pb2.INTERNAL,
-}
-
-
-def status_code(code: str) -> int:
-    """The google.rpc.Code number of a status name (UNKNOWN for a name not listed)."""
-    return _CODES.get(code, code_pb2.UNKNOWN)
 
 
 class Malformed:
@@ -58,30 +39,8 @@ def malformed_error(m: Malformed) -> RoutingError:
     return RoutingError("INVALID_ARGUMENT", "MALFORMED_REQUEST", f"the request does not parse: {m.error}")
 
 
-def error_status(code: str, reason: str, message: str, metadata: dict | None = None) -> grpc.Status:
-    """The grpc.Status for ``context.abort_with_status`` (google.rpc.Status with ErrorInfo)."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    st = status_pb2.Status(code=_CODES.get(code, code_pb2.UNKNOWN), message=message, details=[detail])
-    return rpc_status.to_status(st)
-
-
 def status_of(err: RoutingError) -> grpc.Status:
     return error_status(err.code, err.reason, err.message, err.metadata)
-
-
-def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """Client side: the ErrorInfo of a failed call, or None (used by tests and tools)."""
-    st = rpc_status.from_call(rpc_error) if hasattr(rpc_error, "trailing_metadata") else None
-    if st is None:
-        return None
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return info
-    return None
 
 
 async def abort_status(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:

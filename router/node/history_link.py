@@ -7,7 +7,9 @@
   to import and ~0.5 GB resident, which is why it is not the default of every node —
   ``tandem demo`` turns it on for its nodes).
 * a ``clickhouse://`` URL: a real server through clickhouse-driver (inserts in child
-  processes, see :mod:`router.history.inserter`).
+  processes, see :mod:`router.history.inserter`); ``clickhouses://`` over TLS. A node with
+  ``--tls-dir`` opens a ``clickhouses://`` URL that names no ``ca=`` with its own identity
+  (``ca.crt``, and ``site-NAME.crt``/``.key`` unless the URL names a ``cert=``).
 
 What the node feeds (:class:`HistoryLink`):
 
@@ -81,6 +83,24 @@ def history_spec(value: str | None) -> str:
     raise ValueError(f"--history must be off, embedded or a clickhouse:// URL, got {value!r}")
 
 
+def store_tls(spec: str, tls: Any) -> dict[str, str]:
+    """The store's TLS keywords from the node's identity (``tls``: a
+    :class:`router.security.tls.TlsFiles`, or None): for a ``clickhouses://`` URL without
+    ``ca=``, the node's ``ca.crt``, and its certificate and key unless the URL names a
+    ``cert=``. Nothing otherwise: the URL's own parameters stand."""
+    if tls is None or not spec.startswith("clickhouses://"):
+        return {}
+    from router.history.store import tls_params
+
+    given = tls_params(spec)
+    if "ca" in given:
+        return {}
+    kw = {"ca": str(tls.ca_path)}
+    if "cert" not in given and "key" not in given:
+        kw.update(cert=str(tls.cert_path), key=str(tls.key_path))
+    return kw
+
+
 class _DecisionLog(collections.deque):
     """The cluster link's ``decisions`` deque, also feeding each record to the history."""
 
@@ -124,11 +144,12 @@ class HistoryLink:
     # --- building ----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, node: Any, spec: str, data_dir: str | Path, *,
+    def open(cls, node: Any, spec: str, data_dir: str | Path, *, tls: Any = None,
              lookup_timeout_s: float | None = None, **writer_kw: Any) -> "HistoryLink":
         """Open the store, start the writer (it applies the migrations), attach to
         ``node`` (``node.history``) and re-submit the rows of the ended calls the engine
-        retains. Synchronous: call it before the node serves."""
+        retains. Synchronous: call it before the node serves. ``tls``: the node's
+        identity files, for a ``clickhouses://`` URL (:func:`store_tls`)."""
         from router.history.recent import RecentContacts
         from router.history.store import open_store
         from router.history.writer import HistoryWriter
@@ -140,10 +161,11 @@ class HistoryLink:
         target = spec if spec != "embedded" else data_dir / "history"
         if lookup_timeout_s is None:
             lookup_timeout_s = float(os.environ.get("TANDEM_HISTORY_LOOKUP_MS", DEFAULT_LOOKUP_MS)) / 1000
-        store = open_store(target)
+        store_kw = store_tls(spec, tls)
+        store = open_store(target, **store_kw)
         # Look-ups: their own connection (chdb: the same session), failing fast.
         recent_store = open_store(target, **({} if spec == "embedded" else
-                                             {"connect_timeout": 1.0, "send_receive_timeout": 2.0}))
+                                             {"connect_timeout": 1.0, "send_receive_timeout": 2.0, **store_kw}))
         try:
             if spec == "embedded":
                 # In-process and quick: migrate now, so the first look-ups do not race

@@ -2,7 +2,7 @@
 operator entry points (TransferCall, DrainSite) that start them on the origin side.
 
 Each target RPC is one engine command (``transfer_reserve`` / ``transfer_commit`` /
-``transfer_cancel``, see :mod:`router.engine_transfer`) through ``node.execute``, so the
+``transfer_cancel``, see :mod:`router.engine.transfer`) through ``node.execute``, so the
 answer leaves only once the decision is durable. GetTransfer first applies a ``tick``
 (journaled when it expires something), so an expired reservation reads as ABORTED only
 once that is on disk. Contract and errors: ``proto/router/v1/interconnect.proto``.
@@ -15,7 +15,8 @@ import math
 from router.model import RoutingError, TransferView
 from router.node import convert
 from router.node.errors import guard
-from router.transfer import fault
+from router.node.transfer import fault
+from router.security.authz import caller
 from router.v1 import interconnect_pb2 as pb
 from router.v1 import interconnect_pb2_grpc
 
@@ -47,12 +48,26 @@ class InterconnectService(interconnect_pb2_grpc.InterconnectServicer):
     def __init__(self, node) -> None:
         self.node = node
 
+    def _as_origin(self, origin: str, call_id: str = "", transfer_no: int = 0) -> None:
+        """Over mTLS a site acts in the transfer protocol only as itself: the origin it
+        names (or, for a commit, the origin that made the reservation) must be its own
+        identity. PERMISSION_DENIED ORIGIN_MISMATCH otherwise; nothing changes."""
+        who = caller()
+        if who is None or who.spiffe is None or who.spiffe.kind != "site":
+            return  # plaintext node, or an operator reading
+        if not origin and call_id:
+            origin = self.node.engine.transfer(call_id, transfer_no).origin
+        if origin and origin != who.spiffe.name:
+            raise RoutingError("PERMISSION_DENIED", "ORIGIN_MISMATCH",
+                               f"{who.identity} may not act for origin site {origin!r}", origin=origin)
+
     def _refuse_if_draining(self) -> None:
         if self.node.draining:
             raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "this node is draining: it takes no transfer")
 
     @guard
     async def ProposeTransfer(self, request, context):
+        self._as_origin(request.origin_site)
         self._refuse_if_draining()
         c = request.call
         ctx = c.context
@@ -75,6 +90,7 @@ class InterconnectService(interconnect_pb2_grpc.InterconnectServicer):
 
     @guard
     async def CommitTransfer(self, request, context):
+        self._as_origin("", request.call_id, request.transfer_no)
         view = await self.node.execute({
             "op": "transfer_commit", "t": self.node.now(),
             "call_id": request.call_id, "transfer_no": request.transfer_no,
@@ -85,6 +101,7 @@ class InterconnectService(interconnect_pb2_grpc.InterconnectServicer):
 
     @guard
     async def AbortTransfer(self, request, context):
+        self._as_origin(request.origin_site or "", request.call_id, request.transfer_no)
         view = await self.node.execute({
             "op": "transfer_cancel", "t": self.node.now(), "call_id": request.call_id,
             "transfer_no": request.transfer_no, "origin": request.origin_site,

@@ -51,12 +51,12 @@ def _host_of(address: str) -> str:
 
 async def serve(
     site, data_dir: Path, listen: str, sync: str, drain_s: float, etcd=None, advertise: str | None = None,
-    history: str = "off",
+    history: str = "off", security=None,
 ) -> int:
     from router.node.server import RecoveryError, build_node
 
     try:
-        node, port = await build_node(site, data_dir, listen, sync=sync, drain_s=drain_s)
+        node, port = await build_node(site, data_dir, listen, sync=sync, drain_s=drain_s, security=security)
     except (RecoveryError, RuntimeError, OSError) as e:
         print(f"tandem node {site.site.name}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -68,11 +68,13 @@ async def serve(
         from router.node.history_link import HistoryLink
 
         try:
-            link = HistoryLink.open(node, history, data_dir)
+            link = HistoryLink.open(node, history, data_dir, tls=security.tls if security is not None else None)
         except Exception as e:  # noqa: BLE001 - e.g. chdb path in use, bad URL
             print(f"tandem node {site.site.name}: history: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             await node.stop(grace=0)
             return 1
+        if security is not None:
+            security.attach_history(link.writer.submit)  # audit rows reach ClickHouse too
     tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -89,6 +91,9 @@ async def serve(
         from router.node.cluster import ClusterLink, advertised_address
 
         cluster = ClusterLink(node, etcd, advertise=advertise or advertised_address(listen, port))
+        if security is not None and security.tls is not None:
+            # bindings stored in etcd take over from the TLS dir's file (hot reload)
+            cluster.coord.watch_document("bindings", cluster.coord.keys.security_bindings, security.bindings.set_etcd)
         await cluster.start()
         node.cluster = cluster
         if link is not None:
@@ -108,6 +113,8 @@ async def serve(
         await cluster.close()
     if link is not None:
         await link.aclose()
+    if security is not None:
+        await security.aclose()
     stopper.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
@@ -120,12 +127,15 @@ async def serve(
 def run_node(
     site_path, data_dir, listen: str | None = None, sync: str = "fdatasync", *,
     etcd: dict | None = None, advertise: str | None = None, history: str | None = "off",
+    tls_dir: str | Path | None = None, insecure: bool = False,
 ) -> int:
     """Load the site file and serve until a signal. Returns the process exit code.
 
     ``etcd``: keyword arguments of :class:`router.coord.EtcdSettings` (``endpoints``,
     ``prefix``, ``ttl_s``, ``ca_file``, ``cert_file``, ``key_file``); None = no cluster.
     ``advertise``: the host:port peers reach this node at (default: the listening one).
+    ``tls_dir``: serve mTLS (see :mod:`router.security.site`); without it the node refuses
+    a non-loopback address unless ``insecure``.
     """
     try:
         site = load_site(site_path)
@@ -140,12 +150,32 @@ def run_node(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    address = listen or site.site.listen
+    from router.security.tls import TlsConfigError, is_loopback
+
+    if tls_dir is None and not insecure and not is_loopback(address):
+        print(f"tandem node {site.site.name}: refusing plaintext on {address}, which is not loopback: "
+              "give --tls-dir DIR (tandem certs init), or --insecure", file=sys.stderr, flush=True)
+        return 2
+    from router.security.site import NodeSecurity
+
+    try:
+        security = NodeSecurity.open(site.site.name, data_dir, tls_dir)
+    except (TlsConfigError, OSError) as e:
+        print(f"tandem node {site.site.name}: TLS: {e}", file=sys.stderr, flush=True)
+        return 2
     settings = None
     if etcd is not None:
         from pydantic import ValidationError
 
         from router.coord import EtcdSettings
 
+        if tls_dir is not None and any(str(e).startswith("https://") for e in etcd.get("endpoints") or ()):
+            # the site's own identity for etcd too, unless other files are given
+            etcd = dict(etcd)
+            etcd["ca_file"] = etcd.get("ca_file") or str(Path(tls_dir) / "ca.crt")
+            etcd["cert_file"] = etcd.get("cert_file") or str(security.tls.cert_path)
+            etcd["key_file"] = etcd.get("key_file") or str(security.tls.key_path)
         try:
             settings = EtcdSettings(**{k: v for k, v in etcd.items() if v is not None})
         except ValidationError as e:
@@ -159,7 +189,7 @@ def run_node(
         print(str(e), file=sys.stderr, flush=True)
         return 2
     drain_s = float(os.environ.get("TANDEM_DRAIN_S", "2.0"))
-    address = listen or site.site.listen
     import uvloop
 
-    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise, history))
+    return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise, history,
+                            security if security.tls is not None else None))

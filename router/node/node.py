@@ -32,8 +32,8 @@ from typing import Any
 from router import model
 from router.config import SiteConfig
 from router.model import AgentChanged, AssignmentOffered, CallChanged, CallConnected, RoutingError
-from router.node import convert, metrics
-from router.node.errors import status_code
+from router.node import convert, metrics, peers
+from router.status import status_code
 from router.node.streams import AgentStream, CallWatch
 from router.v1 import agents_pb2, routing_pb2
 
@@ -103,6 +103,10 @@ class Node:
         # the calls: the caller may reuse them for its reply instead of building again.
         self.step_calls: dict[str, Any] = {}
         self.history: Any = None  # router.node.history_link.HistoryLink, set by main
+        # router.security.tls.ChannelFactory: every channel the node opens (peers,
+        # partners); None = plaintext channels (set by build_node)
+        self.channels: Any = None
+        self.authz: Any = None  # router.security.authz.Authorizer (set by build_node)
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
         self._compaction: asyncio.Task | None = None
@@ -232,6 +236,14 @@ class Node:
                 op=op, call_id=call_id, code=status_code(err.code), reason=err.reason, message=err.message
             )
         )
+
+    def check_target(self, target: str) -> None:
+        """RoutingError unless a transfer may go to ``target`` (router.node.peers)."""
+        peers.check_target(self, target)
+
+    def peer_identity(self, address: str) -> Any:
+        """The identity the node at ``address`` must prove over mTLS (router.node.peers)."""
+        return peers.peer_identity(self, address)
 
     async def execute(self, cmd: dict) -> Any:
         """Apply, and return the result once it (and everything before it) is durable."""

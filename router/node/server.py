@@ -29,7 +29,7 @@ from router.node.errors import Malformed
 from router.node.interconnect import InterconnectService
 from router.node.node import Node, maybe_await
 from router.node.services import AdminService, AgentsService, DiagnosticsService, RoutingService
-from router.transfer import Transfers
+from router.node.transfer import Transfers
 from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
@@ -122,12 +122,15 @@ async def build_node(
     max_watchers: int = 10_000,
     compact_every: int = 20_000,
     queue_factory: Any = None,
+    security: Any = None,
 ) -> tuple[Node, int]:
     """Recover the site's state from ``data_dir`` and bind a gRPC server on ``address``.
 
-    Returns the node (not started: call ``await node.start()``) and the bound port.
-    Raises RecoveryError when the journal does not replay, RuntimeError when the address
-    cannot be bound.
+    ``security``: a :class:`router.security.node.NodeSecurity` (mTLS files, bindings,
+    audit log); None = plaintext, every caller trusted, no audit — only for loopback
+    (tests and development). Returns the node (not started: call ``await node.start()``)
+    and the bound port. Raises RecoveryError when the journal does not replay,
+    RuntimeError when the address cannot be bound.
     """
     from router.journal import Journal
 
@@ -150,7 +153,13 @@ async def build_node(
     node._last_t = last_t
     node.durable_seq = int(getattr(journal, "last_seq", 0) or 0)  # all recovered records are on disk
 
+    interceptors = []
+    if security is not None:
+        node.authz = security.authorizer(node)
+        node.channels = security.channels
+        interceptors.append(security.interceptor(node.authz))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -164,7 +173,7 @@ async def build_node(
     add_service(server, AdminService(node), admin_pb2.DESCRIPTOR, "Admin")
     add_service(server, DiagnosticsService(node), diagnostics_pb2.DESCRIPTOR, "Diagnostics")
     add_service(server, InterconnectService(node), interconnect_pb2.DESCRIPTOR, "Interconnect")
-    # Transfers between sites (router.transfer): node.transfer(call_id, target) and
+    # Transfers between sites (router.node.transfer): node.transfer(call_id, target) and
     # node.drain(targets); the driver also resolves transfers a crash left in flight.
     node.transfers = Transfers(node)
     node.transfer = node.transfers.transfer
@@ -179,7 +188,10 @@ async def build_node(
     )
 
     try:
-        port = server.add_insecure_port(address)
+        if security is not None and security.tls is not None:
+            port = server.add_secure_port(address, security.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as e:
         await maybe_await(journal.close())
         raise RuntimeError(f"cannot listen on {address}: {e}") from e

@@ -36,7 +36,7 @@ Routing (see :mod:`router.policy` for the rules):
   An offer may carry ``history_repeat: true`` (the node found a contact within the
   window in the interaction history): the call then counts as a repeat caller too.
   It is not part of the offer's identity (a retry without it is the same offer).
-* Contingency mode (``set_mode``, see :mod:`router.engine_mode`): back-office agents
+* Contingency mode (``set_mode``, see :mod:`router.engine.mode`): back-office agents
   (``AgentGroup.backoffice``) are eligible for voice/chat queues only while the mode
   turns them on; the mode's IVR announcement is kept for the edges.
 * ``set_state`` to the current state is a no-op (changed False): ready again,
@@ -63,15 +63,15 @@ import heapq
 from collections import deque
 from typing import Any
 
-from router import engine_validate as v
+from router.engine import validate as v
 from router import policy
 from router.config import SiteConfig
-from router.engine_core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
-from router.engine_mode import GATED_CHANNELS, ModeMixin
-from router.engine_records import Agent, Call, Queue
-from router.engine_snapshot import SnapshotMixin
-from router.engine_transfer import RESERVE, TransferMixin
-from router.engine_views import ViewsMixin
+from router.engine.core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
+from router.engine.mode import GATED_CHANNELS, ModeMixin
+from router.engine.records import Agent, Call, Queue
+from router.engine.snapshot import SnapshotMixin
+from router.engine.transfer import RESERVE, TransferMixin
+from router.engine.views import ViewsMixin
 from router.model import (
     AgentChanged,
     AssignmentCancelled,
@@ -158,8 +158,8 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, ModeMixin, CoreMixin):
             "disconnect": self._op_disconnect,
             "tick": self._op_tick,
         }
-        self._init_transfers()  # transfer_* commands (router.engine_transfer)
-        self._init_mode(all_queues, backoffice)  # set_mode (router.engine_mode)
+        self._init_transfers()  # transfer_* commands (router.engine.transfer)
+        self._init_mode(all_queues, backoffice)  # set_mode (router.engine.mode)
 
     # -- entry point --------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from router.config import SiteConfig
-from router.engine_records import Call
+from router.engine.records import Call
 
 SNAPSHOT_VERSION = 1
 

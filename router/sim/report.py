@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from router.config import Channel, SiteConfig
-from router.loadgen import CallRecord
-from router.loadgen_agents import Ledger
+from router.sim.ledger import CallRecord, Ledger
 from router.v1 import types_pb2
 
 _STATE_OF_OUTCOME = {

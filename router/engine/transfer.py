@@ -70,9 +70,9 @@ import math
 from collections import deque
 from typing import Any
 
-from router import engine_validate as v
+from router.engine import validate as v
 from router import policy
-from router.engine_records import Call
+from router.engine.records import Call
 from router.model import CallChanged, Outcome, RoutingError, TransferView
 
 RESERVE = 2  # deadline kind of a reservation's expiry (ident: its key)

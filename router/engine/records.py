@@ -25,7 +25,7 @@ class Call:
         # engine-only: arrival handle, priority key, the requested class (idempotency),
         # the decision at offer, the ringing offer's deadline, offers made so far.
         "handle", "key", "requested_class", "decision", "offer_deadline", "n_offers",
-        # transfers (router.engine_transfer); rows of older snapshots lack them
+        # transfers (router.engine.transfer); rows of older snapshots lack them
         "xfer_target", "xfer_phase", "xfer_at", "xfer_origin", "abandon_pending",
     )  # fmt: skip
     _NEW_DEFAULTS = ("", "", 0.0, "", 0)

@@ -9,13 +9,13 @@ at most its patience (exponential with the stream's mean; ``None`` = infinite), 
 it hangs up (``AbandonCall``). A call that overflowed to another site (the origin answers
 the hang-up with TRANSFERRING / TRANSFERRED and forwards it) is followed there: the
 caller finds the site that owns it (``GetCall`` on every node) and hangs up there, or
-sees it already ended by the forward. Agents: see :mod:`router.loadgen_agents`; they
+sees it already ended by the forward. Agents: see :mod:`router.sim.agents`; they
 answer calls at whichever site routes them.
 
 Time compression: every duration in the configuration (rates per *simulated* hour, talk
 times, patience, ring and recovery times) is in simulated seconds; the generator runs
 ``time_scale`` simulated seconds per real second. The nodes must be given site files
-scaled the same way (see :func:`router.demo.scaled_site`).
+scaled the same way (see :func:`router.sim.demo.scaled_site`).
 
 A run (:meth:`LoadGen.run`) is bounded: arrivals for ``duration`` real seconds (and at
 most ``max_calls`` calls, ``max_active`` at once), then a drain of at most ``drain_s``
@@ -24,7 +24,7 @@ callers still waiting hang up (reason ``end_of_run``) and the conversations stil
 are completed at once, so every call ends. Agents then go NOT_READY, close their streams
 and sign out. Every RPC carries a deadline.
 
-Afterwards :func:`router.loadgen_report.reconcile` compares the generator's records with
+Afterwards :func:`router.sim.report.reconcile` compares the generator's records with
 each node's (``Admin.ListCalls``): ``lost`` and ``duplicates`` must both be 0.
 """
 
@@ -37,12 +37,14 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import grpc
 
-from router.loadgen_agents import AgentBehaviour, Ledger, SimAgent
-from router.loadgen_rpc import NodeClient, call_with_retry, describe, error_reason
+from router.sim.agents import AgentBehaviour, SimAgent
+from router.sim.ledger import CallRecord, Ledger
+from router.sim.rpc import NodeClient, call_with_retry, describe, error_reason
 from router.v1 import routing_pb2, types_pb2
 
 log = logging.getLogger("tandem.loadgen")
@@ -57,11 +59,6 @@ CHANNELS = {
 _MOVING = (types_pb2.CALL_STATE_TRANSFERRING, types_pb2.CALL_STATE_TRANSFERRED)
 # The call reached an agent: the caller no longer hangs up in the queue.
 _TAKEN = (types_pb2.CALL_STATE_CONNECTED, types_pb2.CALL_STATE_COMPLETED)
-FINAL = {
-    types_pb2.CALL_STATE_COMPLETED: "completed",
-    types_pb2.CALL_STATE_ABANDONED: "abandoned",
-    types_pb2.CALL_STATE_REJECTED: "rejected",
-}
 
 
 @dataclass(frozen=True)
@@ -131,45 +128,8 @@ class LoadGenConfig:
     max_active: int = 5_000
     rpc_timeout_s: float = 5.0  # real seconds, per attempt
     drain_s: float = 20.0  # real seconds
+    tls_dir: Path | None = None  # mTLS as each site's gateway (router.sim.rpc.NodeClient)
     agent_stop_s: float = 5.0
-
-
-@dataclass(slots=True, eq=False)
-class CallRecord:
-    """One call as the generator saw it. Times are Unix seconds (wall clock, comparable
-    with the node's since they run on the same machine); 0 = not reached."""
-
-    call_id: str
-    site: str
-    stream: str
-    caller: str
-    talk_s: float  # drawn talk time, simulated seconds
-    patience_s: float | None  # drawn patience, simulated seconds
-    wake: asyncio.Event
-    queue: str = ""
-    offered_at: float = 0.0
-    acked_at: float = 0.0
-    assign_recv_at: float = 0.0
-    answered_at: float = 0.0
-    ended_at: float = 0.0
-    outcome: str = "pending"  # offer_failed | rejected | abandoned | completed | pending
-    abandon_reason: str = ""
-    agent_id: str = ""
-    assignments: int = 0
-    offer_error: str = ""
-    complete_failed: str = ""
-    node_call: object = None  # the node's final Call, from Complete/Abandon answers
-    owner: str = ""  # the site that owned the call when the caller hung up, if it moved
-
-    def completed(self, call: types_pb2.Call) -> None:
-        self.outcome = FINAL.get(call.state, "pending")
-        self.ended_at = time.time()
-        self.node_call = call
-        self.wake.set()
-
-    def wait_sim(self, scale: float) -> float:
-        end = self.answered_at or time.time()
-        return max(0.0, end - self.offered_at) * scale
 
 
 @dataclass
@@ -197,7 +157,7 @@ class LoadGen:
         })
         self.force = asyncio.Event()
         self.stop_arrivals = asyncio.Event()
-        self.clients = {s: NodeClient(s, a) for s, a in cfg.addresses.items()}
+        self.clients = {s: NodeClient(s, a, cfg.tls_dir) for s, a in cfg.addresses.items()}
         self.counters: dict[str, Counters] = {s: Counters() for s in cfg.addresses}
         self.agents: list[SimAgent] = []
         self.run_id = cfg.run_id or f"r{int(time.time() * 1000) % 10**9:09d}"

@@ -4,7 +4,7 @@ another node exactly once, and recovers transfers in flight after a restart.
     outcome = await node.transfer(call_id, "10.0.0.7:7443")    # TransferOutcome
     result = await node.drain(["10.0.0.7:7443", "10.0.0.8:7443"])
 
-Protocol (the engine half is :mod:`router.engine_transfer`; messages in
+Protocol (the engine half is :mod:`router.engine.transfer`; messages in
 ``proto/router/v1/interconnect.proto``). The target decides each key (call_id,
 transfer_no); the origin journals its steps so that, after a crash, it knows what may be
 out on the wire:
@@ -52,7 +52,7 @@ import grpc
 
 from router.model import RoutingError
 from router.node import convert
-from router.node.errors import error_info
+from router.status import error_info
 from router.v1 import interconnect_pb2 as pb
 from router.v1 import interconnect_pb2_grpc, routing_pb2, routing_pb2_grpc
 
@@ -189,6 +189,12 @@ class Transfers:
         return task
 
     def _channel(self, target: str) -> grpc.aio.Channel:
+        factory = getattr(self.node, "channels", None)
+        if factory is not None:
+            # mTLS with the node's identity; the target must prove it is the member site
+            # at that address (or, for a transfer resumed after a restart whose target
+            # has left, some site of the cluster).
+            return factory.channel(target, self.node.peer_identity(target))
         ch = self._channels.get(target)
         if ch is None:
             ch = self._channels[target] = grpc.aio.insecure_channel(target)
@@ -211,8 +217,10 @@ class Transfers:
         """Move a QUEUED call to the node at ``target`` (host:port). Returns the outcome,
         or state "pending" after ``timeout`` seconds (the transfer goes on in the
         background). Raises RoutingError (nothing changed) when the transfer cannot
-        begin: CALL_NOT_FOUND, WRONG_STATE (not queued), NOT_TRANSFERABLE, or
-        NODE_DRAINING while the node shuts down."""
+        begin: INVALID_ARGUMENT BAD_TARGET (not host:port), FAILED_PRECONDITION
+        UNKNOWN_TARGET (not a current member's address), CALL_NOT_FOUND, WRONG_STATE (not
+        queued), NOT_TRANSFERABLE, or NODE_DRAINING while the node shuts down."""
+        self.node.check_target(target)
         running = self._tasks.get(call_id)
         if running is not None:
             raise RoutingError(
@@ -234,6 +242,8 @@ class Transfers:
         comes back to the queue goes in the next pass)."""
         if not targets:
             raise RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", "drain needs at least one target", field="targets")
+        for target in targets:
+            self.node.check_target(target)
         node = self.node
         node.draining = True
         log.info("draining to %s", ", ".join(targets))

@@ -25,12 +25,12 @@ from bisect import bisect_right
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from router import engine_validate as v
+from router.engine import validate as v
 from router import policy
 from router.model import AgentView, CallView, OfferResult, PastContact, QueueView, RoutingError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from router.engine_records import Call, Queue
+    from router.engine.records import Call, Queue
 
 _LISTABLE_STATES = frozenset(
     {"queued", "assigned", "connected", "completed", "abandoned", "rejected", "transferring"}

@@ -13,8 +13,8 @@ Result (also when unchanged): the mode as a dict.
 
 from __future__ import annotations
 
-from router import engine_validate as v
-from router.engine_records import Agent, Queue
+from router.engine import validate as v
+from router.engine.records import Agent, Queue
 from router.model import AgentChanged, Outcome
 
 MODES = ("normal", "surge", "emergency")

@@ -1,15 +1,15 @@
 """``tandem demo``: the example cluster under load, on compressed time.
 
-:func:`run_demo` starts a throw-away etcd (:mod:`router.etcdproc`, free loopback ports,
+:func:`run_demo` starts a throw-away etcd (:mod:`router.local.etcd`, free loopback ports,
 data under the demo's data dir), writes the cluster's overflow policy into it
-(:data:`DEMO_POLICY`), starts one node per site file (:mod:`router.nodeproc`) with
+(:data:`DEMO_POLICY`), starts one node per site file (:mod:`router.local.nodes`) with
 ``--etcd`` on scaled copies of the site files, signs in every configured agent
-(simulated by :mod:`router.loadgen`), offers traffic for ``duration`` real seconds at
+(simulated by :mod:`router.sim.loadgen`), offers traffic for ``duration`` real seconds at
 ``time_scale`` simulated seconds per real second (default 60: one simulated hour per
 real minute), shows a live view while it runs (overflow counts included), then prints
 KPI tables per site and queue computed from the nodes' own records
 (``Admin.ListCalls``) and reconciles those records with the generator's over all sites
-(:func:`router.loadgen_report.reconcile`: a call that overflowed is owned by the site
+(:func:`router.sim.report.reconcile`: a call that overflowed is owned by the site
 that took it, and TRANSFERRED at the one it left).
 
 Traffic: :data:`DEMO_LOAD` is unbalanced on purpose: Montréal is offered more than its
@@ -69,11 +69,11 @@ from rich.live import Live
 from rich.table import Table
 
 from router.config import Channel, SiteConfig, load_sites, parse_site
-from router.etcdproc import EtcdStartError, etcd_server
-from router.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
-from router.loadgen_agents import AgentBehaviour
-from router.loadgen_rpc import NodeClient, describe
-from router.loadgen_report import (
+from router.local.etcd import EtcdStartError, etcd_server
+from router.sim.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
+from router.sim.agents import AgentBehaviour
+from router.sim.rpc import NodeClient, describe
+from router.sim.report import (
     Overflow,
     QueueKpi,
     Reconciliation,
@@ -83,7 +83,7 @@ from router.loadgen_report import (
     total,
     voice_occupancy,
 )
-from router.nodeproc import NodeStartError, running_nodes
+from router.local.nodes import NodeStartError, running_nodes
 from router.v1 import admin_pb2
 
 DEMO_TIME_SCALE = 60.0
@@ -528,8 +528,9 @@ async def _settle(clients: dict[str, NodeClient], timeout: float = 15.0) -> None
 
 async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
                  streams: list[CallStream], duration: float, scale: float, seed: int,
-                 live_console: Console | None, log_console: Console) -> tuple:
+                 live_console: Console | None, log_console: Console, tls_dir: Path | None = None) -> tuple:
     cfg = LoadGenConfig(
+        tls_dir=tls_dir,
         addresses=addresses,
         streams=streams,
         agents={s.site.name: list(s.agent_profiles()) for s in sites},
@@ -560,7 +561,7 @@ async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], 
         stop.set()
         await asyncio.gather(poller, return_exceptions=True)
     node_calls = {}
-    clients = {site: NodeClient(site, addr) for site, addr in listing.items()}
+    clients = {site: NodeClient(site, addr, tls_dir) for site, addr in listing.items()}
     try:
         await _settle(clients)
         for site, client in clients.items():
@@ -604,6 +605,7 @@ async def run_traffic(
     base = Path(root) / kind
     streams = demo_streams(sites, load)
     extra: list[str] = []
+    tls_dir: Path | None = None
     if kind == "pooled":
         d = scaled_site(parse_site(pooled_site(sites), "<pooled>"), scale)
         (base / "sites").mkdir(parents=True, exist_ok=True)
@@ -616,6 +618,10 @@ async def run_traffic(
                 raise ValueError("a cluster run needs etcd endpoints")
             extra = ["--etcd", ",".join(etcd_endpoints), "--etcd-prefix", etcd_prefix,
                      "--etcd-ttl", str(ETCD_TTL_S)]
+            # The cluster runs over mTLS: a CA and every identity in its data dir (the
+            # reference runs are plaintext: they only replay the traffic for comparison).
+            tls_dir = make_certs(sites, base / "tls")
+            extra += ["--tls-dir", str(tls_dir)]
     # The cluster run fills the history (each node: chdb in its data dir, read merged by
     # `tandem report kpi --data-dir DIR`; TANDEM_HISTORY=URL or off overrides); the
     # reference runs replay the same call ids and must not touch it.
@@ -634,7 +640,7 @@ async def run_traffic(
                 await _cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
             t0 = time.time()
             gen, node_calls, rec = await _drive(kind, addresses, listing, sites, streams, duration, scale,
-                                                seed, live_console, log_console)
+                                                seed, live_console, log_console, tls_dir)
         except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
             raise RunFailed(f"the {kind} run failed: {describe(e)}\n{_node_logs(nodes)}") from None
         except RunFailed as e:
@@ -647,6 +653,15 @@ async def run_traffic(
     occupancy = voice_occupancy(node_calls, running, t_a + 0.1 * (t_b - t_a), t_b)
     flows = overflow_counts(node_calls) if kind == "cluster" else {}
     return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0)
+
+
+def make_certs(sites: list[SiteConfig], directory: Path) -> Path:
+    """``tandem certs init`` for the example sites (kept when already there)."""
+    from router.security import pki
+
+    if not (directory / "ca.key").exists():
+        pki.init(directory, [(s.site.name, s.site.kind) for s in sites])
+    return directory
 
 
 def load_site_file(path: Path) -> SiteConfig:

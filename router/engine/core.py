@@ -11,7 +11,7 @@ import heapq
 from typing import Any
 
 from router import policy
-from router.engine_records import Agent, Call, Queue
+from router.engine.records import Agent, Call, Queue
 from router.model import (
     AgentChanged,
     AssignmentCancelled,

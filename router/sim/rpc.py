@@ -9,11 +9,13 @@ the ``google.rpc.ErrorInfo`` reason a node attaches to a refusal.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from router.security.tls import ChannelFactory, TlsFiles
 from router.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -58,22 +60,41 @@ def describe(err: BaseException) -> str:
 
 
 class NodeClient:
-    """A channel to one node and its four stubs."""
+    """A channel to one node and its four stubs.
 
-    def __init__(self, site: str, address: str) -> None:
+    With ``tls_dir`` (``tandem certs init``) the simulator speaks mTLS as the real edges
+    would: calls and agents as the site's peripheral gateway (``agents-SITE``: Routing and
+    Agents), status and call listings as an operator (``operator-admin``: Admin), each
+    checking that the server is site ``site``. Without it: one plaintext channel."""
+
+    def __init__(self, site: str, address: str, tls_dir: Path | None = None,
+                 operator: str = "admin") -> None:
         self.site = site
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._factories: list[ChannelFactory] = []
+        if tls_dir is None:
+            self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            admin_channel = self.channel
+        else:
+            gateway = ChannelFactory(TlsFiles(tls_dir, f"agents-{site}"), options=_CHANNEL_OPTIONS)
+            ops = ChannelFactory(TlsFiles(tls_dir, f"operator-{operator}"), options=_CHANNEL_OPTIONS)
+            self._factories = [gateway, ops]
+            self.channel = gateway.channel(address, gateway.expect("site", site))
+            admin_channel = ops.channel(address, ops.expect("site", site))
         self.routing = routing_pb2_grpc.RoutingStub(self.channel)
         self.agents = agents_pb2_grpc.AgentsStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(admin_channel)
         self.diagnostics = diagnostics_pb2_grpc.DiagnosticsStub(self.channel)
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def close(self) -> None:
-        await self.channel.close(grace=None)
+        if self._factories:
+            for f in self._factories:
+                await f.close_all()
+        else:
+            await self.channel.close(grace=None)
 
     async def list_calls(self, timeout: float = 10.0, page_size: int = 1000) -> list:
         """Every call the node knows (Admin.ListCalls, all pages)."""

@@ -6,7 +6,7 @@ given, else a temp dir on tmpfs when there is one: etcd 3.4 has no ``--unsafe-no
 and fsync is slow on small VMs). It waits until ``/health`` answers, yields the
 :class:`EtcdServer`, and on exit kills the server and removes its data.
 
-The server is started through :func:`router.nodeproc.pdeathsig_argv` (it gets SIGTERM
+The server is started through :func:`router.local.nodes.pdeathsig_argv` (it gets SIGTERM
 if the process that started it dies) and in its own session (a Ctrl-C in the terminal
 reaches the demo, which stops it in order). ``tests/etcd_fixtures.py`` extends it for
 the tests (pause/resume, etcdctl).
@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from router.nodeproc import pdeathsig_argv
+from router.local.nodes import pdeathsig_argv
 
 ETCD_ENV = "TANDEM_ETCD_BIN"
 

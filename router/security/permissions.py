@@ -1,0 +1,106 @@
+"""The permission table: which role may call which RPC. One place; the README prints it
+(``tandem security table``) and the tests are generated from it. Pure: no I/O.
+
+Every RPC of a node acts on that node's site, so a binding's scope (a list of sites, or
+``*``) covers a call when it names the serving node's site. Default deny: an RPC missing
+from :data:`TABLE` is refused to everybody.
+
+Roles:
+
+* ``viewer`` — reads: status, calls, agents, transfers, wait estimates.
+* ``supervisor`` — reads, plus agent and queue actions (set an agent's state, sign an
+  agent out, move a queued call to another member).
+* ``operator`` — everything an operator does: the above, offers and agent sessions on
+  behalf of the site, drain. Not the member-to-member transfer protocol.
+* ``site`` — a node of the cluster: the Interconnect transfer protocol, between current
+  members only; also Routing.GetCall (an origin asks a partner node about the calls it
+  sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
+* ``agent-gateway`` — a site's peripheral gateway (PBX/IVR adapter and agent desktops):
+  the Routing and Agents services of its own site.
+* ``partner`` — the partner API with its own contract; nothing of the node's services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("viewer", "supervisor", "operator", "site", "agent-gateway", "partner")
+
+_READ = frozenset({"viewer", "supervisor", "operator"})
+_ALL_BUT_PARTNER = frozenset({"viewer", "supervisor", "operator", "site", "agent-gateway"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Who may call one RPC, and whether it changes anything (mutations are audited
+    whatever the decision; reads only when refused)."""
+
+    roles: frozenset[str]
+    mutates: bool = False
+    members_only: bool = False  # the caller's site identity must be a current member
+
+
+def _r(*roles: str | frozenset[str], mutates: bool = False, members_only: bool = False) -> Rule:
+    out: set[str] = set()
+    for r in roles:
+        out |= {r} if isinstance(r, str) else set(r)
+    unknown = out - set(ROLES)
+    assert not unknown, unknown
+    return Rule(frozenset(out), mutates, members_only)
+
+
+R = "/router.v1.Routing/"
+A = "/router.v1.Agents/"
+ADM = "/router.v1.Admin/"
+IC = "/router.v1.Interconnect/"
+
+#: full gRPC method name -> rule. Default deny for anything not listed.
+TABLE: dict[str, Rule] = {
+    R + "OfferCall": _r("agent-gateway", "operator", mutates=True),
+    R + "AbandonCall": _r("agent-gateway", "operator", "site", mutates=True),
+    R + "CompleteCall": _r("agent-gateway", "operator", mutates=True),
+    R + "GetCall": _r(_READ, "agent-gateway", "site"),
+    R + "WatchCall": _r(_READ, "agent-gateway"),
+    R + "EstimateWait": _r(_READ, "agent-gateway"),
+    A + "SignIn": _r("agent-gateway", "operator", mutates=True),
+    A + "SignOut": _r("agent-gateway", "supervisor", "operator", mutates=True),
+    A + "SetState": _r("agent-gateway", "supervisor", "operator", mutates=True),
+    A + "GetAgent": _r(_READ, "agent-gateway"),
+    A + "Connect": _r("agent-gateway", "operator", mutates=True),
+    ADM + "GetStatus": _r(_READ),
+    ADM + "ListCalls": _r(_READ),
+    "/router.v1.Diagnostics/Echo": _r(_ALL_BUT_PARTNER),
+    IC + "ProposeTransfer": _r("site", mutates=True, members_only=True),
+    IC + "CommitTransfer": _r("site", mutates=True, members_only=True),
+    IC + "AbortTransfer": _r("site", mutates=True, members_only=True),
+    IC + "GetTransfer": _r("site", _READ, members_only=False),
+    IC + "TransferCall": _r("supervisor", "operator", mutates=True),
+    IC + "DrainSite": _r("operator", mutates=True),
+    "/grpc.health.v1.Health/Check": _r(ROLES),
+    "/grpc.health.v1.Health/Watch": _r(ROLES),
+    "/grpc.health.v1.Health/List": _r(ROLES),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _r(_ALL_BUT_PARTNER),
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _r(_ALL_BUT_PARTNER),
+}
+
+
+def rule(method: str) -> Rule | None:
+    return TABLE.get(method)
+
+
+def allowed(role: str, method: str) -> bool:
+    r = TABLE.get(method)
+    return r is not None and role in r.roles
+
+
+def markdown_table() -> str:
+    """The table as Markdown (RPC x role), for the README."""
+    head = "| RPC | " + " | ".join(ROLES) + " |\n|---|" + "---|" * len(ROLES) + "\n"
+    rows = []
+    for method, r in TABLE.items():
+        name = method.lstrip("/").replace("router.v1.", "")
+        marks = " | ".join("yes" if role in r.roles else "" for role in ROLES)
+        extra = " (audited)" if r.mutates else ""
+        extra += " (members only)" if r.members_only else ""
+        rows.append(f"| `{name}`{extra} | {marks} |")
+    return head + "\n".join(rows) + "\n"
