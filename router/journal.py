@@ -229,7 +229,7 @@ class Journal:
             path.mkdir(parents=True)
             if sync != "none":
                 for new_dir in reversed(created):     # each new entry, top down
-                    _fsync_dir(new_dir.parent)
+                    fsync_dir(new_dir.parent)
         lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -280,7 +280,7 @@ class Journal:
         if has_snap and sync:
             _fsync_path(d / _snapshot_name(snap_seq))
         if sync:
-            _fsync_dir(d)          # the snapshot's rename is durable before we delete
+            fsync_dir(d)          # the snapshot's rename is durable before we delete
         for seg in scans:
             truncated = seg is active and seg.good_end < seg.size
             if truncated:
@@ -300,7 +300,7 @@ class Journal:
             return snap_seq, state, replay, fd, active.first_seq
         fd = os.open(d / _segment_name(next_seq), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if sync:
-            _fsync_dir(d)
+            fsync_dir(d)
         return snap_seq, state, replay, fd, next_seq
 
     def recover(self) -> tuple[dict | None, list[dict]]:
@@ -575,7 +575,7 @@ class Journal:
         os.close(self._fd)
         self._fd, self._seg_first = fd, first_seq
         if self._sync_file is not None:
-            _fsync_dir(self._dir)    # the file must exist after a crash before we ack into it
+            fsync_dir(self._dir)    # the file must exist after a crash before we ack into it
         self._step("rotated")
 
     def _write_snapshot(self, seq: int, data: Any) -> None:
@@ -595,7 +595,7 @@ class Journal:
         os.replace(tmp, final)
         self._step("renamed")
         if self._sync_file is not None:
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         self._step("dir-synced")
         # Segments are contiguous and one starts at seq + 1, so any starting at or before
         # seq ends at or before it.
@@ -634,7 +634,8 @@ def _join_handed_over(head: bytes, nonempty: bool, lists: dict[str, list]) -> by
     return bytes(out)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a created, renamed or removed file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

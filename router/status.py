@@ -52,3 +52,20 @@ def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
             d.Unpack(info)
             return info
     return None
+
+
+def reason_in_metadata(metadata: object) -> str:
+    """The ErrorInfo reason carried by trailing metadata (``grpc-status-details-bin``);
+    "" when there is none or it does not parse."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            try:
+                st = status_pb2.Status.FromString(value)
+            except Exception:  # noqa: BLE001 - not ours to judge: no reason then
+                return ""
+            for d in st.details:
+                if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    d.Unpack(info)
+                    return info.reason
+    return ""

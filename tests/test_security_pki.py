@@ -195,8 +195,56 @@ def test_issue_takes_the_trust_domain_from_the_ca(tmp_path):
     assert s.get_values_for_type(x509.DNSName) == ["callpro.partner.acme.example", "localhost", "gw.callpro.example"]
     assert [str(a) for a in s.get_values_for_type(x509.IPAddress)] == ["192.0.2.1", "::1"]
     assert abs(pki.expires_at(pem) - datetime.now(timezone.utc) - timedelta(days=30)) < timedelta(seconds=60)
-    for kind in ("site", "operator", "agents"):
+    for kind in ("site", "operator", "agents", "etcd"):
         assert pki.identity_of(pki.issue(d, kind, "x1").read_bytes()).kind == kind
+
+
+def eku_of(pem: bytes) -> set:
+    return set(x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+def test_an_etcd_member_identity_serves_and_dials(own_tls):
+    """``etcd/NAME``: serverAuth + clientAuth like a site, names from --host, no ``site.*`` SAN;
+    the other kinds keep their key usages."""
+    path = pki.issue(own_tls, "etcd", "e1", hosts=("127.0.0.1", "10.0.0.5", "etcd1.lan"))
+    assert path == own_tls / "etcd-e1.crt" and mode(own_tls / "etcd-e1.key") == 0o600
+    pem = path.read_bytes()
+    ident = pki.identity_of(pem)
+    assert ident == SpiffeId("tandem", "etcd", "e1") and ident.uri == "spiffe://tandem/etcd/e1"
+    assert ident.file_stem == "etcd-e1" and spiffe.parse("spiffe://tandem/etcd/e1") == ident
+    cert = x509.load_pem_x509_certificate(pem)
+    cert.verify_directly_issued_by(cert_of(own_tls / "ca.crt"))
+    s = san(cert)
+    assert s.get_values_for_type(x509.DNSName) == ["e1.etcd.tandem", "localhost", "etcd1.lan"]
+    assert [str(a) for a in s.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.0.0.5"]
+    assert eku_of(pem) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    pki.issue(own_tls, "partner", "acme")
+    expected = {"site": {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH},
+                "partner": {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH},
+                "operator": {ExtendedKeyUsageOID.CLIENT_AUTH}, "agents": {ExtendedKeyUsageOID.CLIENT_AUTH}}
+    for leaf in pki.leaves(own_tls):
+        kind = leaf.stem.partition("-")[0]
+        if kind != "etcd":
+            assert eku_of(leaf.read_bytes()) == expected[kind], leaf.name
+    # a leaf like the others: listed, shown, renewed with the same names
+    assert own_tls / "etcd-e1.crt" in pki.leaves(own_tls)
+    rows = {r["file"]: r for r in pki.describe(own_tls)}
+    assert rows["etcd-e1.crt"]["identity"] == ident.uri and rows["etcd-e1.crt"]["status"] == "ok"
+    assert own_tls / "etcd-e1.crt" in pki.renew(own_tls)
+    assert san(cert_of(own_tls / "etcd-e1.crt")) == s
+    with pytest.raises(pki.PkiError, match="bad etcd name"):
+        pki.issue(own_tls, "etcd", "E1")
+
+
+def test_cli_issue_etcd(own_tls):
+    code, out, err = cli("certs", "issue", own_tls, "--etcd", "e2", "--host", "127.0.0.1", "--host", "etcd2.lan")
+    assert code == 0 and out.strip() == str(own_tls / "etcd-e2.crt"), err
+    pem = (own_tls / "etcd-e2.crt").read_bytes()
+    assert pki.identity_of(pem).uri == "spiffe://tandem/etcd/e2"
+    assert pki.sans_of(pem) == {"uri": ["spiffe://tandem/etcd/e2"], "dns": ["e2.etcd.tandem", "localhost", "etcd2.lan"],
+                                "ip": ["127.0.0.1"]}
+    code, _, err = cli("certs", "issue", own_tls, "--etcd", "e3", "--site", "x")
+    assert code == 1 and "--etcd NAME" in err
 
 
 def test_issue_errors(tmp_path, own_tls):

@@ -8,6 +8,19 @@ timeout it drops the channel and the next operation goes to the next endpoint (w
 single endpoint this re-creates the channel, which also resets gRPC's reconnect
 backoff). Watches and leases opened on the dropped channel fail, and the loops that own
 them start over on the new one.
+
+TLS material is read from its files for every new client, again whenever a file's
+mtime or size changed (``tandem certs renew``): a client made with outdated material is
+replaced at the next operation, so that no handshake, not even one of gRPC's own
+reconnects, presents a certificate that was renewed. When the client certificate is a
+Tandem identity (a SPIFFE ID ``spiffe://TD/KIND/NAME`` in its URI SAN, i.e. it comes from
+a Tandem TLS dir), the server must be an etcd member of the same trust domain: a TLS
+handshake made before the channel reads the server's SPIFFE ID (kind ``etcd``, name
+``NAME``), and the channel then checks, at every handshake, the DNS SAN
+``NAME.etcd.TD`` (``grpc.ssl_target_name_override``) instead of the endpoint's host
+name, which every leaf of the CA carries (127.0.0.1, localhost). Another identity of
+the CA at an endpoint is refused (:class:`ServerIdentityError`). Other client
+certificates (another PKI) keep the usual host name check.
 """
 
 from __future__ import annotations
@@ -16,13 +29,19 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import aetcd
 import grpc
 from aetcd import rpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.coord.base import CoordinationUnavailable
@@ -76,9 +95,13 @@ class EtcdSettings(BaseModel):
 
     @property
     def tls(self) -> bool:
-        return self.ca_file is not None or self.cert_file is not None or any(
-            e.startswith("https://") for e in self.endpoints
-        )
+        return self.wants_tls(self.endpoints, self.ca_file, self.cert_file)
+
+    @staticmethod
+    def wants_tls(endpoints: Iterable[str], ca_file: str | None = None, cert_file: str | None = None) -> bool:
+        """The rule of :attr:`tls`: TLS when a CA or a client certificate is given, or an
+        endpoint is ``https://``."""
+        return bool(ca_file) or bool(cert_file) or any(str(e).startswith("https://") for e in endpoints)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "EtcdSettings":
@@ -130,7 +153,7 @@ class _Client(aetcd.Client):
     it sets the attributes that ``connect`` sets there.
     """
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, settings: EtcdSettings) -> None:
+    def __init__(self, target: str, tls: "_Tls | None", settings: EtcdSettings) -> None:
         host, port = _split_endpoint(target)
         super().__init__(
             host=host, port=port, username=settings.username, password=settings.password,
@@ -138,7 +161,8 @@ class _Client(aetcd.Client):
             connect_wait_timeout=settings.op_timeout_s,
         )
         self._target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._credentials = credentials
+        self.tls = tls
+        self.server_identity: str | None = None  # the server's SPIFFE ID, once checked
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -149,8 +173,12 @@ class _Client(aetcd.Client):
         try:
             self._is_connecting = True
             opts = list(self._options.items())
-            if self._credentials is not None:
-                self.channel = rpc.secure_channel(self._target, self._credentials, options=opts)
+            if self.tls is not None:
+                if self.tls.trust_domain is not None:
+                    name = await self._check_server(self.tls)
+                    # every handshake of the channel (gRPC reconnects too) checks this name
+                    opts.append(("grpc.ssl_target_name_override", f"{name}.{SERVER_KIND}.{self.tls.trust_domain}"))
+                self.channel = rpc.secure_channel(self._target, self.tls.credentials, options=opts)
             else:
                 self.channel = rpc.insecure_channel(self._target, options=opts)
             if self._username is not None:
@@ -171,19 +199,132 @@ class _Client(aetcd.Client):
         finally:
             self._is_connecting = False
 
+    async def _check_server(self, tls: "_Tls") -> str:
+        """Handshake with the endpoint and read the server's SPIFFE ID: it must be an
+        ``etcd`` identity of ``tls.trust_domain``. Returns its name; ServerIdentityError
+        otherwise (ssl.SSLError, OSError when the handshake fails)."""
+        host, port = self._host, self._port
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls.ssl_context, server_hostname=host),
+            self._timeout,
+        )
+        try:
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        finally:
+            writer.close()
+            await quietly(writer.wait_closed())
+        ident = _spiffe_id(x509.load_der_x509_certificate(der)) if der else None
+        if ident is None or ident[0] != tls.trust_domain or ident[1] != SERVER_KIND:
+            shown = "spiffe://" + "/".join(ident) if ident else "a certificate without a Tandem SPIFFE ID"
+            log.warning("etcd endpoint %s presented %s, not an etcd identity of trust domain %s: refused",
+                        self._target, shown, tls.trust_domain)
+            raise ServerIdentityError(f"the server at {self._target} is {shown}, not an etcd member "
+                                      f"(spiffe://{tls.trust_domain}/{SERVER_KIND}/NAME)")
+        self.server_identity = "spiffe://" + "/".join(ident)
+        return ident[2]
 
-def _credentials(settings: EtcdSettings) -> grpc.ChannelCredentials | None:
-    if not settings.tls:
+
+# --- TLS material ------------------------------------------------------------------------
+
+SERVER_KIND = "etcd"  # the SPIFFE kind an etcd member's certificate has (router.security.spiffe)
+_SPIFFE = re.compile(r"spiffe://([a-z0-9.-]+)/([a-z]+)/([a-z0-9-]+)")
+
+
+class ServerIdentityError(ConnectionError):
+    """The server at an endpoint is not an etcd member of the cluster."""
+
+
+class TlsMaterialError(Exception):
+    """The TLS files cannot be used together (the key does not belong to the certificate,
+    or they changed while being read): read them again later."""
+
+
+def _spiffe_id(cert: x509.Certificate) -> tuple[str, str, str] | None:
+    """(trust domain, kind, name) of a certificate's single SPIFFE URI SAN, else None."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
         return None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    m = _SPIFFE.fullmatch(uris[0]) if len(uris) == 1 else None
+    return (m.group(1), m.group(2), m.group(3)) if m else None
 
-    def read(p: str | None) -> bytes | None:
-        return Path(p).read_bytes() if p else None
 
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(settings.ca_file),
-        private_key=read(settings.key_file),
-        certificate_chain=read(settings.cert_file),
-    )
+def _stat(path: str | None) -> tuple[int, int]:
+    if not path:
+        return (0, 0)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class _Tls:
+    """TLS material as read at one ``version`` of the files."""
+
+    version: tuple
+    credentials: grpc.ChannelCredentials
+    trust_domain: str | None  # set: the client is a Tandem identity, the server must be etcd's
+    ssl_context: ssl.SSLContext | None  # for the server check (same files)
+
+
+class _TlsFiles:
+    """The CA, client certificate and key files of the settings."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.ca_file, self.cert_file, self.key_file = settings.ca_file, settings.cert_file, settings.key_file
+
+    def version(self) -> tuple:
+        """Changes whenever one of the files does (mtime or size)."""
+        return (_stat(self.ca_file), _stat(self.cert_file), _stat(self.key_file))
+
+    def load(self) -> _Tls:
+        """Read the files (OSError when one cannot be read; TlsMaterialError when the key
+        does not belong to the certificate, e.g. read between the two replacements of a
+        renewal, or a file changed while being read)."""
+        version = self.version()
+        ca = Path(self.ca_file).read_bytes() if self.ca_file else None
+        cert = Path(self.cert_file).read_bytes() if self.cert_file else None
+        key = Path(self.key_file).read_bytes() if self.key_file else None
+        trust_domain, ctx = None, None
+        if cert is not None and key is not None:
+            try:
+                c = x509.load_pem_x509_certificate(cert)
+                k = serialization.load_pem_private_key(key, password=None)
+            except (ValueError, TypeError) as e:
+                raise TlsMaterialError(f"{self.cert_file} / {self.key_file}: {e}") from None
+            fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if c.public_key().public_bytes(*fmt) != k.public_key().public_bytes(*fmt):
+                raise TlsMaterialError(f"{self.key_file} does not belong to {self.cert_file}")
+            ident = _spiffe_id(c)
+            if ident is not None:
+                trust_domain = ident[0]
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False  # the identity is checked instead (_check_server)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                if ca is not None:
+                    ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+                else:
+                    ctx.load_default_certs()
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.version() != version:
+            raise TlsMaterialError("the TLS files changed while being read")
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        return _Tls(version, creds, trust_domain, ctx)
+
+    def load_settled(self, wait_s: float = 1.0) -> _Tls:
+        """:meth:`load`, retried for up to ``wait_s`` while the files are inconsistent."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.load()
+            except TlsMaterialError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
 
 class LeaseGone(CoordinationUnavailable):
@@ -213,7 +354,9 @@ class Link:
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
-        self._credentials = _credentials(settings)
+        self._files = _TlsFiles(settings) if settings.tls else None
+        self._tls = self._files.load_settled() if self._files is not None else None
+        self._unusable: tuple | None = None  # a version of the files that could not be loaded
         self._index = 0
         self._client: _Client | None = None
         self.generation = 0  # bumped on every reset: watches compare it
@@ -225,17 +368,49 @@ class Link:
 
     def client(self) -> _Client:
         if self._client is None:
-            self._client = _Client(self.endpoint, self._credentials, self.settings)
+            self._refresh_tls()
+            self._client = _Client(self.endpoint, self._tls, self.settings)
         return self._client
 
-    def reset(self, generation: int | None = None, why: str = "") -> None:
+    @property
+    def tls_version(self) -> tuple | None:
+        """The version (mtimes and sizes) of the TLS files in use (None: no TLS)."""
+        return self._tls.version if self._tls is not None else None
+
+    def _refresh_tls(self) -> bool:
+        """Read the TLS files again if they changed; True when new material was taken.
+        Files that cannot be used (a renewal half done, a file missing) leave the current
+        material in force, and are tried again once they change."""
+        if self._files is None or self._tls is None:
+            return False
+        v = self._files.version()
+        if v == self._tls.version or v == self._unusable:
+            return False
+        try:
+            self._tls = self._files.load()
+        except (OSError, TlsMaterialError, ssl.SSLError) as e:
+            if v != self._unusable:
+                log.warning("etcd TLS files changed but cannot be used yet (keeping the previous ones): %s", e)
+            self._unusable = v
+            return False
+        self._unusable = None
+        log.info("etcd TLS files reloaded (%s)", self.settings.cert_file or self.settings.ca_file)
+        return True
+
+    def _replace_outdated_client(self) -> None:
+        # A renewed certificate: the current channel would present the old one at its
+        # next handshake (a reconnect of its own), so open a new client now.
+        if self._refresh_tls() and self._client is not None and self._client.tls is not self._tls:
+            self.reset(why="TLS files renewed", rotate=False)
+
+    def reset(self, generation: int | None = None, why: str = "", rotate: bool = True) -> None:
         """Drop the client (if ``generation`` is still current) and move to the next
-        endpoint; in-flight operations and watches on it fail."""
+        endpoint (unless not ``rotate``); in-flight operations and watches on it fail."""
         if generation is not None and generation != self.generation:
             return
         old, self._client = self._client, None
         self.generation += 1
-        if len(self.settings.endpoints) > 1:
+        if rotate and len(self.settings.endpoints) > 1:
             self._index = (self._index + 1) % len(self.settings.endpoints)
         if why:
             log.debug("etcd link reset (%s); next endpoint %s", why, self.endpoint)
@@ -248,6 +423,7 @@ class Link:
         await quietly(client.close(), 2.0)
 
     async def run(self, what: str, op: Callable[[_Client], Awaitable[T]], timeout: float | None = None) -> T:
+        self._replace_outdated_client()
         gen = self.generation
         endpoint = self.endpoint
         try:
@@ -268,7 +444,12 @@ class Link:
             raise CoordinationUnavailable(f"{what}: etcd connection to {endpoint} was reset") from None
         except _CONNECTION_ERRORS as e:
             self.reset(gen, f"{what}: {type(e).__name__}")
-            kind = "did not answer in time" if isinstance(e, asyncio.TimeoutError) else f"unreachable: {e}"
+            if isinstance(e, ServerIdentityError):
+                kind = f"refused: {e}"
+            elif isinstance(e, asyncio.TimeoutError):
+                kind = "did not answer in time"
+            else:
+                kind = f"unreachable: {e}"
             raise CoordinationUnavailable(f"{what}: etcd at {endpoint} {kind}") from e
 
     async def watch(self, what: str, key: bytes, range_end: bytes | None = None,

@@ -8,7 +8,7 @@
   the embedded default (``make demo``). chdb is imported only when such a store opens
   (it costs ~0.5 GB and a second), and one process can hold one chdb path at a time.
 
-:func:`open_store` takes either form: a ``clickhouse://`` URL or a directory.
+:func:`open_store` takes either form: a ``clickhouse[s]://`` URL or a directory.
 
 Contract of every store (thread-safe: calls are serialised by a lock):
 
@@ -431,8 +431,8 @@ class ChdbStore(HistoryStore):
 
 
 def open_store(target: str | Path, **kwargs: Any) -> HistoryStore:
-    """A ``clickhouse://`` URL gives a server store; anything else is a directory for chdb
-    (a node passes ``<its data dir>/history``)."""
+    """A ``clickhouse://`` or ``clickhouses://`` URL gives a server store; anything else is
+    a directory for chdb (a node passes ``<its data dir>/history``)."""
     s = str(target)
     if s.startswith(("clickhouse://", "clickhouses://")):
         return ClickHouseServerStore(s, **kwargs)

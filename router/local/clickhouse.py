@@ -9,7 +9,7 @@ the server on free loopback ports (tcp, http, interserver) and waits until it an
 With ``tls_dir`` (a Tandem TLS directory, ``tandem certs init``) it serves TLS only: the
 native protocol on ``tcp_port_secure`` and HTTP on ``https_port``, no plaintext port at
 all (no ``tcp_port``, ``http_port`` or interserver port), with the certificate
-``TLS_DIR/site-clickhouse.crt`` (issued by the directory's CA when missing: IP SAN
+``TLS_DIR/clickhouse-local.crt`` (issued by the directory's CA when missing: IP SAN
 127.0.0.1) and client certificates required and checked against ``TLS_DIR/ca.crt`` only
 (``verificationMode`` strict, ``loadDefaultCAFile`` false: the system's CAs are not
 trusted for clients). TLS 1.2 (ECDHE with AES-GCM or ChaCha20-Poly1305) and TLS 1.3.
@@ -93,7 +93,7 @@ TLS_PORTS_XML = """  <tcp_port_secure>{tcp}</tcp_port_secure>
 TLS12_CIPHERS = ":".join(f"ECDHE-{k}-{c}" for k in ("ECDSA", "RSA")
                          for c in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305"))
 #: The server's identity in a TLS directory (a serverAuth + clientAuth leaf of its CA).
-SERVER_KIND, SERVER_NAME = "site", "clickhouse"
+SERVER_KIND, SERVER_NAME = "clickhouse", "local"
 SERVER_STEM = f"{SERVER_KIND}-{SERVER_NAME}"
 SERVER_HOSTS = ("127.0.0.1", "localhost")
 
@@ -157,7 +157,7 @@ def with_database(url: str, database: str) -> str:
 
 
 def server_identity(tls_dir: str | Path) -> tuple[Path, Path, Path]:
-    """``(ca.crt, site-clickhouse.crt, site-clickhouse.key)`` of ``tls_dir``; the pair is
+    """``(ca.crt, clickhouse-local.crt, clickhouse-local.key)`` of ``tls_dir``; the pair is
     issued by the directory's CA when missing (PkiError without a CA key there)."""
     d = Path(tls_dir)
     cert, key = d / f"{SERVER_STEM}.crt", d / f"{SERVER_STEM}.key"

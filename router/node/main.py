@@ -44,6 +44,14 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _url_address(url: str) -> str:
+    """``clickhouse://user@host:port/db?x`` -> ``host:port``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname or ''}:{parts.port or 0}"
+
+
 def _host_of(address: str) -> str:
     host = address.rsplit(":", 1)[0]
     return host or "127.0.0.1"
@@ -170,7 +178,8 @@ def run_node(
 
         from router.coord import EtcdSettings
 
-        if tls_dir is not None and any(str(e).startswith("https://") for e in etcd.get("endpoints") or ()):
+        if tls_dir is not None and EtcdSettings.wants_tls(etcd.get("endpoints") or (), etcd.get("ca_file"),
+                                                          etcd.get("cert_file")):
             # the site's own identity for etcd too, unless other files are given
             etcd = dict(etcd)
             etcd["ca_file"] = etcd.get("ca_file") or str(Path(tls_dir) / "ca.crt")
@@ -188,6 +197,16 @@ def run_node(
     except ValueError as e:
         print(str(e), file=sys.stderr, flush=True)
         return 2
+    if not insecure:
+        # An mTLS node does not talk plaintext to etcd or ClickHouse across a network.
+        plain = [e for e in (etcd or {}).get("endpoints") or () if not str(e).startswith("https://")
+                 and not is_loopback(str(e).split("://")[-1])]
+        if history.startswith("clickhouse://") and not is_loopback(_url_address(history)):
+            plain.append(history.split("?")[0])
+        if tls_dir is not None and plain:
+            print(f"tandem node {site.site.name}: refusing plaintext to {', '.join(plain)} (not loopback): "
+                  "use https:// etcd endpoints and a clickhouses:// history, or --insecure", file=sys.stderr, flush=True)
+            return 2
     drain_s = float(os.environ.get("TANDEM_DRAIN_S", "2.0"))
     import uvloop
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.journal import Journal, JournalError, JournalStats
+from router.journal import Journal, JournalError, JournalStats, fsync_dir
 
 __all__ = ["DECISIONS", "MAX_FIELD", "MAX_OBJECTS", "AuditError", "AuditLog", "AuditRecord", "row"]
 
@@ -190,14 +190,6 @@ def _gen_name(n: int) -> str:
     return f"gen-{n:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _close_unused(journal: Journal) -> None:
     """Close a journal that never appended, from sync code (its own loop, own thread)."""
     with ThreadPoolExecutor(1) as ex:
@@ -259,7 +251,7 @@ class AuditLog:
             path.mkdir(parents=True)
             if sync != "none":
                 for new_dir in reversed(created):
-                    _fsync_dir(new_dir.parent)
+                    fsync_dir(new_dir.parent)
         lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

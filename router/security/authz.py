@@ -36,7 +36,7 @@ from cryptography import x509
 
 from router.security import permissions, spiffe
 from router.security.bindings import Bindings, BindingsError, load_file, parse
-from router.status import error_status
+from router.status import error_status, reason_in_metadata
 
 log = logging.getLogger("tandem.security")
 
@@ -264,20 +264,7 @@ def _code_name(context: Any) -> str:
 
 def _reason_of(status: Any) -> str:
     """The ErrorInfo reason a grpc.Status carries ("" when none)."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    for key, value in getattr(status, "trailing_metadata", None) or ():
-        if key == "grpc-status-details-bin":
-            try:
-                st = status_pb2.Status.FromString(value)
-            except Exception:  # noqa: BLE001 - not ours to judge: no reason then
-                return ""
-            for d in st.details:
-                if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    d.Unpack(info)
-                    return info.reason
-    return ""
+    return reason_in_metadata(getattr(status, "trailing_metadata", None))
 
 
 class _AuditedContext:

@@ -3,9 +3,15 @@
 * ``tandem certs init DIR [--sites DIR] [--trust-domain tandem] [--host H …] [--force]``
   — a CA, a site and an agents certificate for every site file, an operator ``admin``
   certificate and the starter ``bindings.json``.
-* ``tandem certs issue DIR (--operator NAME | --partner NAME | --agents SITE | --site NAME)``
+* ``tandem certs issue DIR (--operator NAME | --partner NAME | --agents SITE | --site NAME |
+  --etcd NAME) [--host H …]`` — ``--etcd``: an etcd member's server certificate; give the
+  addresses its clients dial (``--host 127.0.0.1 --host etcd1.lan``).
 * ``tandem certs renew DIR [--within-days N]`` — from a timer: leaves live 7 days.
 * ``tandem certs show DIR [-o table|json]``
+* ``tandem certs etcd-access DIR --endpoints https://HOST:PORT[,…] [--prefix /tandem/]
+  [--as admin]`` — etcd's own access control for the identities of DIR: the sites and
+  operators (their certificates' CNs) may read and write under the prefix, nobody else;
+  connects as the operator ``--as`` (who gets etcd's root role); idempotent.
 
 Data goes to stdout, errors to stderr with exit code 1. See :mod:`router.security.pki`.
 """
@@ -20,7 +26,8 @@ from typing import NoReturn, Optional
 import typer
 
 certs_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Certificates of the cluster's SPIFFE identities (CA, sites, agents, operators, partners).")
+                        help="Certificates of the cluster's SPIFFE identities "
+                             "(CA, sites, agents, operators, partners, etcd).")
 
 _HOSTS = typer.Option(None, "--host", metavar="H",
                       help="DNS name or IP address the certificate is also valid for (repeatable; "
@@ -92,6 +99,8 @@ def issue_cmd(
     partner: Optional[str] = typer.Option(None, "--partner", metavar="NAME"),
     agents: Optional[str] = typer.Option(None, "--agents", metavar="SITE"),
     site: Optional[str] = typer.Option(None, "--site", metavar="NAME"),
+    etcd: Optional[str] = typer.Option(None, "--etcd", metavar="NAME",
+                                       help="an etcd member (server certificate for the addresses of --host)"),
     host: Optional[list[str]] = _HOSTS,
     days: Optional[float] = typer.Option(None, "--days", help="lifetime in days (default 7)"),
 ) -> None:
@@ -99,9 +108,9 @@ def issue_cmd(
     from router.security import pki
 
     chosen = [(k, v) for k, v in (("operator", operator), ("partner", partner), ("agents", agents),
-                                  ("site", site)) if v is not None]
+                                  ("site", site), ("etcd", etcd)) if v is not None]
     if len(chosen) != 1:
-        _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME")
+        _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME, --etcd NAME")
     kind, name = chosen[0]
     try:
         path = pki.issue(directory, kind, name, hosts=_hosts(host), days=pki.LEAF_DAYS if days is None else days)
@@ -161,3 +170,47 @@ def show_cmd(
             r.get("status", ""), style=None if r.get("status") == "ok" else "red",
         )
     Console(file=sys.stdout, width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+@certs_app.command("etcd-access")
+def etcd_access_cmd(
+    directory: Path = typer.Argument(..., metavar="DIR", help="TLS directory of the cluster"),
+    endpoints: list[str] = typer.Option(..., "--endpoints", metavar="URLS",
+                                        help="etcd client URLs, comma-separated or repeated (https://host:port)"),
+    prefix: str = typer.Option("/tandem/", "--prefix", help="the cluster's key prefix"),
+    as_operator: str = typer.Option("admin", "--as", metavar="NAME",
+                                    help="operator identity to connect with (DIR/operator-NAME.crt); "
+                                         "it gets etcd's root role"),
+) -> None:
+    """Give DIR's sites and operators etcd users (read and write under --prefix) and turn etcd's auth on."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from router.coord import access
+    from router.coord.link import EtcdSettings
+    from router.security import pki
+
+    d = Path(directory)
+    names: dict[str, list[str]] = {"site": [], "operator": []}
+    for path in pki.leaves(d):
+        kind, _, name = path.stem.partition("-")
+        if kind in names:
+            names[kind].append(name)
+    if as_operator not in names["operator"]:
+        _fail(f"no {d / f'operator-{as_operator}.crt'}: give --as NAME of an operator certificate in {d}")
+    urls = tuple(u.strip() for e in endpoints for u in e.split(",") if u.strip())
+    try:
+        settings = EtcdSettings(endpoints=urls, prefix=prefix, op_timeout_s=5.0, ca_file=str(d / pki.CA_CERT),
+                                cert_file=str(d / f"operator-{as_operator}.crt"),
+                                key_file=str(d / f"operator-{as_operator}.key"))
+    except ValidationError as e:
+        _fail(f"bad --endpoints or --prefix: {e.errors()[0]['msg']}")
+    try:
+        changes = access.run_blocking(access.provision(settings, sites=names["site"], operators=names["operator"]))
+    except (access.AccessError, OSError) as e:
+        _fail(str(e))
+    for c in changes:
+        typer.echo(c)
+    if not changes:
+        typer.echo("nothing to change", err=True)

@@ -7,6 +7,9 @@ A TLS directory (``tandem certs init DIR``) holds::
     agents-NAME.crt   agents-NAME.key  a site's peripheral gateway: clientAuth
     operator-NAME.crt operator-NAME.key
     partner-NAME.crt  partner-NAME.key (``tandem certs issue --partner``)
+    etcd-NAME.crt     etcd-NAME.key    an etcd member: serverAuth + clientAuth
+    clickhouse-NAME.crt clickhouse-NAME.key  a ClickHouse server of the history: the same
+                                       (``tandem certs issue --etcd NAME --host …``)
     bindings.json                      the starter role bindings
 
 Every leaf carries exactly one URI SAN, its SPIFFE ID (``spiffe://TRUST_DOMAIN/KIND/NAME``),
@@ -49,8 +52,9 @@ DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 BINDINGS = "bindings.json"
-# Kinds that also serve TLS (a node; a partner's gateway) get serverAuth besides clientAuth.
-_SERVER_KINDS = frozenset({"site", "partner"})
+# Kinds that also serve TLS (a node; a partner's gateway; an etcd member, which also dials
+# its peers) get serverAuth besides clientAuth.
+_SERVER_KINDS = frozenset({"site", "partner", "etcd", "clickhouse"})
 
 
 class PkiError(Exception):

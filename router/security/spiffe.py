@@ -1,7 +1,9 @@
 """SPIFFE identities of a Tandem cluster: ``spiffe://TRUST_DOMAIN/KIND/NAME``.
 
 Kinds: ``site`` (a node), ``operator`` (a person or tool), ``partner`` (a BPO's gateway),
-``agents`` (a site's peripheral gateway: its PBX/IVR adapter and agent desktops). The
+``agents`` (a site's peripheral gateway: its PBX/IVR adapter and agent desktops),
+``etcd`` (a member of the cluster's etcd: it serves the nodes' etcd clients),
+``clickhouse`` (a ClickHouse server of the history: it serves the nodes' writers). The
 URI SAN of a certificate is its identity; its DNS SAN ``NAME.KIND.TRUST_DOMAIN`` is what
 a client checks the server's certificate against (gRPC verifies DNS and IP SANs only, so
 a client asks for ``lyon.site.tandem`` through ``grpc.ssl_target_name_override`` to know
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("site", "operator", "partner", "agents")
+KINDS = ("site", "operator", "partner", "agents", "etcd", "clickhouse")
 DEFAULT_TRUST_DOMAIN = "tandem"
 # DNS-label-like names: they also appear in DNS SANs and file names.
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from router.security.tls import ChannelFactory, TlsFiles
+from router.status import reason_in_metadata
 from router.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -40,15 +40,7 @@ def error_reason(err: grpc.RpcError) -> str:
         md = err.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - a broken error object has no reason
         return ""
-    for key, value in md:
-        if key == "grpc-status-details-bin":
-            st = status_pb2.Status.FromString(value)
-            for d in st.details:
-                if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    d.Unpack(info)
-                    return info.reason
-    return ""
+    return reason_in_metadata(md)
 
 
 def describe(err: BaseException) -> str:
