@@ -9,8 +9,9 @@ client certificate signed by ``DIR/ca.crt``, with etcd's access control on
 * a client with a certificate of another CA, and a client without a certificate, are
   refused (CoordinationUnavailable), and write nothing;
 * a partner's and an agents gateway's certificates (same CA) can neither read nor write;
-  a site and the operator can, under the prefix only; provisioning is idempotent, also
-  through ``tandem certs etcd-access``;
+  a site and an operator can, under the prefix only, and a site only reads the role
+  bindings; provisioning is idempotent (and brings a widened Tandem role back to the
+  plan), also through ``tandem certs etcd-access``;
 * a server presenting another identity of the CA (a site's certificate) is refused;
 * a renewed client certificate is used after a reconnect (the old one has expired);
 * a real ``tandem node --site sites/lyon.yaml --tls-dir DIR --etcd https://…`` process,
@@ -29,14 +30,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from aetcd import rpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from typer.testing import CliRunner
 
 from router.cli import app
-from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings
+from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, access
 from router.coord.base import Member
+from router.coord.link import Link
 from router.local import etcd as etcdproc
 from router.local.nodes import spawn_node, stop_nodes, wait_listening
 from router.security import pki
@@ -56,6 +58,7 @@ def tls(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("etcd-mtls") / "tls"
     pki.init(d, [("lyon", "in_house")])
     pki.issue(d, "etcd", etcdproc.DEFAULT_IDENTITY, hosts=("127.0.0.1", "localhost"))
+    pki.issue(d, "operator", "ops")
     return d
 
 
@@ -69,7 +72,8 @@ def other_tls(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tls):
-    with etcdproc.etcd_server(tls_dir=tls, sites=["lyon"], operators=["admin"], prefix=SCOPE) as srv:
+    # admin provisions (and holds etcd's root role); ops is an operator like any other
+    with etcdproc.etcd_server(tls_dir=tls, sites=["lyon"], operators=["admin", "ops"], prefix=SCOPE) as srv:
         yield srv
 
 
@@ -84,6 +88,11 @@ def site_files(tls: Path, ca: Path | None = None) -> dict[str, str]:
 
 def files_of(tls: Path, stem: str) -> dict[str, str]:
     return {"ca_file": str(tls / "ca.crt"), "cert_file": str(tls / f"{stem}.crt"), "key_file": str(tls / f"{stem}.key")}
+
+
+def doc_key(coord: EtcdCoordinator) -> str:
+    """A key under the coordinator's prefix that every site may write (unlike security/)."""
+    return coord.keys.prefix + "test/doc"
 
 
 def test_prefix():
@@ -137,10 +146,10 @@ async def test_a_site_certificate_joins_reads_and_writes(server, tls):
         await lyon.start()
         await lyon.wait_ready(5)
         assert await lyon.register(Member(site="lyon", address="127.0.0.1:7000", region="emea"))
-        key = lyon.keys.security_bindings
-        rev = await lyon.put_document(key, '{"version": 1, "bindings": []}')
+        key = doc_key(lyon)
+        rev = await lyon.put_document(key, '{"doc": 1}')
         assert rev > 0
-        assert await lyon.get_document(key) == b'{"version": 1, "bindings": []}'
+        assert await lyon.get_document(key) == b'{"doc": 1}'
         assert set(await lyon.list_members()) == {"lyon"}
 
         async def seen():
@@ -198,13 +207,13 @@ async def test_partners_and_agents_gateways_may_not_use_etcd(server, tls, stem):
     if stem == "partner-acme":
         pki.issue(tls, "partner", "acme")
     prefix = test_prefix()
-    lyon = EtcdCoordinator("lyon", settings(server, prefix, **site_files(tls)))
+    ops = EtcdCoordinator("ops", settings(server, prefix, **files_of(tls, "operator-ops")))
     other = EtcdCoordinator("lyon", settings(server, prefix, **files_of(tls, stem)))
     try:
         key = other.keys.security_bindings
-        assert await lyon.put_document(key, '{"version": 1, "bindings": []}') > 0
-        for msg in (await refused(other.put_document, key, '{"version": 1, "bindings": [{"identity": '
-                                                                  '"spiffe://tandem/partner/acme", "role": "operator"}]}'),
+        assert await ops.put_document(key, '{"version": 1, "bindings": []}') > 0
+        grab = '{"version": 1, "bindings": [{"identity": "spiffe://tandem/partner/acme", "role": "operator"}]}'
+        for msg in (await refused(other.put_document, key, grab),
                     await refused(other.get_document, key),
                     await refused(other.list_members),
                     await refused(other.put_document, other.keys.contingency("lyon"), "emergency")):
@@ -212,33 +221,64 @@ async def test_partners_and_agents_gateways_may_not_use_etcd(server, tls, stem):
         await other.start()
         with pytest.raises(CoordinationUnavailable):
             await other.wait_ready(1.5)
-        assert await lyon.get_document(key) == b'{"version": 1, "bindings": []}'  # unchanged
-        assert await lyon.get_document(lyon.keys.contingency("lyon")) is None
+        assert await ops.get_document(key) == b'{"version": 1, "bindings": []}'  # unchanged
+        assert await ops.get_document(ops.keys.contingency("lyon")) is None
     finally:
         await other.close()
-        await lyon.close()
+        await ops.close()
 
 
-@pytest.mark.parametrize("stem", ["site-lyon", "operator-admin"])
+@pytest.mark.parametrize("stem", ["site-lyon", "operator-ops", "operator-admin"])
 async def test_sites_and_operators_use_the_prefix_and_only_it(server, tls, stem):
-    """The roles are scoped to the cluster's prefix (readwrite on [prefix, prefix_end)):
-    inside it a site or an operator reads and writes; outside it, nothing."""
+    """The roles are scoped to the cluster's prefix: inside it a site or an operator reads
+    and writes, except the role bindings (``PREFIX security/``), which a site only reads;
+    outside it, nothing. The operator that provisioned (admin) holds etcd's root role: it
+    may use every key."""
     inside = EtcdCoordinator("lyon", settings(server, test_prefix(), **files_of(tls, stem)))
     outside = EtcdCoordinator("lyon", settings(server, f"/elsewhere-{uuid.uuid4().hex[:8]}/", **files_of(tls, stem)))
     root = EtcdCoordinator("lyon", settings(server, "/", **files_of(tls, stem)))
+    cluster = EtcdCoordinator("lyon", settings(server, SCOPE, **files_of(tls, stem)))  # the provisioned prefix
     try:
-        key = inside.keys.security_bindings
+        key = doc_key(inside)
         assert await inside.put_document(key, "{}") > 0 and await inside.get_document(key) == b"{}"
+        await cluster.start()
+        await cluster.wait_ready(5)  # a session, the watches (the bindings' too)
+        bindings = cluster.keys.security_bindings
+        if stem == "site-lyon":
+            assert "permission denied" in await refused(cluster.put_document, bindings, "{}")
+            await cluster.get_document(bindings)
+        else:
+            assert await cluster.put_document(bindings, "{}") > 0 and await cluster.get_document(bindings) == b"{}"
         for c in (outside, root):
-            assert "permission denied" in await refused(c.put_document, c.keys.security_bindings, "{}")
-            assert "permission denied" in await refused(c.get_document, c.keys.security_bindings)
+            if stem == "operator-admin":
+                assert await c.put_document(doc_key(c), "{}") > 0
+                assert await c.get_document(doc_key(c)) == b"{}"
+                continue
+            assert "permission denied" in await refused(c.put_document, doc_key(c), "{}")
+            assert "permission denied" in await refused(c.get_document, doc_key(c))
     finally:
-        for c in (inside, outside, root):
+        for c in (inside, outside, root, cluster):
             await c.close()
 
 
 def test_provisioning_is_idempotent(server, tls):
-    assert etcdproc.provision_access(server, tls, ["lyon"], ["admin"], SCOPE) == []
+    assert etcdproc.provision_access(server, tls, ["lyon"], ["admin", "ops"], SCOPE) == []
+
+
+async def test_provisioning_revokes_a_wider_permission_of_a_tandem_role(server, tls):
+    """The Tandem roles hold the planned permissions and no others: a site role that
+    could write the whole prefix (the bindings too) is brought back to the plan."""
+    link = Link(settings(server, SCOPE, **files_of(tls, "operator-admin")))
+    try:
+        perm = rpc.Permission(permType=rpc.Permission.Type.Value("READWRITE"), key=SCOPE.encode(),
+                              range_end=access.prefix_end(SCOPE).encode())
+        await access._Auth(link).call("RoleGrantPermission",
+                                      rpc.AuthRoleGrantPermissionRequest(name=access.SITE_ROLE, perm=perm))
+    finally:
+        await link.close()
+    changes = await asyncio.to_thread(etcdproc.provision_access, server, tls, ["lyon"], ["admin", "ops"], SCOPE)
+    assert changes == [f"role tandem-site: revoked readwrite [{SCOPE}, /tandem-test0)"]
+    assert etcdproc.provision_access(server, tls, ["lyon"], ["admin", "ops"], SCOPE) == []
 
 
 async def test_tandem_certs_etcd_access_provisions_a_cluster(tls, tmp_path):
@@ -259,13 +299,16 @@ async def test_tandem_certs_etcd_access_provisions_a_cluster(tls, tmp_path):
         lyon = EtcdCoordinator("lyon", settings(srv, test_prefix(), **site_files(tls)))
         acme = EtcdCoordinator("lyon", settings(srv, test_prefix(), **files_of(tls, "partner-acme")))
         try:
-            assert await lyon.put_document(lyon.keys.security_bindings, "{}") > 0
-            assert "permission denied" in await refused(acme.put_document, acme.keys.security_bindings, "{}")
+            assert await lyon.put_document(doc_key(lyon), "{}") > 0
+            assert "permission denied" in await refused(acme.put_document, doc_key(acme), "{}")
         finally:
             await lyon.close()
             await acme.close()
         bad = runner.invoke(app, ["certs", "etcd-access", str(tls), "--endpoints", srv.url, "--as", "nobody"])
         assert bad.exit_code == 1 and "operator-nobody.crt" in bad.stderr
+        # an operator without etcd's root role may use the prefix, not provision
+        ops = runner.invoke(app, [*args, "--as", "ops"])
+        assert ops.exit_code == 1 and "operator-ops.crt does not hold etcd's root role" in ops.stderr, ops.output
 
 
 async def test_a_server_with_another_identity_of_the_ca_is_refused(tls, tmp_path):
@@ -316,7 +359,7 @@ async def test_a_renewed_client_certificate_is_used_after_a_reconnect(tmp_path):
 
             async def works():
                 try:
-                    return await lyon.put_document(lyon.keys.security_bindings, "{}")
+                    return await lyon.put_document(doc_key(lyon), "{}")
                 except CoordinationUnavailable:
                     return None
 
@@ -327,6 +370,24 @@ async def test_a_renewed_client_certificate_is_used_after_a_reconnect(tmp_path):
             assert "lyon" in await lyon.list_members()
         finally:
             await lyon.close()
+
+
+async def test_a_half_done_renewal_keeps_the_previous_material(tmp_path):
+    """A renewal replaces the key, then the certificate: in between, the pair does not
+    match and the link keeps what it has; once both are new, it takes them."""
+    d = tmp_path / "tls"
+    pki.init(d, [("lyon", "in_house")])
+    link = Link(EtcdSettings(endpoints=("https://127.0.0.1:1",), **site_files(d)))
+    first = link.tls_version
+    assert link.client().tls.trust_domain == "tandem"  # a Tandem identity: the server must be etcd's
+    old_cert = (d / "site-lyon.crt").read_bytes()
+    pki.issue(d, "site", "lyon")  # a new pair; then the old certificate back beside the new key
+    new_cert = (d / "site-lyon.crt").read_bytes()
+    (d / "site-lyon.crt").write_bytes(old_cert)
+    assert not link._refresh_tls() and link.tls_version == first
+    (d / "site-lyon.crt").write_bytes(new_cert)
+    assert link._refresh_tls() and link.tls_version != first
+    await link.close()
 
 
 @pytest.mark.parametrize("how", ["https", "ca"])

@@ -484,3 +484,14 @@ async def test_renewed_certificates_work_with_the_old_ones(own_tls):
     async with MtlsServer(own_tls, "site-lyon") as srv:
         assert await srv.echo_as(old_client, "operator-admin", LYON.dns_name) == b"ping"
         assert await srv.echo_as(own_tls, "operator-admin", LYON.dns_name) == b"ping"
+
+
+def test_cli_issue_clickhouse(own_tls):
+    """``clickhouse/NAME``: a history server's identity, serverAuth + clientAuth, its own
+    kind (not a site: it must never answer as "some site of the cluster")."""
+    code, out, err = cli("certs", "issue", own_tls, "--clickhouse", "ch1", "--host", "127.0.0.1")
+    assert code == 0, err
+    pem = (own_tls / "clickhouse-ch1.crt").read_bytes()
+    assert pki.identity_of(pem).uri == "spiffe://tandem/clickhouse/ch1"
+    names = pki.sans_of(pem)["dns"]
+    assert "ch1.clickhouse.tandem" in names and "site.tandem" not in names

@@ -9,6 +9,7 @@ token). A Tandem leaf's CN is its DNS name ``NAME.KIND.TRUST_DOMAIN`` (``lyon.si
 * every operator identity gets a user ``NAME.operator.TD`` with the role ``tandem-operator``;
 * both roles may read and write the keys under the cluster's prefix (``/tandem/``) and
   nothing else: a site cannot touch another prefix, another cluster's or etcd's own;
+  a site may only read ``/tandem/security/`` (the role bindings: operators write them);
 * partners' gateways, agents gateways and every other identity of the CA get no user:
   etcd refuses their reads and writes (permission denied);
 * the user ``root`` (etcd requires it, with the role ``root``, before enabling auth) is
@@ -17,12 +18,17 @@ token). A Tandem leaf's CN is its DNS name ``NAME.KIND.TRUST_DOMAIN`` (``lyon.si
   too, so that it may provision again once auth is on;
 * then auth is enabled.
 
-:func:`provision` is idempotent: it only adds what is missing (roles, permissions, users,
-role grants, auth) and returns what it changed (nothing on a second run). It never
-removes a user, a role or a permission: decommissioning an identity is done by hand
-(``etcdctl user delete CN``). It talks etcd's Auth API through aetcd's generated stubs,
-over :class:`router.coord.link.Link` (TLS from the settings; the server must be an etcd
-identity when the certificate is a Tandem one).
+:func:`provision` is idempotent: it adds what is missing (roles, permissions, users, role
+grants, auth) and returns what it changed (nothing on a second run). The two Tandem roles
+hold exactly the planned permissions (any other is revoked: one Tandem cluster, one
+prefix, per etcd); it never removes a user or a role a user holds: decommissioning an
+identity is done by hand (``etcdctl user delete CN``). It talks etcd's Auth API through
+aetcd's generated stubs, over :class:`router.coord.link.Link` (TLS from the settings; the
+server must be an etcd identity when the certificate is a Tandem one).
+
+Before auth is on, every certificate of the CA may do anything: provision a new etcd
+before the cluster's other identities can reach it (``etcd_server(…, sites=…)`` does,
+``tandem certs etcd-access`` right after the etcd members are installed).
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ log = logging.getLogger("tandem.coord")
 SITE_ROLE = "tandem-site"
 OPERATOR_ROLE = "tandem-operator"
 ROOT = "root"  # etcd's root user and role
-_READWRITE = rpc.Permission.Type.Value("READWRITE")
+_PERM = {kind: rpc.Permission.Type.Value(kind) for kind in ("READ", "WRITE", "READWRITE")}
+_KIND = {v: k.lower() for k, v in _PERM.items()}
 # Codes of an Authenticate that says nothing about auth (the server did not answer).
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
@@ -73,25 +80,32 @@ def prefix_end(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class AccessPlan:
-    """What etcd must hold: roles with their key ranges, users with their roles."""
+    """What etcd must hold: roles with their permissions (key, range end, READ |
+    READWRITE), users with their roles."""
 
-    roles: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    roles: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
     users: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def plan(*, sites: Iterable[str], operators: Iterable[str], trust_domain: str, prefix: str,
          admin: str) -> AccessPlan:
     """The roles and users for ``sites`` and ``operators`` (names) of ``trust_domain`` under
-    ``prefix``; ``admin`` (a CN) is the user that holds etcd's root role."""
-    Keys(prefix)  # validates it
-    scope = ((prefix, prefix_end(prefix)),)
+    ``prefix``; ``admin`` (a CN) is the user that holds etcd's root role.
+
+    ``tandem-operator``: read and write every key under the prefix. ``tandem-site``: the
+    same, except ``PREFIX security/`` (the role bindings), which it may only read: a node
+    never writes them, and a site that could would grant itself any role."""
+    keys = Keys(prefix)  # validates it
+    security = keys.security_bindings.rpartition("/")[0] + "/"  # PREFIX security/
+    end, security_end = prefix_end(prefix), prefix_end(security)
+    site = ((prefix, security, "READWRITE"), (security, security_end, "READ"), (security_end, end, "READWRITE"))
     users: dict[str, set[str]] = {ROOT: {ROOT}}
     for s in sites:
         users.setdefault(user_name("site", s, trust_domain), set()).add(SITE_ROLE)
     for o in operators:
         users.setdefault(user_name("operator", o, trust_domain), set()).add(OPERATOR_ROLE)
     users.setdefault(admin, set()).add(ROOT)
-    return AccessPlan(roles={SITE_ROLE: scope, OPERATOR_ROLE: scope},
+    return AccessPlan(roles={SITE_ROLE: site, OPERATOR_ROLE: ((prefix, end, "READWRITE"),)},
                       users={u: tuple(sorted(r)) for u, r in sorted(users.items())})
 
 
@@ -129,8 +143,11 @@ class _Auth:
 
         try:
             return await self.link.run(f"auth {method}", op)
-        except Exception as e:  # noqa: BLE001 - CoordinationUnavailable and what etcd said
-            raise AccessError(f"etcd {method}: {e}") from e
+        except Exception as e:  # CoordinationUnavailable, and what etcd said
+            hint = ""
+            if "permission denied" in str(e):
+                hint = f" ({self.link.settings.cert_file} does not hold etcd's root role)"
+            raise AccessError(f"etcd {method}: {e}{hint}") from e
 
     async def enabled(self) -> bool:
         """Whether auth is on (etcd 3.5+: AuthStatus; 3.4: an Authenticate that cannot
@@ -157,8 +174,12 @@ class _Auth:
 
         try:
             return await self.link.run("auth status", op)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise AccessError(f"etcd auth status: {e}") from e
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "replace")
 
 
 async def apply(link: Link, want: AccessPlan) -> list[str]:
@@ -167,17 +188,25 @@ async def apply(link: Link, want: AccessPlan) -> list[str]:
     changes: list[str] = []
     enabled = await auth.enabled()
     roles = set((await auth.call("RoleList", rpc.AuthRoleListRequest())).roles)
-    for role, ranges in want.roles.items():
+    for role, perms in want.roles.items():
         if role not in roles:
             await auth.call("RoleAdd", rpc.AuthRoleAddRequest(name=role))
             changes.append(f"role {role} added")
-        have = {(p.key, p.range_end, p.permType)
+        have = {(p.key, p.range_end): p.permType
                 for p in (await auth.call("RoleGet", rpc.AuthRoleGetRequest(role=role))).perm}
-        for key, end in ranges:
-            if (key.encode(), end.encode(), _READWRITE) not in have:
-                perm = rpc.Permission(permType=_READWRITE, key=key.encode(), range_end=end.encode())
+        wanted = {(key.encode(), end.encode()): _PERM[kind] for key, end, kind in perms}
+        # Tandem's roles are Tandem's: a range they should not have (an older plan, another
+        # prefix) is revoked, or a site could keep a wider permission than planned.
+        for (key, end), kind in have.items():
+            if (key, end) not in wanted:
+                await auth.call("RoleRevokePermission",
+                                rpc.AuthRoleRevokePermissionRequest(role=role, key=key, range_end=end))
+                changes.append(f"role {role}: revoked {_KIND[kind]} [{_text(key)}, {_text(end)})")
+        for (key, end), kind in wanted.items():
+            if have.get((key, end)) != kind:  # granting again replaces the type
+                perm = rpc.Permission(permType=kind, key=key, range_end=end)
                 await auth.call("RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm))
-                changes.append(f"role {role}: readwrite [{key}, {end})")
+                changes.append(f"role {role}: {_KIND[kind]} [{_text(key)}, {_text(end)})")
     users = set((await auth.call("UserList", rpc.AuthUserListRequest())).users)
     for user, user_roles in want.users.items():
         if user not in users:

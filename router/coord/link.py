@@ -9,18 +9,20 @@ single endpoint this re-creates the channel, which also resets gRPC's reconnect
 backoff). Watches and leases opened on the dropped channel fail, and the loops that own
 them start over on the new one.
 
-TLS material is read from its files for every new client, again whenever a file's
-mtime or size changed (``tandem certs renew``): a client made with outdated material is
-replaced at the next operation, so that no handshake, not even one of gRPC's own
-reconnects, presents a certificate that was renewed. When the client certificate is a
-Tandem identity (a SPIFFE ID ``spiffe://TD/KIND/NAME`` in its URI SAN, i.e. it comes from
-a Tandem TLS dir), the server must be an etcd member of the same trust domain: a TLS
+TLS material is read again from its files for every new client when a file's mtime or
+size changed (``tandem certs renew``), and a client made with outdated material is
+replaced at the next operation: no handshake, not even one of gRPC's own reconnects,
+presents a certificate that was renewed. A renewal caught half done (new key, old
+certificate) leaves the previous material in force until the pair matches. When the client certificate is a
+Tandem identity (a SPIFFE ID ``spiffe://TD/KIND/NAME`` in its URI SAN) and the CA file
+is the Tandem CA of that trust domain (URI SAN ``spiffe://TD``), i.e. the material comes
+from a Tandem TLS dir, the server must be an etcd member of the same trust domain: a TLS
 handshake made before the channel reads the server's SPIFFE ID (kind ``etcd``, name
 ``NAME``), and the channel then checks, at every handshake, the DNS SAN
 ``NAME.etcd.TD`` (``grpc.ssl_target_name_override``) instead of the endpoint's host
 name, which every leaf of the CA carries (127.0.0.1, localhost). Another identity of
-the CA at an endpoint is refused (:class:`ServerIdentityError`). Other client
-certificates (another PKI) keep the usual host name check.
+the CA at an endpoint is refused (:class:`ServerIdentityError`). Other material
+(another PKI) keeps the usual host name check.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class _Client(aetcd.Client):
     it sets the attributes that ``connect`` sets there.
     """
 
-    def __init__(self, target: str, tls: "_Tls | None", settings: EtcdSettings) -> None:
+    def __init__(self, target: str, tls: _Tls | None, settings: EtcdSettings) -> None:
         host, port = _split_endpoint(target)
         super().__init__(
             host=host, port=port, username=settings.username, password=settings.password,
@@ -199,22 +201,30 @@ class _Client(aetcd.Client):
         finally:
             self._is_connecting = False
 
-    async def _check_server(self, tls: "_Tls") -> str:
+    async def _check_server(self, tls: _Tls) -> str:
         """Handshake with the endpoint and read the server's SPIFFE ID: it must be an
         ``etcd`` identity of ``tls.trust_domain``. Returns its name; ServerIdentityError
         otherwise (ssl.SSLError, OSError when the handshake fails)."""
         host, port = self._host, self._port
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=tls.ssl_context, server_hostname=host),
-            self._timeout,
-        )
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=tls.ssl_context, server_hostname=host),
+                self._timeout,
+            )
+        except ValueError as e:
+            raise ConnectionError(f"TLS handshake with {self._target} failed: {e}") from e
         try:
             ssl_object = writer.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            cert = x509.load_der_x509_certificate(der) if der else None
+        except ValueError as e:  # e.g. the server aborted the handshake: it refused our certificate
+            raise ConnectionError(f"TLS handshake with {self._target} failed: {e}") from e
         finally:
             writer.close()
             await quietly(writer.wait_closed())
-        ident = _spiffe_id(x509.load_der_x509_certificate(der)) if der else None
+        if cert is None:
+            raise ConnectionError(f"TLS handshake with {self._target} failed: no server certificate")
+        ident = _spiffe_id(cert)
         if ident is None or ident[0] != tls.trust_domain or ident[1] != SERVER_KIND:
             shown = "spiffe://" + "/".join(ident) if ident else "a certificate without a Tandem SPIFFE ID"
             log.warning("etcd endpoint %s presented %s, not an etcd identity of trust domain %s: refused",
@@ -249,6 +259,23 @@ def _spiffe_id(cert: x509.Certificate) -> tuple[str, str, str] | None:
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     m = _SPIFFE.fullmatch(uris[0]) if len(uris) == 1 else None
     return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def _is_tandem_ca(ca_pem: bytes, trust_domain: str) -> bool:
+    """Whether the CA file holds the CA of a Tandem TLS dir of ``trust_domain`` (its URI
+    SAN is ``spiffe://TRUST_DOMAIN``)."""
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        return False
+    for ca in cas:
+        try:
+            sans = ca.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        if f"spiffe://{trust_domain}" in sans.get_values_for_type(x509.UniformResourceIdentifier):
+            return True
+    return False
 
 
 def _stat(path: str | None) -> tuple[int, int]:
@@ -300,15 +327,12 @@ class _TlsFiles:
             if c.public_key().public_bytes(*fmt) != k.public_key().public_bytes(*fmt):
                 raise TlsMaterialError(f"{self.key_file} does not belong to {self.cert_file}")
             ident = _spiffe_id(c)
-            if ident is not None:
+            if ident is not None and ca is not None and _is_tandem_ca(ca, ident[0]):
                 trust_domain = ident[0]
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 ctx.check_hostname = False  # the identity is checked instead (_check_server)
                 ctx.verify_mode = ssl.CERT_REQUIRED
-                if ca is not None:
-                    ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-                else:
-                    ctx.load_default_certs()
+                ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
                 ctx.load_cert_chain(self.cert_file, self.key_file)
         if self.version() != version:
             raise TlsMaterialError("the TLS files changed while being read")

@@ -17,7 +17,8 @@ certificate. The peer URL stays plaintext on loopback (one member, no peers).
 Given the cluster's site and operator names too (``etcd_server(tls_dir=DIR,
 sites=[…], operators=["admin"], prefix="/tandem/")``), it also turns on etcd's own access
 control (:mod:`router.coord.access`): each site's and operator's certificate CN becomes an
-etcd user that may read and write under the prefix, the first operator holds etcd's root
+etcd user that may read and write under the prefix (a site only reads the role bindings
+under ``PREFIX security/``), the first operator holds etcd's root
 role (it provisions, with ``DIR/operator-NAME.crt``), and every other identity of the CA
 (partners, agents gateways) is refused.
 

@@ -183,8 +183,8 @@ def run_node(
             # the site's own identity for etcd too, unless other files are given
             etcd = dict(etcd)
             etcd["ca_file"] = etcd.get("ca_file") or str(Path(tls_dir) / "ca.crt")
-            etcd["cert_file"] = etcd.get("cert_file") or str(security.tls.cert_path)
-            etcd["key_file"] = etcd.get("key_file") or str(security.tls.key_path)
+            if not etcd.get("cert_file") and not etcd.get("key_file"):  # a pair, never half of each
+                etcd["cert_file"], etcd["key_file"] = str(security.tls.cert_path), str(security.tls.key_path)
         try:
             settings = EtcdSettings(**{k: v for k, v in etcd.items() if v is not None})
         except ValidationError as e:
@@ -199,8 +199,9 @@ def run_node(
         return 2
     if not insecure:
         # An mTLS node does not talk plaintext to etcd or ClickHouse across a network.
-        plain = [e for e in (etcd or {}).get("endpoints") or () if not str(e).startswith("https://")
-                 and not is_loopback(str(e).split("://")[-1])]
+        plain = []
+        if settings is not None and not settings.tls:
+            plain = [e for e in settings.endpoints if not is_loopback(str(e).split("://")[-1])]
         if history.startswith("clickhouse://") and not is_loopback(_url_address(history)):
             plain.append(history.split("?")[0])
         if tls_dir is not None and plain:

@@ -10,8 +10,9 @@
 * ``tandem certs show DIR [-o table|json]``
 * ``tandem certs etcd-access DIR --endpoints https://HOST:PORT[,…] [--prefix /tandem/]
   [--as admin]`` — etcd's own access control for the identities of DIR: the sites and
-  operators (their certificates' CNs) may read and write under the prefix, nobody else;
-  connects as the operator ``--as`` (who gets etcd's root role); idempotent.
+  operators (their certificates' CNs) may read and write under the prefix (sites only
+  read its ``security/``), nobody else; connects as the operator ``--as`` (who gets
+  etcd's root role); idempotent (see :mod:`router.coord.access`).
 
 Data goes to stdout, errors to stderr with exit code 1. See :mod:`router.security.pki`.
 """
@@ -101,6 +102,8 @@ def issue_cmd(
     site: Optional[str] = typer.Option(None, "--site", metavar="NAME"),
     etcd: Optional[str] = typer.Option(None, "--etcd", metavar="NAME",
                                        help="an etcd member (server certificate for the addresses of --host)"),
+    clickhouse: Optional[str] = typer.Option(None, "--clickhouse", metavar="NAME",
+                                             help="a ClickHouse server of the history (for the addresses of --host)"),
     host: Optional[list[str]] = _HOSTS,
     days: Optional[float] = typer.Option(None, "--days", help="lifetime in days (default 7)"),
 ) -> None:
@@ -108,9 +111,10 @@ def issue_cmd(
     from router.security import pki
 
     chosen = [(k, v) for k, v in (("operator", operator), ("partner", partner), ("agents", agents),
-                                  ("site", site), ("etcd", etcd)) if v is not None]
+                                  ("site", site), ("etcd", etcd), ("clickhouse", clickhouse)) if v is not None]
     if len(chosen) != 1:
-        _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME, --etcd NAME")
+        _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME, --etcd NAME, "
+              "--clickhouse NAME")
     kind, name = chosen[0]
     try:
         path = pki.issue(directory, kind, name, hosts=_hosts(host), days=pki.LEAF_DAYS if days is None else days)
@@ -182,9 +186,9 @@ def etcd_access_cmd(
                                     help="operator identity to connect with (DIR/operator-NAME.crt); "
                                          "it gets etcd's root role"),
 ) -> None:
-    """Give DIR's sites and operators etcd users (read and write under --prefix) and turn etcd's auth on."""
-    import asyncio
+    """Give DIR's sites and operators etcd users (read and write under --prefix) and turn etcd's auth on.
 
+    Partners, agents gateways and every other identity of the CA are refused by etcd."""
     from pydantic import ValidationError
 
     from router.coord import access
