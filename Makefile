@@ -46,6 +46,7 @@ bench: build
 	$(PY) bench/queue_core.py --json
 	$(PY) bench/journal.py --json
 	$(PY) bench/route.py --json
+	$(PY) bench/route.py --tls --json
 	$(PY) bench/failover.py --json
 	$(PY) bench/overflow.py --json
 	$(PY) bench/history.py --json

@@ -135,6 +135,19 @@ class BindingsSource:
 _cert_cache: dict[bytes, spiffe.SpiffeId | str] = {}
 
 
+def _spiffe_of_uri(uri: bytes) -> spiffe.SpiffeId | str:
+    got = _cert_cache.get(uri)
+    if got is None:
+        try:
+            got = spiffe.parse(uri)
+        except spiffe.IdentityError as e:
+            got = str(e)
+        if len(_cert_cache) > 10_000:
+            _cert_cache.clear()
+        _cert_cache[uri] = got
+    return got
+
+
 def _spiffe_of_pem(pem: bytes) -> spiffe.SpiffeId | str:
     """The certificate's SPIFFE ID, or a string saying why there is none (cached: one
     parse per certificate, not per call)."""
@@ -176,11 +189,18 @@ class Authorizer:
         peer = context.peer() or ""
         if not self.secure:
             return Principal("insecure:" + peer, peer)
-        auth = context.auth_context() or {}
-        pems = auth.get("x509_pem_cert") or []
-        if not pems:
-            raise Refusal("UNAUTHENTICATED", "NO_IDENTITY", "no client certificate")
-        sid = _spiffe_of_pem(pems[0])
+        # The handshake verified the chain; the SANs it extracted are the peer's
+        # identities (cheap: no PEM). One spiffe:// URI is the identity; anything else
+        # is looked at in the certificate itself, to say what is wrong.
+        uris = [v for v in context.peer_identities() or () if v.startswith(b"spiffe://")]
+        if len(uris) == 1:
+            sid = _spiffe_of_uri(uris[0])
+        else:
+            auth = context.auth_context() or {}
+            pems = auth.get("x509_pem_cert") or []
+            if not pems:
+                raise Refusal("UNAUTHENTICATED", "NO_IDENTITY", "no client certificate")
+            sid = _spiffe_of_pem(pems[0])
         if isinstance(sid, str):
             raise Refusal("UNAUTHENTICATED", "NO_IDENTITY", f"the client certificate carries no SPIFFE ID ({sid})")
         if self.trust_domain and sid.trust_domain != self.trust_domain:
