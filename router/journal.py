@@ -224,18 +224,9 @@ class Journal:
         if sync not in _SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(_SYNC_MODES)}, not {sync!r}")
         path = Path(data_dir)
-        if not path.is_dir():
-            created = [p for p in (path, *path.parents) if not p.exists()]
-            path.mkdir(parents=True)
-            if sync != "none":
-                for new_dir in reversed(created):     # each new entry, top down
-                    fsync_dir(new_dir.parent)
-        lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise JournalError(f"{path} is in use by another Journal (LOCK is held)") from None
+        lock_fd = lock_directory(path, sync)
+        if lock_fd is None:
+            raise JournalError(f"{path} is in use by another Journal (LOCK is held)")
         try:
             return cls(path, sync, lock_fd)
         except BaseException:
@@ -632,6 +623,25 @@ def _join_handed_over(head: bytes, nonempty: bool, lists: dict[str, list]) -> by
         out += b"]"
     out += b"}}"
     return bytes(out)
+
+
+def lock_directory(path: Path, sync: str) -> int | None:
+    """Create ``path`` if needed (each new directory entry made durable, top down, unless
+    ``sync`` is "none") and take its exclusive ``LOCK``: the lock's fd, or None when
+    another process (or log) holds it."""
+    if not path.is_dir():
+        created = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True)
+        if sync != "none":
+            for new_dir in reversed(created):
+                fsync_dir(new_dir.parent)
+    lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        return None
+    return lock_fd
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ The pytest fixtures (``node``, ``site``) are registered in ``tests/conftest.py``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -320,3 +321,16 @@ async def all_calls(stubs: Stubs) -> dict[str, int]:
         token = r.next_page_token
         if not token:
             return out
+
+
+async def until(pred, timeout: float, what: str, step: float = 0.05):
+    """Await ``pred()`` until it is truthy (returned) or ``timeout`` seconds pass
+    (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(step)

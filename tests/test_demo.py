@@ -100,7 +100,7 @@ def test_reconcile_follows_transfers():
     from router.sim.report import overflow_counts, ownership, queue_kpis, reconcile
     from router.v1 import types_pb2 as t
 
-    X, C, Q, A = t.CALL_STATE_TRANSFERRED, t.CALL_STATE_COMPLETED, t.CALL_STATE_QUEUED, t.CALL_STATE_ABANDONED
+    X, C, _, A = t.CALL_STATE_TRANSFERRED, t.CALL_STATE_COMPLETED, t.CALL_STATE_QUEUED, t.CALL_STATE_ABANDONED
     records = [
         _rec("r-a-1", "a", "completed"),  # a -> b, answered at b: fine
         _rec("r-a-2", "a", "completed"),  # a -> b -> c: fine

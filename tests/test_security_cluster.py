@@ -13,7 +13,6 @@ loopback), talking to each other over mTLS with their site identities.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from node_fixtures import until
 from router.coord import EtcdCoordinator, EtcdSettings
 from router.coord.keys import Keys
 from router.local.nodes import spawn_node, stop_nodes, wait_listening
@@ -55,17 +55,6 @@ def channel(address: str, tls: Path, stem: str, site: str) -> grpc.aio.Channel:
     name = SpiffeId("tandem", "site", site).dns_name
     return grpc.aio.secure_channel(address, creds,
                                    options=(*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)))
-
-
-async def until(pred, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 def failure(e: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str | None]:

@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
+from node_fixtures import until
 from router.cli import app
 from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, access
 from router.coord.base import Member
@@ -100,17 +101,6 @@ def test_prefix():
 
 
 test_prefix.__test__ = False  # a helper, not a test
-
-
-async def until(pred, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 def test_the_server_is_https_with_the_etcd_identity(server, tls):

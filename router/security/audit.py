@@ -43,7 +43,6 @@ the RPC, as it cannot leave the record invariant 7 asks for, and the node must r
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import math
 import os
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.journal import Journal, JournalError, JournalStats, fsync_dir
+from router.journal import Journal, JournalError, JournalStats, lock_directory
 
 __all__ = ["DECISIONS", "MAX_FIELD", "MAX_OBJECTS", "AuditError", "AuditLog", "AuditRecord", "row"]
 
@@ -246,18 +245,9 @@ class AuditLog:
         if retain < 1:
             raise ValueError("retain must be >= 1")
         path = Path(directory)
-        if not path.is_dir():
-            created = [p for p in (path, *path.parents) if not p.exists()]
-            path.mkdir(parents=True)
-            if sync != "none":
-                for new_dir in reversed(created):
-                    fsync_dir(new_dir.parent)
-        lock_fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise AuditError(f"{path} is in use by another audit log (LOCK is held)") from None
+        lock_fd = lock_directory(path, sync)
+        if lock_fd is None:
+            raise AuditError(f"{path} is in use by another audit log (LOCK is held)")
         try:
             self = cls(path, site, retain=retain, sync=sync, lock_fd=lock_fd)
             for name in os.listdir(path):
