@@ -1,5 +1,6 @@
-"""The ``tandem`` command: ``tandem node``, ``tandem demo`` (later ``ctl``, ``report``,
-``rebalance``). Subcommands import their modules lazily so ``tandem --help`` is fast."""
+"""Tandem, a multi-site contact-center routing cluster: `tandem node` runs a site node,
+`tandem demo` the example cluster under load, `tandem certs` makes the cluster's
+identities, `tandem report` and `tandem history` read the interaction history."""
 
 from __future__ import annotations
 

@@ -63,6 +63,19 @@ async def test_health_reflection_echo(node):
     ):
         assert resp.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
 
+    # reflection v1 (what grpcurl asks for first): the same protocol under its new name
+    v1 = s.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    names_v1 = set()
+    async for resp in v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+        names_v1 |= {x.name for x in resp.list_services_response.service}
+    assert {"router.v1.Routing", "grpc.reflection.v1.ServerReflection"} <= names_v1
+    async for resp in v1(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="router.v1.Agents")])):
+        assert resp.file_descriptor_response.file_descriptor_proto
+
     payload = bytes(range(256)) * 256  # 64 KiB exactly
     r = await s.diag.Echo(diagnostics_pb2.EchoRequest(payload=payload))
     assert r.payload == payload

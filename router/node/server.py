@@ -47,6 +47,27 @@ SERVICE_NAMES = (
 )
 
 
+# grpcurl and newer tools ask for reflection v1 first; grpcio-reflection serves only
+# v1alpha. v1 is the same protocol (identical messages) under a new service name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def add_reflection_v1(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """Serve reflection v1 with the v1alpha implementation (wire-identical messages)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
+    servicer = ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
 def _tolerant(parse: Any) -> Any:
     """A request deserializer that hands a :class:`Malformed` to the handler instead of
     raising (grpc would answer UNKNOWN; the handler answers INVALID_ARGUMENT)."""
@@ -183,9 +204,9 @@ async def build_node(
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    add_reflection_v1(server, names)
 
     try:
         if security is not None and security.tls is not None:

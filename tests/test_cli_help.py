@@ -1,0 +1,19 @@
+"""`tandem --help` and every subcommand's help read as text: no reStructuredText markup
+leaking from docstrings, no promises of commands that are not there."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from router.cli import app
+
+COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "tandem")
+def test_help_is_plain_text(args):
+    r = CliRunner().invoke(app, [*args, "--help"], env={"NO_COLOR": "1", "COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    assert "``" not in r.output, r.output
+    assert "later" not in r.output.lower(), r.output
