@@ -106,7 +106,6 @@ class Node:
         # router.security.tls.ChannelFactory: every channel the node opens (peers,
         # partners); None = plaintext channels (set by build_node)
         self.channels: Any = None
-        self.authz: Any = None  # router.security.authz.Authorizer (set by build_node)
         self._watchers: dict[str, set[CallWatch]] = {}
         self._watcher_count = 0
         self._compaction: asyncio.Task | None = None

@@ -176,9 +176,8 @@ async def build_node(
 
     interceptors = []
     if security is not None:
-        node.authz = security.authorizer(node)
         node.channels = security.channels
-        interceptors.append(security.interceptor(node.authz))
+        interceptors.append(security.interceptor(security.authorizer(node)))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
 
-from router.security import permissions, spiffe
+from router.security import permissions, pki, spiffe
 from router.security.bindings import Bindings, BindingsError, load_file, parse
 from router.status import error_status, reason_in_metadata
 
@@ -154,12 +153,8 @@ def _spiffe_of_pem(pem: bytes) -> spiffe.SpiffeId | str:
     got = _cert_cache.get(pem)
     if got is None:
         try:
-            cert = x509.load_pem_x509_certificate(pem)
-            uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-                x509.UniformResourceIdentifier
-            )
-            got = spiffe.parse(uris[0]) if len(uris) == 1 else f"{len(uris)} URI SANs"
-        except (x509.ExtensionNotFound, ValueError, spiffe.IdentityError) as e:
+            got = pki.identity_of(pem)
+        except (pki.PkiError, spiffe.IdentityError) as e:
             got = str(e) or type(e).__name__
         if len(_cert_cache) > 10_000:
             _cert_cache.clear()

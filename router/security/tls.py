@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
 
-from router.security import spiffe
+from router.security import pki, spiffe
 
 log = logging.getLogger("tandem.security")
 
@@ -41,31 +39,6 @@ def _stat(path: Path) -> tuple[int, int]:
     except OSError:
         return (0, -1)
     return (st.st_mtime_ns, st.st_size)
-
-
-def identity_of(cert_pem: bytes) -> spiffe.SpiffeId:
-    """The single SPIFFE URI SAN of a PEM certificate (IdentityError otherwise)."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise spiffe.IdentityError("certificate without a subject alternative name") from None
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise spiffe.IdentityError(f"certificate with {len(uris)} URI SANs (one SPIFFE ID expected)")
-    return spiffe.parse(uris[0])
-
-
-def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except ValueError:
-        return False
-    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
 
 
 @dataclass(frozen=True)
@@ -96,20 +69,15 @@ class TlsFiles:
         return (_stat(self.ca_path), _stat(self.cert_path), _stat(self.key_path))
 
     def load(self) -> Material:
-        deadline = time.monotonic() + 1.0
-        while True:
-            try:
-                ca, cert, key = self.ca_path.read_bytes(), self.cert_path.read_bytes(), self.key_path.read_bytes()
-            except OSError as e:
-                raise TlsConfigError(f"TLS directory {self.directory}: {e.strerror}: {e.filename}") from None
-            if _key_matches(cert, key):
-                try:
-                    return Material(ca, cert, key, identity_of(cert))
-                except (spiffe.IdentityError, ValueError) as e:
-                    raise TlsConfigError(f"{self.cert_path}: {e}") from None
-            if time.monotonic() > deadline:
-                raise TlsConfigError(f"{self.key_path} does not belong to {self.cert_path}")
-            time.sleep(0.02)
+        try:
+            ca = self.ca_path.read_bytes()
+            # retried for up to a second while a renewal has replaced only the key
+            cert, key = pki.load_pair(self.directory, self.stem, attempts=50, delay_s=0.02)
+            return Material(ca, cert, key, pki.identity_of(cert))
+        except OSError as e:
+            raise TlsConfigError(f"TLS directory {self.directory}: {e.strerror}: {e.filename}") from None
+        except (pki.PkiError, spiffe.IdentityError) as e:
+            raise TlsConfigError(f"{self.cert_path}: {e}") from None
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
@@ -220,8 +188,3 @@ class ChannelFactory:
         self._retired.clear()
         for ch in chans:
             await ch.close()
-
-
-def tls_dir_from_env() -> Path | None:
-    v = os.environ.get("TANDEM_TLS_DIR")
-    return Path(v) if v else None
