@@ -15,6 +15,7 @@ import contextlib
 import yaml
 
 from node_fixtures import AgentSession, Stubs, node_process, site_dict
+from router.coord import CoordinationUnavailable
 from router.overflow import OverflowPolicy
 from router.v1 import agents_pb2, routing_pb2
 from router.v1 import types_pb2 as t
@@ -65,7 +66,7 @@ async def test_surge_turns_backoffice_agents_on_and_back_off(etcd, etcd_prefix, 
                 first = await asyncio.wait_for(watch.read(), 5)
                 assert first.announcement == ""
 
-                await obs.set_contingency("gamma", "surge")
+                await set_mode(obs, "gamma", "surge")
                 got = await asyncio.gather(*(x.next("assignment", timeout=3) for x in sessions))
                 assert sorted(a.call.call_id for a in got) == ["g1", "g2"]  # oldest first
                 for x, a in zip(sessions, got):
@@ -83,7 +84,7 @@ async def test_surge_turns_backoffice_agents_on_and_back_off(etcd, etcd_prefix, 
                 assert "contingency mode surge" in node.log()
 
                 # back to normal: calls in hand stay, no new assignments to back-office agents
-                await obs.set_contingency("gamma", "normal")
+                await set_mode(obs, "gamma", "normal")
                 await until(lambda: "contingency mode normal" in node.log(), 5, "gamma to apply normal mode")
                 est = await estimate(s)
                 assert est.announcement == "" and est.agents_staffed == 0
@@ -120,7 +121,7 @@ async def test_restarted_node_follows_the_mode_stored_meanwhile(etcd, etcd_prefi
     site = write_gamma(tmp_path)
     env = node_env(etcd.endpoints, etcd_prefix)
     async with observer(etcd.endpoints, etcd_prefix) as obs:
-        await obs.set_contingency("gamma", {"mode": "emergency", "announcement": "Closed today."})
+        await set_mode(obs, "gamma", {"mode": "emergency", "announcement": "Closed today."})
         with node_process(site, tmp_path / "gamma", sync="none", env=env) as node:
             s = Stubs.connect(node.address)
             try:
@@ -128,13 +129,27 @@ async def test_restarted_node_follows_the_mode_stored_meanwhile(etcd, etcd_prefi
             finally:
                 await s.channel.close()
             node.terminate()
-        await obs.set_contingency("gamma", "normal")
+        await set_mode(obs, "gamma", "normal")
         with node_process(site, tmp_path / "gamma", sync="none", env=env) as node:
             s = Stubs.connect(node.address)
             try:
                 await until_announcement(s, "")
             finally:
                 await s.channel.close()
+
+
+async def set_mode(obs, site: str, mode) -> None:
+    """``set_contingency`` as an operator tool does it: a put is idempotent, so retry it
+    while etcd is briefly unavailable (on a loaded machine the observer's 1 s operations
+    can time out and reset its connection, failing the put in flight)."""
+    for attempt in range(10):
+        try:
+            await obs.set_contingency(site, mode)
+            return
+        except CoordinationUnavailable:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(0.3)
 
 
 async def until_announcement(s: Stubs, text: str, timeout: float = 8.0) -> None:
