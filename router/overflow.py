@@ -702,3 +702,120 @@ def decide(
         f"expected wait {_fmt(ew)} s here, {_fmt(t.expected_wait_s or 0.0)} s at {t.site}",
         cands, active,
     )
+
+
+# --- the node's inputs to decide, built from engine views (shared with router.whatif) ----
+
+#: Call states a load snapshot counts as active (``LoadSnapshot.active_calls``).
+ACTIVE_STATES = ("queued", "assigned", "connected", "transferring")
+
+
+def site_load(
+    site: str,
+    region: str,
+    kind: str,
+    queues: Collection[Any],
+    queue_cfgs: Mapping[str, Any],
+    counts: Mapping[str, int],
+    *,
+    accepting: bool = True,
+    mode: str = "normal",
+) -> LoadSnapshot:
+    """A site's :class:`LoadSnapshot` (``seq``/``ts`` left to the publisher) from its
+    engine's queue views (``router.model.QueueView``), its queue configurations by name
+    (``router.config.QueueConfig``: value, service-level threshold; a queue without one
+    counts as standard value with a 20 s target) and its calls per state. The site's
+    service level is the queues' recent service levels weighted by their finished calls.
+    Used by the live node (``router.node.cluster``) and the replay simulator alike."""
+    loads: dict[str, QueueLoad] = {}
+    free: dict[str, int] = {}
+    sl_num = sl_den = 0.0
+    for q in queues:
+        cfg = queue_cfgs.get(q.name)
+        target = cfg.service_level.threshold_s if cfg is not None else 20.0
+        loads[q.name] = QueueLoad(
+            skill=q.skill, channel=q.channel, language=q.language,
+            value=cfg.value if cfg is not None else "standard",
+            length=q.length, expected_wait_s=q.expected_wait_s, staffed=q.agents_staffed,
+            free_agents=q.agents_ready, target_wait_s=target, service_level=q.service_level,
+        )  # fmt: skip
+        free[q.skill] = max(free.get(q.skill, 0), q.agents_ready)
+        if q.service_level >= 0:
+            w = max(1, q.answered + q.abandoned)
+            sl_num += q.service_level * w
+            sl_den += w
+    return LoadSnapshot(
+        site=site, region=region, kind=kind, accepting=accepting, mode=mode,
+        active_calls=sum(counts.get(s, 0) for s in ACTIVE_STATES),
+        service_level=round(sl_num / sl_den, 4) if sl_den else -1.0,
+        free_agents=free, queues=loads,
+    )  # fmt: skip
+
+
+def local_queue(site: str, region: str, view: Any, cfg: Any, expected_wait_s: float) -> LocalQueue:
+    """The :class:`LocalQueue` of a call waiting in the queue ``view`` (a
+    ``router.model.QueueView`` that counts the call itself) configured as ``cfg`` (a
+    ``QueueConfig`` or None: standard value, 20 s target); ``expected_wait_s`` is the
+    call's own expected wait."""
+    return LocalQueue(
+        site=site, region=region, queue=view.name, skill=view.skill, channel=view.channel,
+        language=view.language, value=cfg.value if cfg is not None else "standard",
+        length=max(0, view.length - 1), expected_wait_s=expected_wait_s, staffed=view.agents_staffed,
+        target_wait_s=cfg.service_level.threshold_s if cfg is not None else 20.0,
+    )  # fmt: skip
+
+
+def charge_transfers(loads: Mapping[str, PeerLoad], pending: Collection[tuple[str, str]]) -> dict[str, PeerLoad]:
+    """The peers' loads, each charged with the transfers sent to it that its published
+    load cannot show yet (``pending``: one ``(site, queue)`` per transfer): they take
+    the queue's free agents first, then lengthen its queue (and its expected wait by the
+    queue's current wait per call, or its target over its staffed agents). Peers or
+    queues not in ``loads`` are ignored; ``loads`` itself is not changed."""
+    out = dict(loads)
+    if not pending:
+        return out
+    extra: dict[tuple[str, str], int] = {}
+    for key in pending:
+        if key[0] in out:
+            extra[key] = extra.get(key, 0) + 1
+    for (site, qname), k in extra.items():
+        peer = out[site]
+        q = peer.snapshot.queues.get(qname)
+        if q is None:
+            continue
+        free = min(q.free_agents, k)
+        excess = k - free
+        per_call = q.expected_wait_s / (q.length + 1) if q.expected_wait_s > 0 else q.target_wait_s / max(1, q.staffed)
+        q2 = q.model_copy(update={
+            "free_agents": q.free_agents - free,
+            "length": q.length + excess,
+            "expected_wait_s": q.expected_wait_s + excess * per_call,
+        })  # fmt: skip
+        snap = peer.snapshot.model_copy(update={"queues": {**peer.snapshot.queues, qname: q2}})
+        out[site] = PeerLoad(snap, peer.age_s)
+    return out
+
+
+def policy_changes(old: OverflowPolicy, new: OverflowPolicy) -> list[str]:
+    """What replacing ``old`` by ``new`` changes, one line per changed leaf
+    (``path: old -> new``, ``path: added …``, ``path: removed``), sorted by path. Empty
+    when the two are the same policy (defaults included)."""
+    a = json.loads(old.to_json())
+    b = json.loads(new.to_json())
+    out: list[str] = []
+
+    def walk(path: str, x: Any, y: Any) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                p = f"{path}.{k}" if path else str(k)
+                if k not in y:
+                    out.append(f"{p}: removed")
+                elif k not in x:
+                    out.append(f"{p}: added {json.dumps(y[k], sort_keys=True)}")
+                else:
+                    walk(p, x[k], y[k])
+        elif x != y:
+            out.append(f"{path}: {json.dumps(x, sort_keys=True)} -> {json.dumps(y, sort_keys=True)}")
+
+    walk("", a, b)
+    return out

@@ -85,9 +85,9 @@ junk = st.one_of(
 )  # fmt: skip
 FIELDS = ["call_id", "channel", "skill", "language", "caller", "customer_id", "priority_class",
           "context", "reason", "resolved", "csat", "wrap_up_code", "agent_id", "state",
-          "timeout_s", "assignment_id", "mode", "backoffice", "announcement"]  # fmt: skip
+          "timeout_s", "assignment_id", "mode", "backoffice", "announcement", "group", "draining"]  # fmt: skip
 OPS = ["offer", "abandon", "complete", "sign_in", "sign_out", "set_state", "accept", "reject",
-       "disconnect", "tick", "set_mode", "launch"]  # fmt: skip
+       "disconnect", "tick", "set_mode", "move_agent", "set_drain", "launch"]  # fmt: skip
 
 
 def dump(snapshot: dict) -> str:
@@ -109,6 +109,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.hs = lambda c: float(hs.get(c, 0.0))
         self.queue_cfg = {q.name: q for q in self.site.queues}
         self.profiles = self.site.agent_profiles()
+        self.groups = {g.id: g for g in self.site.agents}
 
     # -- driving ------------------------------------------------------------------------
 
@@ -205,6 +206,15 @@ class EngineMachine(RuleBasedStateMachine):
         self.run({"op": "set_mode", "t": self.advance(dt), "mode": mode,
                   "backoffice": backoffice, "announcement": text})  # fmt: skip
 
+    @rule(aid=st.sampled_from(AGENT_IDS), data=st.data(), dt=dts)
+    def move_agent(self, aid, data, dt):
+        group = data.draw(st.sampled_from([*sorted(self.groups), "nope", ""]))
+        self.run({"op": "move_agent", "t": self.advance(dt), "agent_id": aid, "group": group})
+
+    @rule(draining=st.sampled_from([True, False, "yes"]), dt=dts)
+    def set_drain(self, draining, dt):
+        self.run({"op": "set_drain", "t": self.advance(dt), "draining": draining})
+
     @rule(data=st.data())
     def malformed(self, data):
         cmd = data.draw(st.one_of(
@@ -218,8 +228,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- invariants ---------------------------------------------------------------------
 
+    def profile(self, agent_id: str):
+        """The agent's profile now: its group's, which move_agent may have changed."""
+        return self.groups[self.engine.agent_group(agent_id)]
+
     def eligible(self, agent_id: str, queue: str) -> bool:
-        g, q = self.profiles[agent_id], self.queue_cfg[queue]
+        g, q = self.profile(agent_id), self.queue_cfg[queue]
         return (
             q.skill in g.skills
             and (q.language is None or q.language in g.languages)
@@ -229,7 +243,7 @@ class EngineMachine(RuleBasedStateMachine):
         )
 
     def cap(self, agent_id: str, channel: str) -> int:
-        return {ch.value: n for ch, n in self.profiles[agent_id].capacity.items()}.get(channel, 0)
+        return {ch.value: n for ch, n in self.profile(agent_id).capacity.items()}.get(channel, 0)
 
     def order_key(self, call, index: int):
         return (call.queued_at - self.hs(call.priority_class), index)

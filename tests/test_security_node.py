@@ -345,6 +345,9 @@ async def test_matrix(shared, method, role, in_scope):
     before = len(shared.audit())
     code, reason = await call_any(shared.channel(stem(kind, name)), method)
     new = shared.audit()[before:]
+    # a cluster-wide RPC (the overflow policy) needs scope "*": a site-scoped binding is
+    # out of scope even on its own site (test_cluster_wide_needs_star has the "*" case)
+    in_scope = in_scope and not rule.cluster_wide
 
     if role in rule.roles and in_scope:
         assert code not in DENIED, (code, reason)
@@ -365,6 +368,19 @@ async def test_matrix(shared, method, role, in_scope):
         assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, expected)
         assert [(r.decision, r.identity, r.role, r.method, r.code, r.reason) for r in new] == [
             ("deny", uri(kind, name), "", method, "PERMISSION_DENIED", expected)]
+
+
+async def test_cluster_wide_needs_star(shared):
+    """The operator bound on "*" may call the cluster-wide RPCs (the empty request is
+    refused by the handler, after authorization and audit)."""
+    wide = [m for m, r in permissions.TABLE.items() if r.cluster_wide]
+    assert wide, "the overflow policy is cluster-wide"
+    for method in wide:
+        before = len(shared.audit())
+        code, reason = await call_any(shared.channel(stem("operator", "admin")), method)
+        assert code not in DENIED and reason == "MISSING_FIELD", (method, code, reason)
+        new = shared.audit()[before:]
+        assert [(r.decision, r.role, r.reason) for r in new] == [("allow", "operator", "MISSING_FIELD")]
 
 
 def test_every_served_method_is_in_the_table():

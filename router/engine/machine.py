@@ -70,6 +70,7 @@ from router.engine.core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
 from router.engine.mode import GATED_CHANNELS, ModeMixin
 from router.engine.records import Agent, Call, Queue
 from router.engine.snapshot import SnapshotMixin
+from router.engine.staffing import StaffingMixin
 from router.engine.transfer import RESERVE, TransferMixin
 from router.engine.views import ViewsMixin
 from router.model import (
@@ -83,7 +84,7 @@ from router.model import (
 )
 
 
-class Engine(ViewsMixin, SnapshotMixin, TransferMixin, ModeMixin, CoreMixin):
+class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin, CoreMixin):
     def __init__(self, site: SiteConfig, *, queue_factory: Any = None) -> None:
         if queue_factory is None:
             from router.pqueue import IndexedPQ as queue_factory
@@ -160,6 +161,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, ModeMixin, CoreMixin):
         }
         self._init_transfers()  # transfer_* commands (router.engine.transfer)
         self._init_mode(all_queues, backoffice)  # set_mode (router.engine.mode)
+        self._init_staffing()  # move_agent, set_drain (router.engine.staffing)
 
     # -- entry point --------------------------------------------------------------------
 

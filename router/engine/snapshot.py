@@ -40,6 +40,9 @@ class SnapshotMixin:
             "memory": {who: [list(c) for c in cs] for who, cs in self._memory.items()},
             "transfers": self._dump_transfers(),
             "mode": self.mode(),  # contingency mode; absent in old snapshots: normal
+            # operator actions (router.engine.staffing); absent in old snapshots: none
+            "groups": self.moved_groups(),
+            "drained": self._drained,
             # Derived from calls and agents, listed for readers (and checked on restore).
             "deadlines": [
                 list(e) for e in sorted({e for e in self._deadlines if self._deadline_live(e)})
@@ -62,6 +65,9 @@ class SnapshotMixin:
         e._announcement = mode.get("announcement", "")
         if mode.get("backoffice", False):  # before the agents: their queue lists change
             e._switch_backoffice(True)
+        for aid, group in (snapshot.get("groups") or {}).items():  # before states: counters
+            e._regroup(e._agents[aid], group)
+        e._drained = bool(snapshot.get("drained", False))
         e._dirty_agents = {}
         e._next_handle = int(snapshot["next_handle"])
         for row in snapshot["calls"]:

@@ -50,6 +50,7 @@ screen pop); rows go to ``<data dir>/history-spool`` and are replayed after reco
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -184,6 +185,12 @@ class HistoryLink:
         link.attach()
         log.info("%s: history at %s", node.site.site.name, store.url)
         return link
+
+    async def query(self, fn: Any, timeout_s: float = 10.0) -> Any:
+        """``fn(store)`` on the look-up store, in a thread, bounded by ``timeout_s``
+        (asyncio.TimeoutError): operator reads (Admin.DescribeCall, GetReplayInput)."""
+        store = self._recent_store if self._recent_store is not None else self.store
+        return await asyncio.wait_for(asyncio.to_thread(fn, store), timeout_s)
 
     def attach(self) -> None:
         """Become ``node.history``; seed the tracker; re-submit the retained ended calls."""
@@ -356,6 +363,14 @@ class HistoryLink:
                 "spooled": w.spooled, "spool_files": w.spool_files, "healthy": w.healthy,
                 "history_repeats": self.history_repeats, "lookup_hits": self.recent.hits,
                 "lookup_misses": self.recent.misses, "lookup_degraded": self.recent.degraded}
+
+    def spool_rows(self) -> int:
+        """Rows waiting in the outage spool (0 when it is empty): spooled minus replayed
+        since start, at least one per spooled batch (a restart forgets the counts)."""
+        w = self.writer.stats()
+        if not w.spool_files:
+            return 0
+        return max(w.spooled - w.replayed, w.spool_files)
 
     async def aclose(self, timeout: float = 5.0) -> bool:
         """Close agents' open intervals, flush (or spool) and close. True when nothing

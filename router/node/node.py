@@ -33,6 +33,7 @@ from router import model
 from router.config import SiteConfig
 from router.model import AgentChanged, AssignmentOffered, CallChanged, CallConnected, RoutingError
 from router.node import convert, metrics, peers
+from router.node.flow import FlowWindow
 from router.status import status_code
 from router.node.streams import AgentStream, CallWatch
 from router.v1 import agents_pb2, routing_pb2
@@ -45,6 +46,7 @@ COMPACT_MAX_DEFER_S = 10.0
 # A clean stop compacts when at least this many records would otherwise be replayed.
 COMPACT_AT_STOP = 1000
 METRICS_INTERVAL_S = 1.0
+_FLOW_OPS = frozenset({"transfer_done", "transfer_commit"})
 
 
 class NodeFailed(RoutingError):
@@ -82,7 +84,8 @@ class Node:
         self.server: Any = None  # grpc.aio.Server, set by build_node
         self.health: Any = None  # grpc_health aio HealthServicer, set by build_node
         self.port = 0
-        self.draining = False
+        # shutting down (SIGTERM) or draining to targets (DrainSite); see ``draining``
+        self.shutting_down = False
         self.failed: BaseException | None = None
         self.durable_seq = 0
         self.stopped = asyncio.Event()
@@ -97,12 +100,19 @@ class Node:
         self._counters: dict = {}
         self._durable_hist = metrics.DURABLE_SECONDS.labels(site.site.name)
         self._metrics_task: asyncio.Task | None = None
+        self.metrics = metrics.NodeMetrics(self)
+        # The alert rules on this node's own figures (router.alerts; TANDEM_ALERT_RULES
+        # overrides the packaged spec): .active() lists those pending or firing.
+        self.alerts = metrics.NodeAlerts(site.site.name)
         self._streams: dict[str, AgentStream] = {}
         self._auto_streams = 0  # open streams with auto answer
         # Call messages built by the last submit (for its assignments), as the step left
         # the calls: the caller may reuse them for its reply instead of building again.
         self.step_calls: dict[str, Any] = {}
         self.history: Any = None  # router.node.history_link.HistoryLink, set by main
+        self.cluster: Any = None  # router.node.cluster.ClusterLink, set by main (with etcd)
+        self.security: Any = None  # router.security.site.NodeSecurity, set by build_node
+        self.flow = FlowWindow()  # overflow in/out in the last minute (Admin.GetStatus)
         # router.security.tls.ChannelFactory: every channel the node opens (peers,
         # partners); None = plaintext channels (set by build_node)
         self.channels: Any = None
@@ -178,6 +188,11 @@ class Node:
         except Exception:  # noqa: BLE001 - streams resync on reconnect; the state is safe
             log.exception("building stream messages for %r failed", cmd)
             deliveries = []
+        if outcome.changed:
+            try:
+                self.metrics.observe(records, effects)
+            except Exception:  # noqa: BLE001 - metrics must never hurt routing
+                log.exception("metrics of %r failed", cmd)
         if self.history is not None and outcome.changed:  # rows follow the journal ack
             self.history.capture(records, effects, outcome.result, deliveries)
         if fut is not None:
@@ -186,6 +201,8 @@ class Node:
             self._maybe_compact()
         elif deliveries:
             self._deliver_in_order(deliveries)
+        if outcome.changed and op in _FLOW_OPS:
+            self._flow(op, outcome.result)
         self._count(op, "changed" if outcome.changed else "unchanged")
         self._rearm_timer()
         return outcome, fut
@@ -286,6 +303,12 @@ class Node:
                 self._durable_hist.observe(now - applied_at)
             self._deliver(deliveries)
 
+    def _flow(self, op: str, result: Any) -> None:
+        if op == "transfer_done":
+            self.flow.record("out", getattr(result, "queue", ""))
+        elif getattr(result, "state", "") == "committed":
+            self.flow.record("in", getattr(result, "queue", ""))
+
     def _count(self, op: str, result: str) -> None:
         child = self._counters.get((op, result))
         if child is None:
@@ -293,18 +316,9 @@ class Node:
         child.inc()
 
     def publish_metrics(self) -> None:
-        """Refresh the gauges from the engine (on the loop thread)."""
-        site = self.site.site.name
-        for q in self.engine.queues(now=self.view_time()):
-            metrics.QUEUE_LENGTH.labels(site, q.name).set(q.length)
-            metrics.QUEUE_EXPECTED_WAIT.labels(site, q.name).set(q.expected_wait_s)
-        for state, n in self.engine.agents_by_state().items():
-            metrics.AGENTS.labels(site, state).set(n)
-        for state, n in self.engine.counts_by_state().items():
-            metrics.CALLS.labels(site, state).set(n)
-        metrics.STREAMS.labels(site, "agent").set(len(self._streams))
-        metrics.STREAMS.labels(site, "watch").set(self._watcher_count)
-        metrics.JOURNAL_SEQ.labels(site).set(self.durable_seq)
+        """Refresh the gauges from the engine, the cluster link and the history (on the
+        loop thread); see :class:`router.node.metrics.NodeMetrics`."""
+        self.metrics.publish()
 
     async def _metrics_loop(self) -> None:
         while not self._closing:
@@ -312,6 +326,10 @@ class Node:
                 self.publish_metrics()
             except Exception:  # noqa: BLE001 - metrics must never hurt routing
                 log.exception("metrics refresh failed")
+            try:
+                self.alerts.evaluate()  # on exactly what was just published
+            except Exception:  # noqa: BLE001
+                log.exception("alert evaluation failed")
             await asyncio.sleep(METRICS_INTERVAL_S)
 
     def _deliver(self, deliveries: list) -> None:
@@ -625,12 +643,22 @@ class Node:
         if self._stop_task is None:
             self._stop_task = self._loop.create_task(self.stop(grace=0.5))
 
+    @property
+    def draining(self) -> bool:
+        """Refusing new work (offers, sign-ins, transfers in): shutting down, draining
+        to targets, or drained by an operator (journaled: ``engine.drained``)."""
+        return self.shutting_down or self.engine.drained
+
+    @draining.setter
+    def draining(self, value: bool) -> None:  # the shutdown and DrainSite paths
+        self.shutting_down = value
+
     async def shutdown(self, drain_s: float | None = None) -> None:
         """Graceful stop (SIGTERM): health NOT_SERVING, refuse new work (OfferCall,
         SignIn: UNAVAILABLE NODE_DRAINING) for ``drain_s`` while in-flight work finishes,
         then stop."""
-        if not self.draining:
-            self.draining = True
+        if not self.shutting_down:
+            self.shutting_down = True
             log.info("draining")
             if self.health is not None:
                 await self.health.enter_graceful_shutdown()

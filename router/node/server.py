@@ -28,7 +28,8 @@ from router.model import RoutingError
 from router.node.errors import Malformed
 from router.node.interconnect import InterconnectService
 from router.node.node import Node, maybe_await
-from router.node.services import AdminService, AgentsService, DiagnosticsService, RoutingService
+from router.node.admin import AdminService
+from router.node.services import AgentsService, DiagnosticsService, RoutingService
 from router.node.transfer import Transfers
 from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, routing_pb2
 
@@ -172,9 +173,14 @@ async def build_node(
 
     node = Node(site, engine, journal, max_watchers=max_watchers, compact_every=compact_every, drain_s=drain_s)
     node._last_t = last_t
+    node.security = security
     node.durable_seq = int(getattr(journal, "last_seq", 0) or 0)  # all recovered records are on disk
 
-    interceptors = []
+    from router.node.rpc_metrics import MetricsInterceptor, known_methods
+
+    # first: the calls the security interceptor refuses are counted too
+    interceptors: list = [MetricsInterceptor(known_methods(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)))]
     if security is not None:
         node.channels = security.channels
         interceptors.append(security.interceptor(security.authorizer(node)))

@@ -1,4 +1,4 @@
-"""gRPC servicers of a site node: Routing, Agents, Admin, Diagnostics.
+"""gRPC servicers of a site node: Routing, Agents, Diagnostics (Admin: router.node.admin).
 
 Thin on purpose: each handler converts its request (``convert``), hands a command to the
 :class:`~router.node.node.Node` (which applies, journals and waits for durability) or
@@ -9,8 +9,6 @@ reads a view, and converts the answer back. Every handler is wrapped by
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import math
 import time
@@ -22,8 +20,6 @@ from router.node import convert
 from router.node.errors import Malformed, abort, guard, malformed_error
 from router.node.node import FINAL_CALL_STATES, Node
 from router.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
     agents_pb2,
     agents_pb2_grpc,
     diagnostics_pb2,
@@ -37,19 +33,15 @@ log = logging.getLogger("tandem.node")
 ECHO_MAX_PAYLOAD = 64 * 1024
 DEFAULT_WATCH_INTERVAL_S = 1.0
 MIN_WATCH_INTERVAL_S = 0.05
-DEFAULT_PAGE_SIZE = 500
-MAX_PAGE_SIZE = 1000
-# Calls a ListCalls page examines at most (a sparse state filter may return a short
-# page with a token to go on): bounds the time one page holds the event loop.
-PAGE_SCAN_LIMIT = 20_000
 HELLO_TIMEOUT_S = 30.0
 
 
-def _draining(node: Node) -> None:
-    if node.draining:
-        raise RoutingError(
-            "UNAVAILABLE", "NODE_DRAINING", "the node is shutting down; retry on another node"
-        )
+def _draining(node: Node, offers: bool = True) -> None:
+    """UNAVAILABLE NODE_DRAINING while the node shuts down; for offers also while the
+    site is drained by an operator (its agents still sign in and finish their work)."""
+    if node.shutting_down or (offers and node.draining):
+        why = "the node is shutting down" if node.shutting_down else "the site is drained by an operator"
+        raise RoutingError("UNAVAILABLE", "NODE_DRAINING", f"{why}; retry on another node")
 
 
 class RoutingService(routing_pb2_grpc.RoutingServicer):
@@ -171,7 +163,7 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
 
     @guard
     async def SignIn(self, request, context):
-        _draining(self.node)
+        _draining(self.node, offers=False)
         view = await self.node.execute({"op": "sign_in", "t": self.node.now(), "agent_id": request.agent_id})
         return agents_pb2.SignInResponse(agent=convert.agent_msg(view))
 
@@ -247,70 +239,6 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         except Exception as exc:  # noqa: BLE001 - transport errors end the stream
             log.info("agent %s stream read ended: %r", stream.agent_id, exc)
         stream.close()
-
-
-def _encode_token(after: int) -> str:
-    return base64.urlsafe_b64encode(f"2:{after}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> int:
-    """The handle a page token resumes after (tokens are opaque to clients)."""
-    bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued", field="page_token")
-    if len(token) > 200:
-        raise bad
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, after = raw.split(":", 1)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise bad from None
-    if version != "2" or not after.isdigit() or len(after) > 19 or int(after) < 1:
-        raise bad
-    return int(after)
-
-
-class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @guard
-    async def GetStatus(self, request, context):
-        node = self.node
-        eng = node.engine
-        info = node.site.site
-        msg = admin_pb2.GetStatusResponse(
-            site=info.name,
-            region=info.region,
-            kind=info.kind,
-            serving=not node.draining,
-            queues=[convert.queue_status_msg(q) for q in eng.queues(now=node.view_time())],
-            agents_by_state={k: int(v) for k, v in eng.agents_by_state().items()},
-            calls_by_state={k: int(v) for k, v in eng.counts_by_state().items()},
-        )
-        await node.barrier()
-        msg.journal_seq = node.durable_seq
-        return msg
-
-    @guard
-    async def ListCalls(self, request, context):
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size > MAX_PAGE_SIZE:
-            raise RoutingError(
-                "INVALID_ARGUMENT", "INVALID_PAGE_SIZE", f"page_size must be 0..{MAX_PAGE_SIZE}",
-                field="page_size",
-            )
-        after = _decode_token(request.page_token) if request.page_token else 0
-        state = convert.call_state_str(request.state) or None
-        if state == "offered":
-            # no call rests in "offered" (it is queued, assigned or rejected at once)
-            page, after = [], 0
-        else:
-            # O(page): resumes after the last handle seen, scans a bounded number of calls
-            page, after = self.node.engine.calls_page(state, after, size, PAGE_SCAN_LIMIT)
-        msg = admin_pb2.ListCallsResponse(calls=[convert.call_msg(c) for c in page])
-        if after:
-            msg.next_page_token = _encode_token(after)
-        await self.node.barrier()
-        return msg
 
 
 class DiagnosticsService(diagnostics_pb2_grpc.DiagnosticsServicer):

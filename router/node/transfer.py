@@ -235,17 +235,19 @@ class Transfers:
         except asyncio.TimeoutError:
             return TransferOutcome(call_id, no, "pending", "", target)
 
-    async def drain(self, targets: list[str], timeout: float = 60.0) -> DrainResult:
-        """Stop new offers and transfers in (UNAVAILABLE NODE_DRAINING) and move every
-        queued call to one of ``targets``, tried in turn per call (a decline sends the
-        call to the next one). Passes repeat while calls keep moving (a ringing call that
-        comes back to the queue goes in the next pass)."""
+    async def drain(self, targets: list[str], timeout: float = 60.0, *, refuse_new: bool = True) -> DrainResult:
+        """Stop new offers and transfers in (UNAVAILABLE NODE_DRAINING; not with
+        ``refuse_new=False``: an operator drain refuses them by its journaled flag) and
+        move every queued call to one of ``targets``, tried in turn per call (a decline
+        sends the call to the next one). Passes repeat while calls keep moving (a ringing
+        call that comes back to the queue goes in the next pass)."""
         if not targets:
             raise RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", "drain needs at least one target", field="targets")
         for target in targets:
             self.node.check_target(target)
         node = self.node
-        node.draining = True
+        if refuse_new:
+            node.draining = True
         log.info("draining to %s", ", ".join(targets))
         res = DrainResult()
         deadline = time.monotonic() + timeout

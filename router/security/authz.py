@@ -221,6 +221,11 @@ class Authorizer:
         if not scoped:
             raise Refusal("PERMISSION_DENIED", "OUT_OF_SCOPE",
                           f"{who.identity} may call {method}, but not on site {self.site}")
+        if rule.cluster_wide:
+            scoped = [b for b in scoped if "*" in b.sites]
+            if not scoped:
+                raise Refusal("PERMISSION_DENIED", "OUT_OF_SCOPE",
+                              f"{method} acts on every site: {who.identity} needs a binding with scope '*'")
         role = scoped[0].role
         if rule.members_only:
             if who.spiffe is None or who.spiffe.kind != "site":

@@ -8,10 +8,12 @@ from :data:`TABLE` is refused to everybody.
 Roles:
 
 * ``viewer`` — reads: status, calls, agents, transfers, wait estimates.
-* ``supervisor`` — reads, plus agent and queue actions (set an agent's state, sign an
-  agent out, move a queued call to another member).
+* ``supervisor`` — reads, plus agent and site actions (set an agent's state, sign an
+  agent out, move an agent to another group, move a queued call to another member,
+  drain the site, set its contingency mode), its audit records and replay input.
 * ``operator`` — everything an operator does: the above, offers and agent sessions on
-  behalf of the site, drain. Not the member-to-member transfer protocol.
+  behalf of the site, the overflow policy (cluster-wide: only with scope ``*``). Not the
+  member-to-member transfer protocol.
 * ``site`` — a node of the cluster: the Interconnect transfer protocol, between current
   members only; also Routing.GetCall (an origin asks a partner node about the calls it
   sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
@@ -38,15 +40,17 @@ class Rule:
     roles: frozenset[str]
     mutates: bool = False
     members_only: bool = False  # the caller's site identity must be a current member
+    cluster_wide: bool = False  # acts on every site: the binding's scope must be "*"
 
 
-def _r(*roles: str | frozenset[str], mutates: bool = False, members_only: bool = False) -> Rule:
+def _r(*roles: str | frozenset[str], mutates: bool = False, members_only: bool = False,
+       cluster_wide: bool = False) -> Rule:
     out: set[str] = set()
     for r in roles:
         out |= {r} if isinstance(r, str) else set(r)
     unknown = out - set(ROLES)
     assert not unknown, unknown
-    return Rule(frozenset(out), mutates, members_only)
+    return Rule(frozenset(out), mutates, members_only, cluster_wide)
 
 
 R = "/router.v1.Routing/"
@@ -69,6 +73,18 @@ TABLE: dict[str, Rule] = {
     A + "Connect": _r("agent-gateway", "operator", mutates=True),
     ADM + "GetStatus": _r(_READ),
     ADM + "ListCalls": _r(_READ),
+    ADM + "ListAgents": _r(_READ),
+    ADM + "ListMembers": _r(_READ),
+    ADM + "GetPolicy": _r(_READ),
+    ADM + "DiffPolicy": _r(_READ),
+    ADM + "ApplyPolicy": _r("operator", mutates=True, cluster_wide=True),
+    ADM + "GetReplayInput": _r("supervisor", "operator"),
+    ADM + "SetDrain": _r("supervisor", "operator", mutates=True),
+    ADM + "SetMode": _r("supervisor", "operator", mutates=True),
+    ADM + "MoveAgent": _r("supervisor", "operator", mutates=True),
+    ADM + "ListAlerts": _r(_READ),
+    ADM + "ListAudit": _r("supervisor", "operator"),
+    ADM + "DescribeCall": _r(_READ),
     "/router.v1.Diagnostics/Echo": _r(_ALL_BUT_PARTNER),
     IC + "ProposeTransfer": _r("site", mutates=True, members_only=True),
     IC + "CommitTransfer": _r("site", mutates=True, members_only=True),
@@ -102,5 +118,6 @@ def markdown_table() -> str:
         marks = " | ".join("yes" if role in r.roles else "" for role in ROLES)
         extra = " (audited)" if r.mutates else ""
         extra += " (members only)" if r.members_only else ""
+        extra += " (scope *)" if r.cluster_wide else ""
         rows.append(f"| `{name}`{extra} | {marks} |")
     return head + "\n".join(rows) + "\n"

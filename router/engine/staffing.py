@@ -1,0 +1,134 @@
+"""Operator actions on the site's staffing (part of :class:`router.engine.Engine`):
+``move_agent`` and ``set_drain``. Both are journaled like any command.
+
+``move_agent`` {"agent_id", "group"}: the agent takes the profile (skills, languages,
+capacity, back-office flag) of another agent group of the site file, live: no sign-out,
+its state and state clock are kept. Refused with AGENT_BUSY while it has a contact ringing
+or in hand (its capacity per channel could no longer hold it), UNKNOWN_GROUP for a group
+the site does not have. Its queues are recomputed exactly as at start-up; a ready agent
+takes queued calls of its new queues at once (the usual dispatch, invariant 3). Result
+(also when unchanged): the agent's view. The current group of every agent whose group
+differs from the site file is in the snapshot (``"groups"``).
+
+``set_drain`` {"draining": bool}: records that an operator drained the site (the node
+refuses new offers and transfers in while it is set, and hands its queued calls out). The
+engine itself only stores the flag: it is in the snapshot (``"drained"``) so a drained
+site stays drained after a restart. Result: ``{"draining": bool}``.
+"""
+
+from __future__ import annotations
+
+from router import policy
+from router.config import AgentGroup
+from router.engine import validate as v
+from router.engine.mode import GATED_CHANNELS
+from router.engine.records import Agent
+from router.model import AgentChanged, Outcome, RoutingError
+
+_STAFFED = ("ready", "wrap_up")
+
+
+class StaffingMixin:
+    def _init_staffing(self) -> None:
+        self._groups: dict[str, AgentGroup] = {g.id: g for g in self.site.agents}
+        profiles = self.site.agent_profiles()
+        self._home_group: dict[str, str] = {aid: g.id for aid, g in profiles.items()}
+        self._group_of: dict[str, str] = dict(self._home_group)
+        self._drained = False
+        self._ops["move_agent"] = self._op_move_agent
+        self._ops["set_drain"] = self._op_set_drain
+
+    # -- views ---------------------------------------------------------------------------
+
+    @property
+    def drained(self) -> bool:
+        return self._drained
+
+    def agent_group(self, agent_id: str) -> str:
+        self._agent(agent_id)  # NOT_FOUND UNKNOWN_AGENT
+        return self._group_of[agent_id]
+
+    def group_names(self) -> list[str]:
+        return list(self._groups)
+
+    def agent_queues(self, agent_id: str) -> list[str]:
+        """The queues the agent may take now (config order)."""
+        return [q.name for q in self._agent(agent_id).queues]
+
+    def moved_groups(self) -> dict[str, str]:
+        """agent id -> group, for agents not in their site-file group (snapshot)."""
+        return {aid: g for aid, g in self._group_of.items() if g != self._home_group[aid]}
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _op_set_drain(self, cmd: dict, now: float) -> Outcome:
+        draining = cmd.get("draining")
+        if not isinstance(draining, bool):
+            raise v.invalid("INVALID_FIELD", "draining must be a boolean", field="draining")
+        if draining == self._drained:
+            return Outcome(False, {"draining": draining})
+        self._begin(now)
+        self._drained = draining
+        return self._commit({"draining": draining})
+
+    def _op_move_agent(self, cmd: dict, now: float) -> Outcome:
+        a = self._agent(v.agent_id(cmd))
+        group = cmd.get("group")
+        if not isinstance(group, str) or not group:
+            raise v.invalid("MISSING_FIELD", "group is required", field="group")
+        if group not in self._groups:
+            raise v.invalid("UNKNOWN_GROUP", f"site {self._site_name} has no agent group {group!r}", field="group")
+        if group == self._group_of[a.agent_id]:
+            return Outcome(False, a.view())
+        if a.calls:
+            raise RoutingError(
+                "FAILED_PRECONDITION", "AGENT_BUSY",
+                f"agent {a.agent_id} holds {len(a.calls)} contact(s): move it when it has none",
+                agent_id=a.agent_id,
+            )  # fmt: skip
+        self._begin(now)
+        self._regroup(a, group)
+        if a.state == "ready":
+            self._dirty_agents[a.agent_id] = a
+        if a.state != "signed_out":
+            self._fx.append(AgentChanged(a.agent_id))
+        self._dispatch()
+        return self._commit(a.view())
+
+    def _regroup(self, a: Agent, group: str) -> None:
+        """Give ``a`` (holding no contact) the profile of ``group``: leave every queue the
+        way sign-out would, take the new profile, join the new queues the way sign-in
+        would (queue counters, free sets, back-office gating)."""
+        aid = a.agent_id
+        staffed, signed_in = a.state in _STAFFED, a.state != "signed_out"
+        for q in a.queues:
+            if staffed:
+                q.staffed_slots -= a.capacity[q.channel]
+            if signed_in:
+                q.signed_in -= 1
+            q.agents.remove(a)
+            q.free.pop(aid, None)
+        g = self._groups[group]
+        cap = dict.fromkeys(v.CHANNEL_ORDER, 0)
+        cap.update({getattr(ch, "value", ch): n for ch, n in g.capacity.items()})
+        a.skills, a.languages, a.capacity = dict(g.skills), list(g.languages), cap
+        a.load = dict.fromkeys(cap, 0)
+        eligible = [
+            q for q in self._queues.values()
+            if policy.eligible(a.skills, a.languages, cap, q.skill, q.language, q.channel)
+        ]  # fmt: skip
+        self._all_queues[aid] = eligible
+        gated = [q for q in eligible if q.channel in GATED_CHANNELS] if g.backoffice else []
+        if gated:
+            self._gated[aid] = gated
+        else:
+            self._gated.pop(aid, None)
+        a.queues = [q for q in eligible if q not in gated or self._backoffice_on]
+        for q in a.queues:
+            q.agents.append(a)
+            if staffed:
+                q.staffed_slots += cap[q.channel]
+            if signed_in:
+                q.signed_in += 1
+        self._group_of[aid] = group
+        self._refresh(a)
