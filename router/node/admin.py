@@ -197,7 +197,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
     def _connected(self) -> set[str]:
-        return set(self.node.connected_agents())
+        return set(self.node.connected_agents)
 
     @guard
     async def ListAgents(self, request, context):
