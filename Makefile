@@ -6,7 +6,7 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 PIP        := $(VENV)/bin/pip
 # Debian packages the project needs: compiler for the Cython core, etcd 3.4, ClickHouse 18.16, ip netns.
-APT_PACKAGES := gcc iproute2 etcd-server etcd-client clickhouse-server clickhouse-client
+APT_PACKAGES := gcc iproute2 etcd-server etcd-client clickhouse-server clickhouse-client prometheus tmux
 PYTEST_ARGS ?=
 
 .PHONY: all deps build demo test bench clean

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
 from router.history.cli import register as _register_history  # noqa: E402
 _register_history(app)  # tandem history …, tandem report …
 from router.security.certs_cli import register as _register_certs  # noqa: E402
@@ -44,6 +44,11 @@ def node(
         help="serve mTLS with DIR/site-SITE.crt|.key and DIR/ca.crt (tandem certs init); also for peers and https etcd",
     ),
     insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
+    metrics_listen: Optional[str] = typer.Option(
+        None, "--metrics-listen", envvar="TANDEM_METRICS_LISTEN", metavar="HOST:PORT",
+        help="serve Prometheus /metrics on HOST:PORT (port 0: any free one); HTTPS with a client "
+             "certificate of the cluster CA required when --tls-dir is given",
+    ),
 ) -> None:
     """Run one site node until SIGTERM/SIGINT (with --etcd: as a member of the cluster).
 
@@ -61,7 +66,7 @@ def node(
             "key_file": str(etcd_key) if etcd_key else None,
         }
     raise typer.Exit(run_node(site, data_dir, listen=listen, sync=sync, etcd=cluster, advertise=advertise,
-                              history=history, tls_dir=tls_dir, insecure=insecure))
+                              history=history, tls_dir=tls_dir, insecure=insecure, metrics_listen=metrics_listen))
 
 
 @app.command()

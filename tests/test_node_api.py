@@ -438,5 +438,5 @@ async def test_metrics(node):
     assert 'tandem_node_commands_total{op="offer",result="changed",site="testsite"}' in text
     assert 'tandem_node_commands_total{op="offer",result="UNKNOWN_SKILL",site="testsite"}' in text
     assert 'tandem_node_rpc_errors_total{method="OfferCall",reason="UNKNOWN_SKILL"}' in text
-    assert 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text
+    assert 'tandem_queue_contacts{queue="billing-fr-voice",site="testsite"} 1.0' in text
     assert "tandem_node_durable_seconds_bucket" in text

@@ -314,10 +314,10 @@ async def test_metrics_endpoint(tmp_path):
             text = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             )
-            if 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text:
+            if 'tandem_queue_contacts{queue="billing-fr-voice",site="testsite"} 1.0' in text:
                 break
             await asyncio.sleep(0.1)
-        assert 'tandem_node_queue_length{queue="billing-fr-voice",site="testsite"} 1.0' in text
+        assert 'tandem_queue_contacts{queue="billing-fr-voice",site="testsite"} 1.0' in text
         assert 'tandem_node_commands_total{op="offer",result="changed",site="testsite"} 1.0' in text
 
 

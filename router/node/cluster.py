@@ -57,14 +57,16 @@ from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings,
 from router.engine.mode import MAX_ANNOUNCEMENT
 from router.model import RoutingError
 from router.overflow import (
+    ACTIVE_STATES,  # noqa: F401 - kept importable here
     ContingencyState,
     Decision,
     LoadSnapshot,
-    LocalQueue,
     PartnerUsage,
     PeerLoad,
-    QueueLoad,
+    charge_transfers,
     decide,
+    local_queue,
+    site_load,
 )
 
 log = logging.getLogger("tandem.cluster")
@@ -72,7 +74,6 @@ dlog = logging.getLogger("tandem.overflow")
 
 LOAD_POLL_S = 0.1  # how often the engine's load is offered to the publisher
 DECISIONS_KEPT = 1000
-ACTIVE_STATES = ("queued", "assigned", "connected", "transferring")
 PARTNER_POLL_S = 1.0  # how often calls handed to a capped partner are checked for their end
 TRANSFER_WAIT_S = 60.0  # a transfer task waits this long for its outcome, then only logs
 SWEEP_S = 0.5  # how often calls that stayed are decided again
@@ -270,31 +271,9 @@ class ClusterLink:
     def snapshot(self) -> LoadSnapshot:
         """This site's load from the engine, now."""
         engine = self.node.engine
-        now = self.node.view_time()
-        queues: dict[str, QueueLoad] = {}
-        free: dict[str, int] = {}
-        sl_num = sl_den = 0.0
-        for q in engine.queues(now=now):
-            cfg = self._queue_cfg.get(q.name)
-            target = cfg.service_level.threshold_s if cfg is not None else 20.0
-            queues[q.name] = QueueLoad(
-                skill=q.skill, channel=q.channel, language=q.language,
-                value=cfg.value if cfg is not None else "standard",
-                length=q.length, expected_wait_s=q.expected_wait_s, staffed=q.agents_staffed,
-                free_agents=q.agents_ready, target_wait_s=target, service_level=q.service_level,
-            )  # fmt: skip
-            free[q.skill] = max(free.get(q.skill, 0), q.agents_ready)
-            if q.service_level >= 0:
-                w = max(1, q.answered + q.abandoned)
-                sl_num += q.service_level * w
-                sl_den += w
-        counts = engine.counts_by_state()
-        return LoadSnapshot(
-            site=self.site, region=self.region, kind=self.kind,
-            accepting=not self.node.draining, mode=self.mode.mode,
-            active_calls=sum(counts.get(s, 0) for s in ACTIVE_STATES),
-            service_level=round(sl_num / sl_den, 4) if sl_den else -1.0,
-            free_agents=free, queues=queues,
+        return site_load(
+            self.site, self.region, self.kind, engine.queues(now=self.node.view_time()), self._queue_cfg,
+            engine.counts_by_state(), accepting=not self.node.draining, mode=self.mode.mode,
         )  # fmt: skip
 
     def publish(self) -> None:
@@ -333,34 +312,16 @@ class ClusterLink:
         self._sent = keep
 
     def peer_loads(self) -> dict[str, PeerLoad]:
-        """The peers' loads, each charged with our transfers it cannot show yet: they
-        take its free agents first, then lengthen its queue (and its expected wait by
-        the queue's current wait per call, or its target over its staffed agents)."""
+        """The peers' loads, each charged with our transfers it cannot show yet
+        (:func:`router.overflow.charge_transfers`)."""
         loads = self.coord.peer_loads()
         if not self._sent:
             return loads
-        extra: dict[tuple[str, str], int] = {}
-        for s in self._sent:
-            peer = loads.get(s.site)
-            if peer is None or (s.done_at is not None and peer.snapshot.ts >= s.done_at):
-                continue
-            extra[(s.site, s.queue)] = extra.get((s.site, s.queue), 0) + 1
-        for (site, qname), k in extra.items():
-            peer = loads[site]
-            q = peer.snapshot.queues.get(qname)
-            if q is None:
-                continue
-            free = min(q.free_agents, k)
-            excess = k - free
-            per_call = q.expected_wait_s / (q.length + 1) if q.expected_wait_s > 0 else q.target_wait_s / max(1, q.staffed)
-            q2 = q.model_copy(update={
-                "free_agents": q.free_agents - free,
-                "length": q.length + excess,
-                "expected_wait_s": q.expected_wait_s + excess * per_call,
-            })  # fmt: skip
-            snap = peer.snapshot.model_copy(update={"queues": {**peer.snapshot.queues, qname: q2}})
-            loads[site] = PeerLoad(snap, peer.age_s)
-        return loads
+        pending = [
+            (s.site, s.queue) for s in self._sent
+            if s.site in loads and (s.done_at is None or loads[s.site].snapshot.ts < s.done_at)
+        ]  # fmt: skip
+        return charge_transfers(loads, pending)
 
     def partner_usage(self, loads: dict[str, PeerLoad]) -> dict[str, PartnerUsage]:
         now = time.monotonic()
@@ -438,13 +399,7 @@ class ClusterLink:
     def _decide(self, call_id: str, queue: str, expected_wait_s: float, log_stay: bool = True) -> Decision:
         node = self.node
         qv = node.engine.queue(queue, now=node.view_time())
-        cfg = self._queue_cfg.get(queue)
-        local = LocalQueue(
-            site=self.site, region=self.region, queue=queue, skill=qv.skill, channel=qv.channel,
-            language=qv.language, value=cfg.value if cfg is not None else "standard",
-            length=max(0, qv.length - 1), expected_wait_s=expected_wait_s, staffed=qv.agents_staffed,
-            target_wait_s=cfg.service_level.threshold_s if cfg is not None else 20.0,
-        )  # fmt: skip
+        local = local_queue(self.site, self.region, qv, self._queue_cfg.get(queue), expected_wait_s)
         loads = self.peer_loads()
         members = self.coord.members()
         d = decide(
@@ -577,6 +532,31 @@ class ClusterLink:
         finally:
             for ch in channels.values():
                 await ch.close()
+
+    # --- read-only figures (metrics, alerts) ---------------------------------------------
+
+    def policy_sites(self) -> set[str]:
+        """The sites the overflow policy in force names: targets, per-site rules, partners."""
+        policy = self.coord.policy
+        out = set(policy.sites) | set(policy.partners)
+        rules = [policy.default, *policy.queues.values(), *(r for qs in policy.sites.values() for r in qs.values())]
+        for r in rules:
+            if r is None:
+                continue
+            out.update(r.to or ())
+            if r.split is not None:
+                out.update(r.split.to)
+        out.discard(self.site)
+        return out
+
+    def partner_calls(self) -> dict[str, tuple[int, int | None]]:
+        """partner -> (our calls active there, counted against its cap; the contract's
+        ``max_concurrent``, None when uncapped) for every partner of the policy."""
+        contracts = self.coord.policy.partners
+        out = {p: (len(self._partner_calls.get(p, ())), c.max_concurrent) for p, c in contracts.items()}
+        for p, calls in self._partner_calls.items():
+            out.setdefault(p, (len(calls), None))
+        return out
 
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats

@@ -4,7 +4,11 @@ Prints one line ``tandem node <site> listening on <host>:<port>`` on stdout once
 serves (tools and tests parse the port from it).
 
 Environment: ``TANDEM_DRAIN_S`` (seconds of drain after SIGTERM, default 2),
-``TANDEM_METRICS_PORT`` (serve Prometheus metrics on 127.0.0.1:PORT),
+``TANDEM_METRICS_PORT`` (serve Prometheus metrics on 127.0.0.1:PORT; ``--metrics-listen``
+HOST:PORT, env ``TANDEM_METRICS_LISTEN``, takes precedence: the node then prints
+``tandem node <site> metrics on <host>:<port>``; with ``--tls-dir`` the endpoint is
+HTTPS and requires a client certificate of the cluster CA), ``TANDEM_ALERT_RULES`` (a
+rule file replacing the packaged alert rules, see :mod:`router.alerts`),
 ``TANDEM_LOG_LEVEL`` (default INFO), ``TANDEM_HISTORY`` (= ``--history``: off,
 embedded or a clickhouse:// URL; see :mod:`router.node.history_link`) and
 ``TANDEM_HISTORY_LOOKUP_MS`` (the repeat-caller look-up's bound, default 20). With etcd endpoints (``--etcd`` or
@@ -59,7 +63,7 @@ def _host_of(address: str) -> str:
 
 async def serve(
     site, data_dir: Path, listen: str, sync: str, drain_s: float, etcd=None, advertise: str | None = None,
-    history: str = "off", security=None,
+    history: str = "off", security=None, metrics_listen: str | None = None,
 ) -> int:
     from router.node.server import RecoveryError, build_node
 
@@ -88,12 +92,20 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics_port = os.environ.get("TANDEM_METRICS_PORT")
-    if metrics_port:
-        from router.node import metrics
-
-        metrics.serve(int(metrics_port))
-    await node.start(publish_metrics=bool(metrics_port))
+    if metrics_listen is None and os.environ.get("TANDEM_METRICS_PORT"):
+        metrics_listen = f"127.0.0.1:{os.environ['TANDEM_METRICS_PORT']}"
+    metrics_at = None
+    if metrics_listen:
+        try:
+            metrics_at = serve_metrics(metrics_listen, security)
+        except (OSError, ValueError) as e:
+            print(f"tandem node {site.site.name}: metrics on {metrics_listen}: {e}", file=sys.stderr, flush=True)
+            await node.stop(grace=0)
+            if link is not None:
+                await link.aclose()
+            return 1
+    # the gauges and the in-app alerts are refreshed once a second, served or not
+    await node.start(publish_metrics=True)
     cluster = None
     if etcd is not None:
         from router.node.cluster import ClusterLink, advertised_address
@@ -106,6 +118,8 @@ async def serve(
         node.cluster = cluster
         if link is not None:
             link.attach_cluster(cluster)
+    if metrics_at is not None:
+        print(f"tandem node {site.site.name} metrics on {metrics_at}", flush=True)
     print(f"tandem node {site.site.name} listening on {_host_of(listen)}:{port}", flush=True)
 
     stopper = asyncio.create_task(stop.wait())
@@ -132,10 +146,29 @@ async def serve(
     return 0
 
 
+def serve_metrics(listen: str, security=None) -> str:
+    """Start the /metrics endpoint on ``listen`` (HOST:PORT, port 0 = any free one);
+    returns the bound HOST:PORT. With mTLS (``security.tls``) it is HTTPS with the
+    site's certificate and requires a client certificate of the cluster CA."""
+    from router.node import metrics
+
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise ValueError("expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    tls = security.tls if security is not None else None
+    if tls is not None:
+        port = metrics.serve(int(port_s), host, certfile=str(tls.cert_path), keyfile=str(tls.key_path),
+                             client_cafile=str(tls.ca_path))
+    else:
+        port = metrics.serve(int(port_s), host)
+    return f"{host}:{port}"
+
+
 def run_node(
     site_path, data_dir, listen: str | None = None, sync: str = "fdatasync", *,
     etcd: dict | None = None, advertise: str | None = None, history: str | None = "off",
-    tls_dir: str | Path | None = None, insecure: bool = False,
+    tls_dir: str | Path | None = None, insecure: bool = False, metrics_listen: str | None = None,
 ) -> int:
     """Load the site file and serve until a signal. Returns the process exit code.
 
@@ -161,6 +194,12 @@ def run_node(
     address = listen or site.site.listen
     from router.security.tls import TlsConfigError, is_loopback
 
+    if metrics_listen is None and os.environ.get("TANDEM_METRICS_LISTEN"):
+        metrics_listen = os.environ["TANDEM_METRICS_LISTEN"]
+    if tls_dir is None and not insecure and metrics_listen and not is_loopback(metrics_listen):
+        print(f"tandem node {site.site.name}: refusing plaintext metrics on {metrics_listen}, which is not "
+              "loopback: give --tls-dir DIR, or --insecure", file=sys.stderr, flush=True)
+        return 2
     if tls_dir is None and not insecure and not is_loopback(address):
         print(f"tandem node {site.site.name}: refusing plaintext on {address}, which is not loopback: "
               "give --tls-dir DIR (tandem certs init), or --insecure", file=sys.stderr, flush=True)
@@ -212,4 +251,4 @@ def run_node(
     import uvloop
 
     return uvloop.run(serve(site, Path(data_dir), address, sync, drain_s, settings, advertise, history,
-                            security if security.tls is not None else None))
+                            security if security.tls is not None else None, metrics_listen))
