@@ -224,7 +224,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         for name, m in sorted(coord.members().items()):
             pl = loads.get(name)
             snap = pl.snapshot if pl is not None else None
-            waiting = sum(q.queued for q in snap.queues.values()) if snap is not None else 0
+            waiting = sum(q.length for q in snap.queues.values()) if snap is not None else 0
             out.append(admin_pb2.Member(
                 site=name, address=m.address, kind=m.kind, region=m.region,
                 accepting=snap.accepting if snap is not None else False,
@@ -298,19 +298,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise RoutingError("UNAVAILABLE", "HISTORY_OFF", "this node keeps no history (--history off)")
         from router.history.replay import recent_arrivals
 
-        site = node.site.site.name
         try:
-            rows = await node.history.query(lambda store: recent_arrivals(store, since, site=site),
-                                            timeout_s=HISTORY_TIMEOUT_S)
+            rows = await node.history.query(lambda store: recent_arrivals(store, since), timeout_s=HISTORY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RoutingError("UNAVAILABLE", "HISTORY_UNAVAILABLE", "the history did not answer in time") from None
         except Exception as e:  # noqa: BLE001 - the store's errors
             raise RoutingError("UNAVAILABLE", "HISTORY_UNAVAILABLE", f"the history failed: {e}") from None
         calls = [admin_pb2.ReplayCall(
-            call_id=r["call_id"], offered_at=float(r["offered_at"]), skill=r["skill"],
-            channel=convert.channel_enum(r["channel"]), language=r.get("language", ""), caller=r.get("caller", ""),
-            customer_id=r.get("customer_id", ""), handle_s=float(r.get("handle_s", 0.0)),
-            waited_s=float(r.get("wait_s", 0.0)), outcome=r.get("outcome", ""),
+            call_id=r["call_id"], offered_at=float(r["at"]), skill=r["skill"],
+            channel=convert.channel_enum(r["channel"]), language=r.get("language") or "",
+            caller=r.get("caller") or "", customer_id=r.get("customer_id") or "",
+            handle_s=float(r.get("handle_s") or 0.0), waited_s=float(r.get("waited_s") or 0.0),
+            outcome=r.get("outcome") or "", origin_site=r.get("site") or "",
+            priority_class=r.get("priority_class") or "",
         ) for r in rows[:MAX_REPLAY_CALLS]]  # fmt: skip
         text = yaml.safe_dump(node.site.model_dump(mode="json", exclude_none=True), sort_keys=False)
         return admin_pb2.GetReplayInputResponse(site_yaml=text, calls=calls)
