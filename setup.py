@@ -51,6 +51,18 @@ class build_py(_build_py):
     def run(self) -> None:
         generate_protos()
         super().run()
+        self.copy_example_sites()
+
+    def copy_example_sites(self) -> None:
+        """Ship the example cluster (the top-level ``sites/``, its source) as package data
+        in ``router/sim/sites``, so ``tandem demo`` and ``tandem up`` work from any
+        directory (``router.sim.demo.example_sites_dir``)."""
+        files = sorted(glob.glob(os.path.join(HERE, "sites", "*.yaml")))
+        files += glob.glob(os.path.join(HERE, "sites", "overflow-policy.json"))
+        target = os.path.join(self.build_lib, "router", "sim", "sites")
+        self.mkpath(target)
+        for f in files:
+            self.copy_file(f, os.path.join(target, os.path.basename(f)))
 
 
 def extensions() -> list[Extension]:

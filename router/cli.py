@@ -15,6 +15,8 @@ _register_history(app)  # tandem history …, tandem report …
 from router.security.certs_cli import register as _register_certs  # noqa: E402
 _register_certs(app)  # tandem certs …
 from router.ctl.commands import register as _register_ctl; _register_ctl(app)  # noqa: E402,E702 tandem ctl …, tandem top
+from router.ctl.up import register as _register_up  # noqa: E402
+_register_up(app)  # tandem up, tandem down
 
 
 @app.command()

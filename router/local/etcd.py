@@ -96,11 +96,15 @@ class EtcdServer:
     """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
 
     def __init__(self, data_dir: Path, client_port: int | None = None, peer_port: int | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
+                 tls: dict[str, Path] | None = None, *, detach: bool = False,
+                 log_path: Path | None = None) -> None:
         """``tls``: {"ca", "server_cert", "server_key", "client_cert", "client_key"} paths
         (:func:`tls_from_dir` makes them from a Tandem TLS directory); clients then need
-        https and a client certificate signed by ``ca``."""
+        https and a client certificate signed by ``ca``. ``detach``: no parent-death
+        signal, the server outlives the process that started it (``tandem up``).
+        ``log_path``: default ``DATA_DIR.log`` beside the data dir."""
         self.tls = tls
+        self.detach = detach
         self.binary = etcd_binary()
         if not (os.path.exists(self.binary) and os.access(self.binary, os.X_OK)):
             raise EtcdStartError(
@@ -111,7 +115,7 @@ class EtcdServer:
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{self.data_dir.name}.log"
 
     @property
     def endpoint(self) -> str:
@@ -153,8 +157,9 @@ class EtcdServer:
             return
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
+            cmd = [self.binary, *self._args()]
             self.proc = subprocess.Popen(
-                pdeathsig_argv([self.binary, *self._args()]), stdout=logf, stderr=subprocess.STDOUT,
+                cmd if self.detach else pdeathsig_argv(cmd), stdout=logf, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -214,7 +219,8 @@ class EtcdServer:
         self.proc = None
 
 
-def _tmp_root() -> Path:
+def tmp_root() -> Path:
+    """Where throw-away etcd data goes: tmpfs when there is one (fsync is slow on disks)."""
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         return shm
@@ -258,7 +264,7 @@ def etcd_server(root: Path | None = None, tls_dir: str | Path | None = None,
     tls = tls_from_dir(tls_dir, identity) if tls_dir is not None else None
     if sites is not None and tls_dir is None:
         raise EtcdStartError("etcd's access control (sites=…) needs tls_dir")
-    base = Path(root) if root is not None else _tmp_root()
+    base = Path(root) if root is not None else tmp_root()
     base.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix="etcd-", dir=base))
     server = EtcdServer(d / "data", tls=tls)

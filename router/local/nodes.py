@@ -10,11 +10,13 @@ A node's stdout and stderr go to ``DATA_DIR/node.log``; a node that fails to sta
 
 Nodes run in their own session (a Ctrl-C in the terminal reaches the demo, which stops
 them in order) and, on Linux, get SIGTERM if the process that started them dies, so a
-killed demo leaves no node behind. That parent-death signal is set by a wrapper the node
-is started through (:func:`pdeathsig_argv`: util-linux ``setpriv --pdeathsig``, or a
-three-line Python ``prctl`` + ``execv`` where setpriv is missing), never by a
-``preexec_fn``: Python code between fork and exec can crash the child (SIGSEGV) when the
-parent already runs gRPC's threads, as the demo and the benchmarks do.
+killed demo leaves no node behind (``spawn_node(..., detach=True)``, what ``tandem up``
+uses, leaves that out: the node outlives the process that started it). That parent-death
+signal is set by a wrapper the node is started through (:func:`pdeathsig_argv`:
+util-linux ``setpriv --pdeathsig``, or a three-line Python ``prctl`` + ``execv`` where
+setpriv is missing), never by a ``preexec_fn``: Python code between fork and exec can
+crash the child (SIGSEGV) when the parent already runs gRPC's threads, as the demo and
+the benchmarks do.
 
 Note: Linux sends the parent-death signal when the *thread* that forked the child exits;
 start nodes from a thread that lives as long as they should (the main thread does).
@@ -37,6 +39,7 @@ from typing import Iterable, Iterator
 import yaml
 
 _LISTEN_RE = re.compile(r"tandem node (\S+) listening on (\S+):(\d+)\s")
+_METRICS_RE = re.compile(r"tandem node (\S+) metrics on (\S+):(\d+)\s")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -56,6 +59,7 @@ class NodeProcess:
     port: int = 0
     log_path: Path = field(default_factory=Path)
     log_offset: int = 0  # where this run's output starts in a reused log
+    metrics: str = ""  # host:port of its Prometheus endpoint, when wait_listening(metrics=True) read it
 
     @property
     def address(self) -> str:
@@ -126,8 +130,10 @@ def spawn_node(
     listen: str = "127.0.0.1:0",
     extra_args: Iterable[str] = (),
     env: dict[str, str] | None = None,
+    detach: bool = False,
 ) -> NodeProcess:
-    """Start one node (does not wait for it); see :func:`wait_listening`."""
+    """Start one node (does not wait for it); see :func:`wait_listening`. ``detach``: no
+    parent-death signal, the node outlives the process that started it (``tandem up``)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "node.log"
@@ -142,7 +148,7 @@ def spawn_node(
         offset = log.tell()
         # No preexec_fn (see the module docstring): the wrapper sets the death signal.
         proc = subprocess.Popen(
-            pdeathsig_argv(cmd),
+            cmd if detach else pdeathsig_argv(cmd),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -154,8 +160,9 @@ def spawn_node(
     )
 
 
-def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0) -> None:
-    """Block until every node printed its listening line (sets host/port)."""
+def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0, *, metrics: bool = False) -> None:
+    """Block until every node printed its listening line (sets host/port); with
+    ``metrics``, also its ``tandem node NAME metrics on HOST:PORT`` line (sets metrics)."""
     # Keyed by position, not by name: several nodes may serve the same site file.
     pending = dict(enumerate(nodes))
     deadline = time.monotonic() + timeout
@@ -169,8 +176,11 @@ def wait_listening(nodes: Iterable[NodeProcess], timeout: float = 30.0) -> None:
             except OSError:
                 text = ""
             m = _LISTEN_RE.search(text)
-            if m:
+            mm = _METRICS_RE.search(text) if metrics else None
+            if m and (mm or not metrics):
                 node.host, node.port = m.group(2).strip("[]"), int(m.group(3))
+                if mm:
+                    node.metrics = f"{mm.group(2).strip('[]')}:{mm.group(3)}"
                 del pending[key]
                 continue
             if not node.alive():

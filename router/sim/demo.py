@@ -170,7 +170,27 @@ DEMO_POLICY = {
 }
 
 
-# --- scaled site files ------------------------------------------------------------------
+# --- site files ---------------------------------------------------------------------------
+
+
+def example_sites_dir() -> Path:
+    """The example cluster's site files (lyon, montreal, callpro, overflow-policy.json):
+    ``router/sim/sites`` in an installed package (setup.py copies the repository's
+    top-level ``sites/`` there), else the source tree's ``sites/`` (editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "sites"
+    if packaged.is_dir():
+        return packaged
+    return here.parents[1] / "sites"
+
+
+def sites_or_example(sites_dir: Path) -> Path:
+    """``sites_dir``; the default relative ``sites`` (``tandem demo``'s) when there is no
+    such directory here means the example cluster (:func:`example_sites_dir`)."""
+    if Path(sites_dir) == Path("sites") and not Path(sites_dir).is_dir():
+        return example_sites_dir()
+    return Path(sites_dir)
+
 
 
 def scaled_site(site: SiteConfig, scale: float, min_offer_timeout_s: float = MIN_OFFER_TIMEOUT_S) -> dict:
@@ -489,14 +509,15 @@ async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Con
             await asyncio.wait_for(stop.wait(), 0.5)
 
 
-async def _cluster_up(endpoints: tuple[str, ...], prefix: str, names: list[str], policy: Mapping,
-                      timeout: float = 20.0) -> None:
+async def cluster_up(endpoints: tuple[str, ...], prefix: str, names: list[str], policy: Mapping,
+                     timeout: float = 20.0, etcd_tls: Mapping[str, str] | None = None) -> None:
     """Put the overflow policy into etcd and wait until every node is a member with its
-    load published (so the first calls already see their peers)."""
+    load published (so the first calls already see their peers). ``etcd_tls``: the
+    ``ca_file``, ``cert_file`` and ``key_file`` of an etcd over TLS (an operator's)."""
     from router.coord import EtcdCoordinator, EtcdSettings
 
     coord = EtcdCoordinator("demo", EtcdSettings(endpoints=endpoints, prefix=prefix, ttl_s=ETCD_TTL_S,
-                                                 op_timeout_s=2.0))
+                                                 op_timeout_s=2.0, **dict(etcd_tls or {})))
     await coord.start()
     try:
         await coord.wait_ready(timeout)
@@ -526,10 +547,12 @@ async def _settle(clients: dict[str, NodeClient], timeout: float = 15.0) -> None
         await asyncio.sleep(0.2)
 
 
-async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
-                 streams: list[CallStream], duration: float, scale: float, seed: int,
-                 live_console: Console | None, log_console: Console, tls_dir: Path | None = None) -> tuple:
-    cfg = LoadGenConfig(
+def demo_config(sites: list[SiteConfig], addresses: dict[str, str], streams: list[CallStream], duration: float,
+                scale: float, seed: int, tls_dir: Path | None = None) -> LoadGenConfig:
+    """The generator's configuration for ``duration`` real seconds of ``streams``: every
+    configured agent of ``sites`` plays (:data:`BEHAVIOUR`), callers from
+    :func:`caller_pools`, over mTLS as each site's gateway with ``tls_dir``."""
+    return LoadGenConfig(
         tls_dir=tls_dir,
         addresses=addresses,
         streams=streams,
@@ -543,7 +566,12 @@ async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], 
         drain_s=min(20.0, max(5.0, duration / 6)),
         max_calls=200_000,
     )
-    gen = LoadGen(cfg)
+
+
+async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
+                 streams: list[CallStream], duration: float, scale: float, seed: int,
+                 live_console: Console | None, log_console: Console, tls_dir: Path | None = None) -> tuple:
+    gen = LoadGen(demo_config(sites, addresses, streams, duration, scale, seed, tls_dir))
     status: dict = {}
     stop = asyncio.Event()
     poller = asyncio.create_task(
@@ -637,7 +665,7 @@ async def run_traffic(
         log_console.print(f"{kind}: nodes " + ", ".join(f"{k} {n.address}" for k, n in nodes.items()))
         try:
             if kind == "cluster":
-                await _cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
+                await cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
             t0 = time.time()
             gen, node_calls, rec = await _drive(kind, addresses, listing, sites, streams, duration, scale,
                                                 seed, live_console, log_console, tls_dir)
@@ -721,7 +749,7 @@ def run_demo(
 
     out = _console(sys.stderr if json_out else sys.stdout)
     err = _console(sys.stderr)
-    sites = load_sites(sites_dir)
+    sites = load_sites(sites_or_example(sites_dir))
     if not sites:
         err.print(f"no site files (*.yaml) in {sites_dir}")
         return 2
