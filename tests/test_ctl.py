@@ -59,30 +59,29 @@ def _write_context(path: Path, base: Path, identity: str, extra_sites: dict | No
     return path
 
 
-def up_cluster(root: Path):
-    """``tandem up --traffic`` in ``root``; yields an UpCluster; ``tandem down`` at exit."""
-    d = root / "run"
-    r = subprocess.run([TANDEM, "up", "--data-dir", str(d), "--traffic"], capture_output=True, text=True,
-                       timeout=240)
-    try:
-        assert r.returncode == 0, f"tandem up failed:\n{r.stdout}\n{r.stderr}"
-        tls = d / "tls"
+def with_supervisor(data_dir: Path, root: Path) -> UpCluster:
+    """The cluster ``tandem up`` made in ``data_dir``, plus a Lyon supervisor identity
+    (``operator/lyon-sup`` bound as supervisor of lyon; the nodes reload the bindings
+    file) and its context file in ``root``. Idempotent."""
+    tls = data_dir / "tls"
+    if not (tls / "operator-lyon-sup.crt").exists():
         subprocess.run([TANDEM, "certs", "issue", str(tls), "--operator", "lyon-sup"], check=True,
                        capture_output=True, timeout=60)
-        doc = json.loads((tls / "bindings.json").read_text())
-        domain = doc["bindings"][0]["identity"].split("/")[2]
-        doc["bindings"].append({"identity": f"spiffe://{domain}/operator/lyon-sup", "role": "supervisor",
-                                "sites": ["lyon"]})
+    doc = json.loads((tls / "bindings.json").read_text())
+    domain = doc["bindings"][0]["identity"].split("/")[2]
+    sup = {"identity": f"spiffe://{domain}/operator/lyon-sup", "role": "supervisor", "sites": ["lyon"]}
+    if sup not in doc["bindings"]:
+        doc["bindings"].append(sup)
         (tls / "bindings.json").write_text(json.dumps(doc, indent=2))
-        ctx = d / "tandem.yaml"
-        yield UpCluster(d, ctx, _write_context(root / "lyon-sup.yaml", ctx, "operator-lyon-sup"))
-    finally:
-        subprocess.run([TANDEM, "down", "--data-dir", str(d)], capture_output=True, timeout=120)
+    ctx = data_dir / "tandem.yaml"
+    return UpCluster(data_dir, ctx, _write_context(root / "lyon-sup.yaml", ctx, "operator-lyon-sup"))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    yield from up_cluster(tmp_path_factory.mktemp("ctl"))
+def cluster(tandem_cluster, tmp_path_factory):
+    """The session's ``tandem up --traffic`` cluster (tests/ctl_fixtures.py): every test
+    that changes it puts it back."""
+    return with_supervisor(tandem_cluster.data_dir, tmp_path_factory.mktemp("ctl"))
 
 
 def ctl(context: Path | None, *args: str, env: dict | None = None):
@@ -469,3 +468,18 @@ def test_audit_formats(cluster):
     assert table.split()[:2] == ["TIME", "SITE"] and "SetDrain" in table
     assert "PEER" in ok(ctl(cluster.context, "audit", "--since", "5m", "-o", "wide"))
     assert yaml.safe_load(ok(ctl(cluster.context, "audit", "--since", "5m", "--site", "callpro", "-o", "yaml")))
+
+
+def test_audit_leaves_the_routing_traffic_out_unless_all(cluster):
+    """By default: operators' and partners' requests and every denial; --all adds the
+    agents' and sites' allowed requests (the traffic), --limit keeps the newest."""
+    ok(ctl(cluster.context, "drain", "callpro", "--yes"))
+    ok(ctl(cluster.context, "undrain", "callpro", "--yes"))
+    quiet = audit_rows(cluster.context, "2m")
+    assert quiet and all(a["decision"] == "deny" or "/operator/" in a["identity"] or "/partner/" in a["identity"]
+                         for a in quiet)
+    busy = json.loads(ok(ctl(cluster.context, "audit", "--since", "2m", "--all", "--limit", "0", "-o", "json")))
+    assert any("/agents/" in a["identity"] and a["method"].endswith("/OfferCall") for a in busy)
+    assert len(busy) > len(quiet)
+    last = json.loads(ok(ctl(cluster.context, "audit", "--since", "2m", "--all", "--limit", "5", "-o", "json")))
+    assert len(last) == 5 and last == sorted(last, key=lambda a: (a["at"], a["site"]))

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from test_ctl import SITES, TANDEM, up_cluster
+from test_ctl import SITES, TANDEM, with_supervisor
 
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
@@ -25,8 +25,8 @@ QUEUES = {"lyon": ["billing-fr-voice", "support-fr-voice", "sales-voice"],
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    yield from up_cluster(tmp_path_factory.mktemp("top"))
+def cluster(tandem_cluster, tmp_path_factory):
+    return with_supervisor(tandem_cluster.data_dir, tmp_path_factory.mktemp("top"))
 
 
 class Tmux:

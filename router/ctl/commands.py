@@ -1057,8 +1057,12 @@ AUDIT_COLUMNS = [
 def audit(ctx: typer.Context,
           since: Optional[str] = typer.Option(None, "--since", help="30s, 10m, 2h, 1d, an ISO time or Unix seconds"),
           site: Optional[str] = typer.Option(None, "--site", help="only this site's audit log"),
+          all_: bool = typer.Option(False, "--all", help="also the routing traffic: allowed requests of "
+                                    "site and agents identities (offers, agent sessions, transfers)"),
+          limit: int = typer.Option(500, "--limit", min=0, help="the newest N records (0: all)"),
           fmt: str = _fmt_option()) -> None:
-    """The audit records of every node (who did what, where, allowed or denied), by time."""
+    """The audit records of every node (who did what, where, allowed or denied), by time:
+    operators' and partners' requests and every denial; --all adds the routing traffic."""
     since_s = parse_since(since)
 
     async def list_site(c: ClusterClient, s: str) -> list[Any]:
@@ -1066,7 +1070,7 @@ def audit(ctx: typer.Context,
         token = ""
         while True:
             r = await c.call(s, "ListAudit", admin_pb2.ListAuditRequest(since=since_s, page_size=1000,
-                                                                        page_token=token))
+                                                                        page_token=token, exclude_traffic=not all_))
             entries.extend(r.entries)
             token = r.next_page_token
             if not token:
@@ -1086,6 +1090,8 @@ def audit(ctx: typer.Context,
                         "method": e.method, "objects": dict(e.objects), "decision": e.decision,
                         "reason": e.reason, "code": e.code, "peer": e.peer}
                        for s, r in res.items() if r.ok for e in r.value), key=lambda x: (x["at"], x["site"]))
+        if limit:
+            rows = rows[-limit:]
         output.emit(rows, fmt, rows, AUDIT_COLUMNS)
         return None
 

@@ -437,6 +437,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if audit is None:
             return admin_pb2.ListAuditResponse()  # plaintext node: no audit log
         records = audit.records(since=request.since or None)
+        if request.exclude_traffic:
+            records = [r for r in records if r.decision != "allow" or not _traffic_identity(r.identity)]
         page = records[skip:skip + size]
         msg = admin_pb2.ListAuditResponse(entries=[admin_pb2.AuditEntry(
             id=r.id, at=r.at, site=r.site, identity=r.identity, role=r.role, method=r.method,
@@ -489,6 +491,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         events.sort(key=lambda e: (e.at, _ORDER.get(e.kind, 50)))
         msg.events.extend(events)
         return msg
+
+
+def _traffic_identity(identity: str) -> bool:
+    """An identity whose allowed requests are the routing traffic (site, agents)."""
+    parts = identity.split("/")
+    return identity.startswith("insecure:") or (len(parts) >= 5 and parts[3] in ("site", "agents"))
 
 
 _ORDER = {"offered": 0, "decision": 1, "queued": 2, "overflow": 3, "transfer": 4, "assigned": 5,
