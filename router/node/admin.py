@@ -196,6 +196,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             state_since=a.state_since, connected=a.agent_id in self._connected(),
         )
 
+    def _site_of_address(self, address: str) -> str:
+        cluster = self.node.cluster
+        if not address or cluster is None:
+            return ""
+        return next((name for name, m in cluster.coord.members().items() if m.address == address), "")
+
     def _connected(self) -> set[str]:
         return set(self.node.connected_agents)
 
@@ -220,16 +226,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         cluster = _cluster(self.node)
         coord = cluster.coord
         loads = coord.peer_loads()
+        me = self.node.site.site.name
         out = []
         for name, m in sorted(coord.members().items()):
             pl = loads.get(name)
             snap = pl.snapshot if pl is not None else None
+            if name == me:  # our own load is not a peer's: take it as published now
+                snap, pl = cluster.snapshot(), None
             waiting = sum(q.length for q in snap.queues.values()) if snap is not None else 0
             out.append(admin_pb2.Member(
                 site=name, address=m.address, kind=m.kind, region=m.region,
                 accepting=snap.accepting if snap is not None else False,
                 mode=snap.mode if snap is not None else coord.contingency(name).mode,
-                waiting=waiting, load_age_s=pl.age_s if pl is not None else -1.0,
+                waiting=waiting, load_age_s=pl.age_s if pl is not None else (0.0 if name == me else -1.0),
             ))  # fmt: skip
         stats = coord.stats()
         return admin_pb2.ListMembersResponse(
@@ -465,7 +474,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             view = None
         if view is not None:
             msg.call.CopyFrom(convert.call_msg(view))
-            events += call_events(view, site)
+            events += call_events(view, site, self._site_of_address(view.transfer_target))
         decisions = []
         cluster = node.cluster
         if cluster is not None:
@@ -479,10 +488,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 msg.history = True
             except Exception as e:  # noqa: BLE001 - the node's own records still answer
                 log.warning("%s: history look-up of call %s failed: %s", site, cid, e)
-        history_seqs = {r["seq"] for r in rows if r.get("kind") == "decision"}
+        # Each node tells its own site's part (a shared ClickHouse holds every site's rows).
+        rows = [r for r in rows if r["site"] == site]
+        exact = list(decisions)  # the node's memory has exact times and every figure
         for r in rows:
+            if r["kind"] == "outcome" and view is not None:
+                continue  # the engine's record says the same, to the millisecond
+            if r["kind"] == "decision":
+                # the history keeps whole seconds: the offer's decision is at the offer,
+                # an overflow decision at the time the node's memory has for it
+                if r["seq"] == 0 and view is not None:
+                    r = {**r, "at": view.offered_at}
+                else:
+                    twin = next((d for d in exact if d.get("rule") == r["rule"]
+                                 and int(d.get("t", 0.0)) == int(r["at"])), None)
+                    if twin is not None:
+                        exact.remove(twin)
+                        r = {**r, "at": float(twin.get("t", r["at"]))}
             events.append(history_event(r))
-        if not history_seqs:  # the node's memory, when the history has none (yet)
+        if not any(r["kind"] == "decision" for r in rows):  # no history (yet): the memory
             for d in decisions:
                 events.append(decision_event(d, site))
         if view is None and not events:
@@ -518,11 +542,14 @@ def _ev(at: float, site: str, kind: str, summary: str, detail: dict | None = Non
                                detail_json=json.dumps(detail or {}, sort_keys=True, default=str))
 
 
-def call_events(v: Any, site: str) -> list:
-    """The steps a call record shows at this site."""
+def call_events(v: Any, site: str, target_site: str = "") -> list:
+    """The steps a call record shows at this site (``target_site``: the site a transfer
+    went to, when known)."""
     out = []
     came = f" (transferred from {v.transfer_origin})" if v.transfer_origin else ""
-    out.append(_ev(v.offered_at, site, "offered",
+    # a call taken over from another site keeps its first arrival time: its step here
+    # is when it was queued here
+    out.append(_ev(v.queued_at if v.transfer_origin and v.queued_at else v.offered_at, site, "offered",
                    f"offered at {site}{came}: {v.channel} {v.skill}{'/' + v.language if v.language else ''}, "
                    f"class {v.priority_class or '-'}",
                    {"caller": v.caller, "customer_id": v.customer_id, "priority_class": v.priority_class}))
@@ -530,8 +557,8 @@ def call_events(v: Any, site: str) -> list:
         out.append(_ev(v.queued_at, site, "queued", f"queued in {v.queue}", {"queue": v.queue}))
     if v.transfer_target:
         out.append(_ev(v.ended_at or v.queued_at, site, "transfer",
-                       f"transfer to {v.transfer_target}: {v.transfer_phase}",
-                       {"target": v.transfer_target, "phase": v.transfer_phase,
+                       f"transfer to {target_site or v.transfer_target}: {v.transfer_phase}",
+                       {"target": v.transfer_target, "target_site": target_site, "phase": v.transfer_phase,
                         "transfer_count": v.transfer_count}))
     if v.answered_at:
         out.append(_ev(v.answered_at, site, "answered", f"answered by {v.agent_id} at {site}",
@@ -562,7 +589,7 @@ def history_event(r: dict) -> admin_pb2.CallEvent:
     routing_decisions row) or "outcome" (an interactions row)."""
     if r.get("kind") == "decision":
         cands = list(zip(r.get("candidates", []), r.get("candidate_waits_s", [])))
-        c_txt = ", ".join(f"{c} ({w:.0f} s)" for c, w in cands)
+        c_txt = ", ".join(f"{c} ({w:.1f} s)" for c, w in cands)
         summary = (f"rule {r['rule']}: {r['target_kind']} {r['target']} — {r['reason']}"
                    + (f" [candidates: {c_txt}]" if c_txt else ""))
         try:
