@@ -1061,8 +1061,10 @@ def audit(ctx: typer.Context,
                                     "site and agents identities (offers, agent sessions, transfers)"),
           limit: int = typer.Option(500, "--limit", min=0, help="the newest N records (0: all)"),
           fmt: str = _fmt_option()) -> None:
-    """The audit records of every node (who did what, where, allowed or denied), by time:
-    operators' and partners' requests and every denial; --all adds the routing traffic."""
+    """The audit records of every node by time: operators' and partners' requests and every denial.
+
+    Who did what, where, allowed or denied. --all adds the routing traffic (the allowed
+    requests of site and agents identities); --limit keeps the newest records."""
     since_s = parse_since(since)
 
     async def list_site(c: ClusterClient, s: str) -> list[Any]:
