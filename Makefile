@@ -50,6 +50,7 @@ bench: build
 	$(PY) bench/failover.py --json
 	$(PY) bench/overflow.py --json
 	$(PY) bench/history.py --json
+	$(PY) bench/ewt.py --json
 
 clean:
 	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV)

@@ -18,7 +18,9 @@ Rules, in one place:
 * **Agent selection** for a call that finds free agents (:func:`selection_key`):
   "longest_idle" (earliest available-since; then higher proficiency; then agent id) or
   "most_proficient" (higher proficiency; then longest idle; then agent id).
-* **Expected wait** (:func:`expected_wait`): see there.
+* **Expected wait** (:func:`expected_wait`): Erlang A on the queue's position, staffed
+  slots, AHT and learned abandonment rate (:func:`update_patience`,
+  :func:`abandon_rate`); :data:`UNBOUNDED_WAIT_S` when nobody staffs the queue.
 * **Service level** (:func:`service_level`): by the queue's ServiceLevelDefinition.
 """
 
@@ -27,14 +29,32 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
+from router import erlang
 from router.config import ServiceLevelDefinition
 
 #: Class rank; the engine picks the maximum. Blacklist is not ranked: it overrides.
 CLASS_RANK: dict[str, int] = {"standard": 0, "repeat": 1, "whitelist": 2, "vip": 3}
 #: Classes a request may declare as a floor ("" = let the engine decide).
 DECLARABLE_CLASSES = frozenset({"", "standard", "repeat", "whitelist", "vip"})
-#: Smoothing factor of the average handle time (exponentially weighted moving average).
-AHT_ALPHA = 0.1
+#: Smoothing factor of the average handle time (exponentially weighted moving average):
+#: about the last 50 calls. With exponential handle times its noise is 10 % of the AHT
+#: (sqrt(alpha / (2 - alpha))); at 0.1 it was 23 %, and, correlated with the queue
+#: length, it made announcements 4-10 % long even without abandonment (bench/ewt.py).
+AHT_ALPHA = 0.02
+#: The expected wait of a call in a queue that no agent staffs (no staffed slot, no
+#: ready agent): no finite wait can be announced. A documented sentinel rather than
+#: ``inf`` so that every edge carries it as it is (protobuf, the etcd load snapshots'
+#: strict JSON, Prometheus, ClickHouse), and ordered as "very long" wherever waits are
+#: compared (overflow leaves such a queue and never picks it). Announcers treat
+#: ``expected_wait_s >= UNBOUNDED_WAIT_S`` as "unknown": announce no wait.
+UNBOUNDED_WAIT_S = 1e9
+#: Waiting calls over which the abandonment rate is smoothed (the weight of the oldest
+#: falls by 1/e after this many more calls that waited).
+PATIENCE_WINDOW = 200
+#: Exposure (seconds of waiting without an abandon) the rate starts from, so that the
+#: first abandons after a few seconds of waiting do not swing it (one abandon after 10 s
+#: gives 1/70 s, not 1/10 s); negligible once the window holds hours of waiting.
+PATIENCE_PRIOR_S = 60.0
 
 
 class CallerSets(NamedTuple):
@@ -139,21 +159,59 @@ def update_aht(aht_s: float, handle_time_s: float, alpha: float = AHT_ALPHA) -> 
     return aht_s + alpha * (handle_time_s - aht_s)
 
 
-def expected_wait(
-    position: int, aht_s: float, staffed_slots: int, free_agent: bool
-) -> float:
-    """Expected wait in seconds of the call at ``position`` (1 = next) in a queue.
+def update_patience(
+    abandons: float, exposure_s: float, abandoned: bool, waited_s: float
+) -> tuple[float, float]:
+    """One step of a queue's abandonment statistics when a call stops waiting there
+    (answered or abandoned) after ``waited_s`` seconds; returns the new
+    ``(abandons, exposure_s)``.
 
-    ``W(k) = k * AHT / max(1, S)`` where AHT is the queue's average handle time and S
-    the staffed slots: the sum, over agents eligible for the queue that are signed in
-    and not NOT_READY (ready or in wrap-up), of their capacity on the queue's channel.
-    It is the time until k slots have turned over, assuming the S slots are busy and
-    free up evenly. The call at position 1 waits 0 when an eligible agent is free.
-    Position 0 (not queued) waits 0.
+    Callers are assumed to have exponential patience of rate theta; the maximum-likelihood
+    estimate from censored waits is abandons / total waiting time, where an answered
+    call's wait counts as exposure too (it would have hung up later, if at all). Both
+    sums are exponentially weighted over the last :data:`PATIENCE_WINDOW` calls that
+    waited; a call answered at once (``waited_s <= 0``) carries no information and
+    changes nothing.
+    """
+    if not waited_s > 0:
+        return abandons, exposure_s
+    keep = 1.0 - 1.0 / PATIENCE_WINDOW
+    return abandons * keep + (1.0 if abandoned else 0.0), exposure_s * keep + waited_s
+
+
+def abandon_rate(abandons: float, exposure_s: float) -> float:
+    """Hang-ups per second per waiting caller (theta, 1 / mean patience) from the
+    statistics of :func:`update_patience`, with :data:`PATIENCE_PRIOR_S` of prior
+    exposure; 0 before any abandon."""
+    if abandons <= 0:
+        return 0.0
+    return abandons / (exposure_s + PATIENCE_PRIOR_S)
+
+
+def expected_wait(
+    position: int, aht_s: float, staffed_slots: int, free_agent: bool, abandon_rate: float = 0.0
+) -> float:
+    """Expected wait in seconds of the call at ``position`` (1 = next) in a queue, if
+    it waits until answered (an announcement: what the caller will wait if they stay).
+
+    ``W(k) = sum_{j=0}^{k-1} 1 / (S / AHT + j theta)`` (:func:`router.erlang.erlang_a_delay`):
+    AHT is the queue's average handle time, S its staffed slots — the sum, over agents
+    eligible for the queue that are signed in and not NOT_READY (ready or in wrap-up),
+    of their capacity on the queue's channel — and theta the rate at which its waiting
+    callers hang up (:func:`abandon_rate`). While j callers are ahead, the next of them
+    leaves at rate S/AHT (a slot frees and takes the head) plus j theta (one hangs up).
+    With theta = 0 it is ``k * AHT / S``, the time for k slot turnovers. The call at
+    position 1 waits 0 when an eligible agent is free; position 0 (not queued) waits 0.
+
+    A queue with no staffed slot (hence no free agent) has no finite wait: it returns
+    :data:`UNBOUNDED_WAIT_S`; an estimate that large anyway is capped at it.
     """
     if position <= 0 or (position == 1 and free_agent):
         return 0.0
-    return position * aht_s / max(1, staffed_slots)
+    if staffed_slots <= 0:
+        return UNBOUNDED_WAIT_S
+    w = erlang.erlang_a_delay(position, staffed_slots, aht_s, abandon_rate)
+    return w if w < UNBOUNDED_WAIT_S else UNBOUNDED_WAIT_S
 
 
 def service_level_from_counts(

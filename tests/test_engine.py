@@ -21,6 +21,7 @@ from router.model import (
     RoutingError,
 )
 from router.pqueue import PyIndexedPQ
+from router.policy import AHT_ALPHA, UNBOUNDED_WAIT_S
 
 try:
     from router.pqueue import IndexedPQ
@@ -106,11 +107,12 @@ def test_offer_queues_with_position_and_wait(eng):
     assert isinstance(r, OfferResult)
     assert (r.call.state, r.call.queue, r.call.priority_class) == ("queued", "billing-fr", "standard")
     assert r.position == 1 and r.decision == "queued: billing-fr (standard)"
-    assert r.expected_wait_s == pytest.approx(100.0)  # 1 * AHT / max(1, 0 slots)
+    # Nobody staffs the queue: no finite wait is announced (issue 9).
+    assert r.expected_wait_s == UNBOUNDED_WAIT_S
     assert out.effects == [CallChanged("c1")]
     r2 = offer(eng, "c2", 2).result
-    assert r2.position == 2 and r2.expected_wait_s == pytest.approx(200.0)
-    assert eng.position("c2") == 2 and eng.expected_wait("c2") == pytest.approx(200.0)
+    assert r2.position == 2 and r2.expected_wait_s == UNBOUNDED_WAIT_S
+    assert eng.position("c2") == 2 and eng.expected_wait("c2") == UNBOUNDED_WAIT_S
 
 
 def test_language_fallback_and_unknown_skill(eng):
@@ -349,13 +351,19 @@ def test_accept_complete_wrap_up(eng):
     assert (c.state, c.ended_at, c.resolved, c.csat, c.wrap_up_code) == ("completed", 53.0, True, 4, "paid")
     a = eng.agent("fr-001")
     assert (a.state, a.wrap_up_until, a.call_ids) == ("wrap_up", 63.0, [])
-    again = eng.apply({"op": "complete", "t": 54, "call_id": "c1", "csat": 1})
+    again = eng.apply({"op": "complete", "t": 54, "call_id": "c1", "resolved": True, "csat": 4,
+                       "wrap_up_code": "paid"})  # fmt: skip
     assert not again.changed and again.result.csat == 4
+    # another disposition is refused; the first one stays
+    with pytest.raises(RoutingError) as ei:
+        eng.apply({"op": "complete", "t": 54, "call_id": "c1", "csat": 1})
+    assert (ei.value.code, ei.value.reason) == ("FAILED_PRECONDITION", "DISPOSITION_CONFLICT")
+    assert eng.call("c1").csat == 4
     q = eng.queue("billing-fr")
     assert (q.offered, q.answered, q.abandoned) == (1, 1, 0)
     # AHT: EWMA from 100 with one sample of talk 50 + wrap-up 10.
     assert q.expected_wait_s == 0.0 or q.length == 0
-    assert eng._queues["billing-fr"].aht == pytest.approx(100 + 0.1 * (60 - 100))
+    assert eng._queues["billing-fr"].aht == pytest.approx(100 + AHT_ALPHA * (60 - 100))
     assert q.service_level == 1.0
     eng.apply({"op": "tick", "t": 63})
     assert eng.agent("fr-001").state == "ready"
@@ -612,7 +620,7 @@ def test_reads(eng):
     offer(eng, "c2", 130)
     q = eng.estimate("billing", "voice", "fr", now=150)
     assert (q.name, q.length, q.oldest_wait_s, q.service_level) == ("billing-fr", 2, 50.0, -1.0)
-    assert q.expected_wait_s == pytest.approx(300.0)
+    assert q.expected_wait_s == UNBOUNDED_WAIT_S  # nobody staffs it (issue 9)
     assert [x.name for x in eng.queues()] == ["billing-fr", "billing", "support-chat", "screening"]
     assert [a.agent_id for a in eng.agents()] == ["fr-001", "fr-002", "en", "scr"]
     assert eng.counts_by_state()["queued"] == 2

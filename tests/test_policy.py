@@ -90,17 +90,19 @@ def test_expected_wait():
     assert policy.expected_wait(1, 180.0, 3, True) == 0.0
     assert policy.expected_wait(1, 180.0, 3, False) == pytest.approx(60.0)
     assert policy.expected_wait(2, 180.0, 3, True) == pytest.approx(120.0)
-    # No staffed slot: treat as one (a finite, honest "long").
-    assert policy.expected_wait(4, 100.0, 0, False) == pytest.approx(400.0)
+    # No staffed slot: no finite wait (issue 9), the documented sentinel.
+    assert policy.expected_wait(4, 100.0, 0, False) == policy.UNBOUNDED_WAIT_S
 
 
 def test_update_aht_ewma():
     aht = 100.0
-    aht = policy.update_aht(aht, 200.0)
+    aht = policy.update_aht(aht, 200.0, alpha=0.1)
     assert aht == pytest.approx(110.0)
     for _ in range(200):
-        aht = policy.update_aht(aht, 50.0)
+        aht = policy.update_aht(aht, 50.0, alpha=0.1)
     assert aht == pytest.approx(50.0, abs=1e-6)
+    # The default factor (issue 9: smoother, about the last 50 calls).
+    assert policy.update_aht(100.0, 200.0) == pytest.approx(100.0 + policy.AHT_ALPHA * 100.0)
 
 
 def sl(abandons, threshold=20.0):

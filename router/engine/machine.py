@@ -30,12 +30,19 @@ Routing (see :mod:`router.policy` for the rules):
 * Queue counters: ``offered`` counts calls queued there (not blacklist rejections),
   ``answered`` accepts, ``abandoned`` abandons. The service-level window holds calls
   when answered (waited = answered_at - queued_at, ringing included) or abandoned
-  (waited = ended_at - queued_at), for ``routing.service_level_window_s``.
+  (waited = ended_at - queued_at), for ``routing.service_level_window_s``. The same
+  waits teach the queue its callers' patience (``Queue.add_finished``), which the
+  expected waits announced account for (:func:`router.policy.expected_wait`).
 * Repeat callers: the last ``screen_pop_history + 1`` contacts of each non-empty
   caller within ``repeat_window_h`` are remembered (0 h: no memory, no repeat class).
   An offer may carry ``history_repeat: true`` (the node found a contact within the
   window in the interaction history): the call then counts as a repeat caller too.
   It is not part of the offer's identity (a retry without it is the same offer).
+  Only contacts that are no longer waiting count: a caller whose earlier call is still
+  queued, ringing or being transferred is not a repeat caller because of that call (a
+  second line must not jump ahead of the first).
+* ``complete`` of a completed call: the same disposition again is an idempotent no-op;
+  another one is refused (FAILED_PRECONDITION DISPOSITION_CONFLICT), the first stays.
 * Contingency mode (``set_mode``, see :mod:`router.engine.mode`): back-office agents
   (``AgentGroup.backoffice``) are eligible for voice/chat queues only while the mode
   turns them on; the mode's IVR announcement is kept for the edges.
@@ -82,6 +89,10 @@ from router.model import (
     Outcome,
     RoutingError,
 )
+
+
+# Call states of a contact still waiting for an agent here (no REPEAT from these).
+_WAITING = frozenset({"queued", "assigned", "transferring"})
 
 
 class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin, CoreMixin):
@@ -204,7 +215,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin,
                 + (f" in {language!r}" if language else ""),
                 skill=skill, channel=channel, language=language,
             )  # fmt: skip
-        recent = from_history or self._recent(caller, now)
+        recent = from_history or self._recent_ended(caller, now)
         klass = policy.classify(caller, customer, declared, self._lists, recent)
         if klass == "blacklist":
             # Restricted only on the queue's own channel; anything else is rejected.
@@ -241,9 +252,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin,
                 call.decision = f"queued: {q.name} ({klass})"
         self._fx.append(CallChanged(cid))
         position = self._newest_position(call, q) if call.state == "queued" else 0
-        wait = (
-            policy.expected_wait(position, q.aht, q.staffed_slots, bool(q.free)) if q is not None else 0.0
-        )
+        wait = q.expected_wait(position) if q is not None else 0.0
         return self._commit(OfferResult(call.view(self._site_name), position, wait, call.decision))
 
     def _op_abandon(self, cmd: dict, now: float) -> Outcome:
@@ -279,6 +288,12 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin,
         cid, resolved, csat, code = v.complete(cmd)
         call = self._call(cid)
         if call.state == "completed":
+            if (call.resolved, call.csat, call.wrap_up_code) != (resolved, csat, code):
+                raise RoutingError(
+                    "FAILED_PRECONDITION", "DISPOSITION_CONFLICT",
+                    f"call {cid} was already completed with another disposition",
+                    call_id=cid,
+                )  # fmt: skip
             return Outcome(False, call.view(self._site_name))
         if call.state != "connected":
             raise self._wrong_state(call, "complete", "connected")
@@ -302,6 +317,21 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin,
             heapq.heappush(self._deadlines, (a.wrap_up_until, WRAP, a.agent_id))
         self._dispatch()
         return self._commit(call.view(self._site_name))
+
+    def _recent_ended(self, caller: str, now: float) -> bool:
+        """A contact of ``caller`` within the repeat window that is no longer waiting
+        for an agent (a call still queued, ringing or being transferred is the same
+        contact, not a reason to call again: it gives no REPEAT). Read-only."""
+        if not self._recent(caller, now):
+            return False
+        cutoff = now - self._repeat_window_s
+        for contact in reversed(self._memory[caller]):
+            if contact[1] < cutoff:
+                break
+            earlier = self._calls.get(contact[0])
+            if earlier is None or earlier.state not in _WAITING:
+                return True
+        return False
 
     def _op_sign_in(self, cmd: dict, now: float) -> Outcome:
         a = self._agent(v.agent_id(cmd))

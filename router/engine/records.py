@@ -11,6 +11,7 @@ from collections import deque
 from operator import attrgetter
 from typing import Any
 
+from router import policy
 from router.config import QueueConfig
 from router.model import AgentView, CallView
 
@@ -148,10 +149,18 @@ class Agent:
 
 
 class Queue:
+    """A queue's calls, eligible agents, counters and what it learns from its calls:
+    ``aht`` (:func:`router.policy.update_aht`, on complete) and its callers' patience,
+    ``pat_abandons`` / ``pat_exposure`` (:func:`router.policy.update_patience`, whenever
+    a call stops waiting: answered or abandoned, through :meth:`add_finished`). Both are
+    changed only by commands and are part of the snapshot; :meth:`expected_wait` reads
+    them."""
+
     __slots__ = (
         "cfg", "name", "skill", "channel", "language", "max_length", "wrap_up_s",
         "pq", "age", "agents", "free", "signed_in", "staffed_slots", "head_starts",
         "offered", "answered", "abandoned", "aht", "window", "win",
+        "pat_abandons", "pat_exposure",
     )  # fmt: skip
 
     def __init__(self, cfg: QueueConfig, queue_factory: Any) -> None:
@@ -177,8 +186,28 @@ class Queue:
         # and their counts [answered, answered within T, abandoned, abandoned within T].
         self.window: deque[tuple[float, bool, float]] = deque()
         self.win = [0, 0, 0, 0]
+        # Abandonment statistics (weighted abandons, weighted seconds waited).
+        self.pat_abandons = 0.0
+        self.pat_exposure = 0.0
+
+    def abandon_rate(self) -> float:
+        """Learned hang-ups per second per waiting caller (0 until one abandons)."""
+        return policy.abandon_rate(self.pat_abandons, self.pat_exposure)
+
+    def expected_wait(self, position: int) -> float:
+        """Expected wait of the call at ``position`` (:func:`router.policy.expected_wait`
+        on this queue's staffed slots, free agents, AHT and learned abandonment)."""
+        return policy.expected_wait(
+            position, self.aht, self.staffed_slots, bool(self.free),
+            policy.abandon_rate(self.pat_abandons, self.pat_exposure),
+        )  # fmt: skip
 
     def add_finished(self, now: float, answered: bool, waited: float, span: float) -> None:
+        """A call stopped waiting here (answered, or abandoned) after ``waited`` s: the
+        service-level window and the abandonment statistics learn it."""
+        self.pat_abandons, self.pat_exposure = policy.update_patience(
+            self.pat_abandons, self.pat_exposure, not answered, waited
+        )
         within = waited <= self.cfg.service_level.threshold_s
         self.window.append((now, answered, waited))
         i = 0 if answered else 2
@@ -202,6 +231,8 @@ class Queue:
             "abandoned": self.abandoned,
             "aht": self.aht,
             "window": [list(x) for x in self.window],
+            # [weighted abandons, weighted seconds waited]; absent in older snapshots
+            "patience": [self.pat_abandons, self.pat_exposure],
         }
 
     def load(self, d: dict) -> None:
@@ -209,6 +240,8 @@ class Queue:
         self.answered = d["answered"]
         self.abandoned = d["abandoned"]
         self.aht = d["aht"]
+        # Older snapshots have no abandonment statistics: learn them afresh.
+        self.pat_abandons, self.pat_exposure = (float(x) for x in d.get("patience", (0.0, 0.0)))
         self.window = deque()
         self.win = [0, 0, 0, 0]
         t = self.cfg.service_level.threshold_s

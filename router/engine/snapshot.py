@@ -2,9 +2,10 @@
 
 A snapshot is a JSON-able dict holding everything the engine needs to continue exactly
 as before: calls (rows of :attr:`Call.FIELDS`, offer order), queue order (call ids in
-service order), per-queue counters, AHT and service-level window, agents, repeat-caller
-memory, pending deadlines, the ended-call retention order, id counters and the
-contingency mode (``set_mode``; absent in older snapshots, which restore as normal). Derived
+service order), per-queue counters, AHT, abandonment statistics (``patience``; absent
+in older snapshots, which restore with none learned yet) and service-level window,
+agents, repeat-caller memory, pending deadlines, the ended-call retention order, id
+counters and the contingency mode (``set_mode``; absent in older snapshots, which restore as normal). Derived
 indexes (heaps, free-agent sets, staffed slots) are rebuilt on restore. Restoring a
 snapshot and applying the same commands gives the same states as the original engine.
 """

@@ -5,7 +5,9 @@ the call's ``context`` dict with the engine — treat it as read-only. Times def
 engine's time (the latest applied command's ``t``); ``now=`` reads at another instant.
 
 QueueView: ``expected_wait_s`` is that of a new standard call joining now (position
-length + 1, see :func:`router.policy.expected_wait`); ``agents_ready`` counts eligible
+length + 1, see :func:`router.policy.expected_wait`: Erlang A with the queue's learned
+abandonment; :data:`router.policy.UNBOUNDED_WAIT_S` when nobody staffs the queue — the
+same figure OfferCall, GetCall and WatchCall announce); ``agents_ready`` counts eligible
 agents that are ready with a free slot on the queue's channel; ``agents_staffed`` the
 eligible agents signed in, whatever their state; ``oldest_wait_s`` the wait so far of
 the longest-waiting queued call; ``service_level`` uses the recent window.
@@ -67,13 +69,13 @@ class ViewsMixin:
         return self._queues[call.queue].pq.rank(call.handle) + 1
 
     def expected_wait(self, call_id: str) -> float:
-        """Expected seconds until an agent is offered the call (0 unless queued)."""
+        """Expected seconds until an agent is offered the call (0 unless queued;
+        :data:`router.policy.UNBOUNDED_WAIT_S` when nobody staffs its queue)."""
         call = self._call(call_id)
         if call.state != "queued":
             return 0.0
         q = self._queues[call.queue]
-        pos = q.pq.rank(call.handle) + 1
-        return policy.expected_wait(pos, q.aht, q.staffed_slots, bool(q.free))
+        return q.expected_wait(q.pq.rank(call.handle) + 1)
 
     def calls(self, state: str | None = None) -> list[CallView]:
         """Retained calls (active and ended), in offer order, optionally of one state."""
@@ -239,7 +241,7 @@ class ViewsMixin:
             channel=q.channel,
             language=q.language or "",
             length=n,
-            expected_wait_s=policy.expected_wait(n + 1, q.aht, q.staffed_slots, bool(q.free)),
+            expected_wait_s=q.expected_wait(n + 1),
             agents_ready=len(q.free),
             agents_staffed=q.signed_in,
             service_level=self._service_level(q, now),
@@ -270,5 +272,5 @@ class ViewsMixin:
         if call.state == "queued":
             q = self._queues[call.queue]
             position = q.pq.rank(call.handle) + 1
-            wait = policy.expected_wait(position, q.aht, q.staffed_slots, bool(q.free))
+            wait = q.expected_wait(position)
         return OfferResult(call.view(self._site_name), position, float(wait), call.decision)
