@@ -346,7 +346,7 @@ def queue_rows(statuses: dict[str, NodeResult]) -> list[dict]:
                 "site": site, "queue": q.name, "status": "ok", "skill": q.skill,
                 "channel": _enum(q.channel, t.Channel, "CHANNEL_"), "language": q.language,
                 "waiting": q.length, "oldest_wait_s": round(q.oldest_wait_s, 3),
-                "expected_wait_s": round(q.expected_wait_s, 3),
+                "expected_wait_s": round(q.expected_wait_s, 3) if q.expected_wait_s < output.UNBOUNDED_S else None,
                 "service_level": round(q.service_level, 4) if q.service_level >= 0 else None,
                 "service_level_target": q.service_level_target,
                 "service_level_threshold_s": q.service_level_threshold_s,

@@ -127,10 +127,16 @@ def pct(v: Any) -> str:
     return f"{100 * v:.1f}%"
 
 
+#: a node announces this wait (or more) for a queue nobody staffs (router.policy.UNBOUNDED_WAIT_S)
+UNBOUNDED_S = 1e9
+
+
 def secs(v: Any) -> str:
     if v is None:
         return "-"
     v = float(v)
+    if v >= UNBOUNDED_S:
+        return "unstaffed"
     if v < 60:
         return f"{v:.1f}s"
     if v < 3600:

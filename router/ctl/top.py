@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from router.ctl import output
+from router.ctl.output import UNBOUNDED_S
 from router.ctl.client import EXIT_USAGE, ClusterClient, CtlError, NodeResult, describe, raise_if_none
 from router.ctl.context import ContextError, resolve
 from router.v1 import admin_pb2
@@ -118,7 +119,7 @@ def render(snap: Snapshot) -> Group:
         )
         for q in qs:
             t.add_row(
-                f"  {q.name}", "", str(q.length), f"{q.oldest_wait_s:.0f}s", f"{q.expected_wait_s:.0f}s",
+                f"  {q.name}", "", str(q.length), f"{q.oldest_wait_s:.0f}s", (f"{q.expected_wait_s:.0f}s" if q.expected_wait_s < UNBOUNDED_S else "-"),
                 _sl_cell(q.service_level if q.service_level >= 0 else None, q.service_level_target),
                 str(q.agents_ready), str(q.agents_on_contact), str(q.agents_wrap_up), str(q.agents_not_ready),
                 str(q.overflow_in_last_min), str(q.overflow_out_last_min), "",
