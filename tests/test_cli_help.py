@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from router.cli import app
 
-COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"]]
+COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"], ["up"], ["down"], ["top"], ["ctl"],
+            ["ctl", "get"], ["ctl", "describe"], ["ctl", "drain"], ["ctl", "mode"], ["ctl", "agent"],
+            ["ctl", "agent", "move"], ["ctl", "policy"], ["ctl", "policy", "apply"], ["ctl", "audit"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "tandem")
