@@ -511,6 +511,7 @@ def _eligibility(
     now: float,
     usage: PartnerUsage,
     members: Collection[str] | None,
+    suspect: Collection[str] = (),
 ) -> tuple[Candidate, QueueLoad | None]:
     snap = peer.snapshot
     base = dict(site=site, kind=snap.kind, region=snap.region, age_s=round(peer.age_s, 3))
@@ -522,6 +523,8 @@ def _eligibility(
         return out(f"snapshot names site {snap.site!r}")
     if members is not None and site not in members:
         return out("not a member")
+    if site in suspect:
+        return out("suspect (a proposal or the connection to it failed just now)")
     if not math.isfinite(peer.age_s) or peer.age_s > policy.max_peer_age_s:
         return out(f"stale load ({_fmt(peer.age_s)} s old > {_fmt(policy.max_peer_age_s)} s)")
     if not snap.accepting:
@@ -582,6 +585,7 @@ def decide(
     partner_usage: Mapping[str, PartnerUsage] | None = None,
     ratio_active: Collection[str] = (),
     members: Collection[str] | None = None,
+    suspect: Collection[str] = (),
 ) -> Decision:
     """Decide whether the call ``call_id`` joining ``local`` stays or overflows.
 
@@ -589,7 +593,11 @@ def decide(
     ``now``: Unix time (partner opening hours); ``mode``: the deciding site's
     contingency mode; ``partner_usage``: counters by partner site (missing = none);
     ``ratio_active``: peers whose queue-ratio overflow was on for this queue after the
-    previous decision; ``members``: if given, peers not in it are left out.
+    previous decision; ``members``: if given, peers not in it are left out;
+    ``suspect``: peers the caller saw fail just now (a proposal that got no answer, a
+    connection lost and not re-established) — left out at once, before their member
+    key or load can expire (a pure filter: the caller decides who is suspect and for
+    how long, see :meth:`router.node.cluster.ClusterLink.suspects`).
     """
     settings = policy.mode_settings(mode)
     rules = policy.rules_for(local.site, local.queue)
@@ -631,7 +639,7 @@ def decide(
             continue
         c, q = _eligibility(
             site, peers[site], local, rules, policy, settings, value, mode, now,
-            usage.get(site, PartnerUsage()), members,
+            usage.get(site, PartnerUsage()), members, suspect,
         )
         if q is not None and qr is not None:
             d = queue_ratio_d(local.length, local.staffed, q.length, q.staffed, qr.r)

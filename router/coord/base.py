@@ -73,6 +73,9 @@ class Member:
     pid: int = field(default_factory=os.getpid)
     started_at: float = field(default_factory=time.time)
     version: str = ""
+    #: which node process lineage this is: equal for every process started on the same
+    #: data directory of the same host ("" = unknown; see ``Coordinator.register``)
+    instance: str = ""
 
     def to_json(self) -> str:
         return _dumps(asdict(self))
@@ -90,6 +93,7 @@ class Member:
             pid=int(d.get("pid", 0)),
             started_at=float(d.get("started_at", 0.0)),
             version=str(d.get("version", "")),
+            instance=str(d.get("instance", "")),
         )
 
 
@@ -195,6 +199,13 @@ class Coordinator(abc.ABC):
         process until its lease expires). Either way, and also after
         :class:`CoordinationUnavailable`, the coordinator keeps the registration
         wanted: it retries in the background and re-registers on every new session.
+
+        Succession: when the coordinator has a ``successor_of`` predicate and it says
+        True of the record held by the other lease (that record is provably an earlier,
+        dead process of this very node), the key is taken over at once — overwritten on
+        this session's lease in a transaction conditioned on the record being unchanged
+        — and the old lease is revoked. Without the predicate, or when it says False,
+        the key is never taken from another lease (no two live members of one site).
         """
 
     @abc.abstractmethod

@@ -11,7 +11,9 @@ Background tasks of a running coordinator:
   and when it is lost (expired, or no keepalive answer for a whole TTL) opens a new one
   as soon as etcd answers, re-registers the member and re-publishes the load;
 * the registration loop of the current session (retries while the member key is held
-  by another lease, re-registers if someone deletes it);
+  by another lease — unless ``successor_of`` proves that holder to be this node's dead
+  previous process: then it takes the key over at once, see ``_take_over`` —
+  re-registers if someone deletes it);
 * the load publisher (on change, at most ``load_max_rate``/s, heartbeat);
 * four watches (members, loads, policy, contingency modes) — each one a "get the range,
   then watch from the next revision" loop that starts over after any failure;
@@ -117,6 +119,10 @@ class EtcdCoordinator(ElectionMixin, Coordinator):
         self._reregister = asyncio.Event()
         self._members: dict[str, Member] = {}
         self._members_cbs: list[MembersCallback] = []
+        #: set by the node: True when a member record held by another lease is provably
+        #: this node's dead predecessor (see ``Coordinator.register``, "Succession")
+        self.successor_of: Callable[[Member], bool] | None = None
+        self.takeovers = 0
         # load
         self._publisher = LoadPublisher(self)
         self._loads: dict[str, tuple[LoadSnapshot, float]] = {}
@@ -264,8 +270,10 @@ class EtcdCoordinator(ElectionMixin, Coordinator):
         )
         if not ok:
             held = resp[0][0][1] if resp and resp[0] else None
-            if held is None or held.lease != session.lease_id:
+            if held is None:
                 return False
+            if held.lease != session.lease_id:
+                return await self._take_over(session, key, value, held)
             ok, resp = await self.link.run(
                 "register",
                 lambda c: c.transaction(
@@ -280,6 +288,54 @@ class EtcdCoordinator(ElectionMixin, Coordinator):
             self._registered = True
             self._registered_rev = resp[0].response_put.header.revision
         return ok
+
+    async def _take_over(self, session: EtcdSession, key: bytes, value: bytes, held: Any) -> bool:
+        """The key is held by another lease: take it when ``successor_of`` proves that
+        holder to be this node's dead predecessor (else False: wait for its lease).
+
+        One transaction, conditioned on the key's mod revision being the one just read,
+        puts our record on our lease; a holder that changed meanwhile (another process
+        registered, the key vanished) makes it fail, and the loop reads again. The old
+        lease is then revoked (best effort): its other keys (load, leaderships) go too,
+        and it can no longer renew anything."""
+        check = self.successor_of
+        if check is None:
+            return False
+        try:
+            old = Member.from_json(held.value)
+        except (ValueError, KeyError, TypeError):
+            return False
+        try:
+            proven = check(old)
+        except Exception:  # noqa: BLE001 - no proof: no takeover
+            log.exception("successor check failed")
+            proven = False
+        if not proven:
+            return False
+        tx = transactions
+        ok, resp = await self.link.run(
+            "register (take over)",
+            lambda c: c.transaction(
+                compare=[tx.Mod(key) == held.mod_revision, _LeaseCompare(key) == held.lease],
+                success=[tx.Put(key, value, lease=session.lease_id)],
+                failure=[],
+            ),
+        )
+        if not ok:
+            return False
+        self.takeovers += 1
+        log.warning(
+            "%s: took over from this node's previous process (pid %d, lease %x, started %.3f)",
+            key.decode(), old.pid, held.lease, old.started_at,
+        )
+        self._registered = True
+        self._registered_rev = resp[0].response_put.header.revision
+        old_lease = held.lease
+        try:
+            await self.link.run("lease revoke (predecessor)", lambda c: c.revoke_lease(old_lease), timeout=0.5)
+        except (LeaseGone, CoordinationUnavailable):
+            pass  # gone already, or it expires by itself
+        return True
 
     async def _registration(self, session: EtcdSession) -> None:
         backoff = Backoff(0.2, 1.0)

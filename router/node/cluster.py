@@ -34,6 +34,19 @@ What it does, on the node's event loop:
   peer's queue before deciding, so a burst does not send twenty calls to a site that
   showed two free agents; keeps the partner-cap counters (:class:`PartnerUsage`).
 
+Failures faster than lease speed (issue 9): the transfer driver reports every peer that
+fails it — a Propose, Commit or Abort without an answer, a connection lost and not
+re-established — through :meth:`ClusterLink.peer_failed`; that peer is a *suspect*,
+left out of every decision (``decide(..., suspect=...)``) until it publishes a load
+snapshot stamped after the failure or ``SUSPECT_S`` passed, whichever comes first. A
+dead peer thus gets no new call from the moment its connection drops or its first
+proposal fails, not only once its lease expires (TTL) or its load goes stale. A
+suspect is advice about where new calls go; it never changes a transfer's outcome.
+
+The member key is registered with a proof of succession (see :meth:`ClusterLink.is_predecessor`):
+a node restarted on the same data directory takes its site's key over from its dead
+previous process at once instead of waiting for that process's lease to expire.
+
 Invariant 6: nothing here blocks routing or raises into it. While the coordinator has
 no live session, overflow pauses (``paused`` counts the calls that stayed for that
 reason); peers whose load is older than the policy's ``max_peer_age_s`` are never
@@ -48,6 +61,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -78,6 +92,7 @@ PARTNER_POLL_S = 1.0  # how often calls handed to a capped partner are checked f
 TRANSFER_WAIT_S = 60.0  # a transfer task waits this long for its outcome, then only logs
 SWEEP_S = 0.5  # how often calls that stayed are decided again
 SWEEP_MAX = 50  # calls moved per queue and sweep at most
+SUSPECT_S = 5.0  # a peer that failed us is left out of decisions at most this long
 
 
 def advertised_address(listen: str, port: int) -> str:
@@ -87,6 +102,29 @@ def advertised_address(listen: str, port: int) -> str:
     if host in ("", "0.0.0.0", "::"):
         host = socket.getfqdn()
     return f"{host}:{port}"
+
+
+def node_instance(node: Any) -> str:
+    """This node's instance: ``host:data-dir:dev:inode`` of its journal's ``LOCK`` file,
+    or "" (no takeover) when the node has no locked journal directory. Equal for every
+    process ever started on that directory of this host, and for no other."""
+    data_dir = getattr(getattr(node, "journal", None), "_dir", None)
+    if data_dir is None:
+        return ""
+    try:
+        st = os.stat(os.path.join(data_dir, "LOCK"))
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}:{os.path.realpath(data_dir)}:{st.st_dev}:{st.st_ino}"
+
+
+def _holds_lock(node: Any) -> bool:
+    """This process holds its journal's directory lock now (journal open, node not
+    stopped or failed)."""
+    journal = getattr(node, "journal", None)
+    if journal is None or getattr(journal, "_lock_fd", None) is None or getattr(journal, "_closed", True):
+        return False
+    return node.failed is None and not node.stopped.is_set()
 
 
 @dataclass(eq=False)
@@ -134,7 +172,13 @@ class ClusterLink:
         self.kind = info.kind
         self.address = advertise or f"127.0.0.1:{node.port}"
         self.coord = coordinator or EtcdCoordinator(self.site, settings)
-        self.member = Member(self.site, self.address, self.region, self.kind, version=version)
+        self.member = Member(
+            self.site, self.address, self.region, self.kind, version=version, instance=node_instance(node),
+        )  # fmt: skip
+        if hasattr(self.coord, "successor_of"):
+            self.coord.successor_of = self.is_predecessor
+        # site -> (monotonic and wall time of the last failure, the peer's load (seq, ts) then)
+        self._suspect: dict[str, tuple[float, float, tuple[int, float] | None]] = {}
         self.stats = ClusterStats()
         self.decisions: collections.deque[dict] = collections.deque(maxlen=DECISIONS_KEPT)
         self._queue_cfg = {q.name: q for q in node.site.queues}
@@ -208,6 +252,28 @@ class ClusterLink:
         except CoordinationUnavailable as e:
             # The coordinator keeps the registration wanted and retries by itself.
             log.info("%s: etcd not reachable yet (%s); registering when it is", self.site, e)
+
+    def is_predecessor(self, held: Member) -> bool:
+        """True when ``held`` (this site's member record, on another lease) is provably
+        an earlier process of this very node, now dead — the coordinator may then take
+        the key over at once (no wait for that lease to expire).
+
+        The proof: the record names the same instance — this host, this data directory
+        and the very inode of its ``LOCK`` file (:func:`node_instance`) — but another
+        process (pid, start time), and this process holds that ``LOCK`` right now
+        (flock, exclusive; taken before any registration, kept while the journal is
+        open). A process that registered with that instance held the lock then; it cannot
+        hold it now, so it has exited (or closed its journal: stopped, owning no call).
+        Two live processes of one site never both pass: a second process on another data
+        directory or host has another instance and waits for the holder's lease, as
+        before (the split-brain guard), and a second process on the same directory
+        cannot start at all (the journal refuses a locked directory)."""
+        mine = self.member
+        if not mine.instance or held.instance != mine.instance or held.site != mine.site:
+            return False
+        if (held.pid, held.started_at) == (mine.pid, mine.started_at):
+            return False
+        return _holds_lock(self.node)
 
     # --- policy and contingency --------------------------------------------------------
 
@@ -337,6 +403,41 @@ class ClusterLink:
             )
         return out
 
+    def peer_failed(self, address: str, why: str) -> None:
+        """The transfer driver's hook: the member at ``address`` just failed us (no
+        answer, or a lost connection that could not be re-established). Makes it a
+        suspect (see :meth:`suspects`); an address that is no current member's is
+        ignored."""
+        site = next((n for n, m in self.coord.members().items() if m.address == address and n != self.site), None)
+        if site is None:
+            return
+        peer = self.coord.peer_loads().get(site)
+        seen = (peer.snapshot.seq, peer.snapshot.ts) if peer is not None else None
+        if site not in self.suspects():
+            log.warning("%s: peer %s at %s is a suspect (%s): no overflow to it for up to %.0f s",
+                        self.site, site, address, why, SUSPECT_S)
+        self._suspect[site] = (time.monotonic(), time.time(), seen)
+
+    def suspects(self) -> set[str]:
+        """Peers left out of overflow decisions now: each failed us less than
+        ``SUSPECT_S`` ago and has published no load since — a snapshot that differs from
+        the one we held at the failure and is stamped after it (a live peer publishes at
+        least every heartbeat; a dead one never again). A peer whose clock runs behind
+        ours only stays suspect for the full ``SUSPECT_S``."""
+        if not self._suspect:
+            return set()
+        now = time.monotonic()
+        loads = self.coord.peer_loads()
+        out = set()
+        for site, (at, wall, seen) in list(self._suspect.items()):
+            peer = loads.get(site)
+            fresh = peer is not None and (peer.snapshot.seq, peer.snapshot.ts) != seen and peer.snapshot.ts > wall
+            if now - at >= SUSPECT_S or fresh:
+                del self._suspect[site]
+                continue
+            out.add(site)
+        return out
+
     # --- overflow ------------------------------------------------------------------------
 
     def offered(self, result: Any) -> Decision | None:
@@ -405,7 +506,7 @@ class ClusterLink:
         d = decide(
             call_id, local, self.coord.policy, loads, now=time.time(), mode=self.mode.mode,
             partner_usage=self.partner_usage(loads), ratio_active=self._ratio_active.get(queue, frozenset()),
-            members=set(members),
+            members=set(members), suspect=self.suspects(),
         )  # fmt: skip
         self._ratio_active[queue] = d.ratio_active
         if not d.overflow and not log_stay:
@@ -449,6 +550,13 @@ class ClusterLink:
             self._stay_again(sent.call_id)
             log.exception("%s: transfer of %s to %s failed", self.site, sent.call_id, sent.site)
             return
+        if out.state != "pending":
+            # One line per resolved transfer (bench/failover.py: how long calls sent to a
+            # dead peer stayed out of dispatch).
+            dlog.info("outcome %s", json.dumps({
+                "call_id": sent.call_id, "target": sent.site, "state": out.state, "reason": out.reason,
+                "unsent": out.unsent, "started": round(sent.started, 6), "t": round(time.time(), 6),
+            }, sort_keys=True))  # fmt: skip
         if out.state == "committed":
             sent.done_at = time.time()
             self.stats.overflow_out += 1

@@ -11,16 +11,43 @@ out on the wire:
 
 1. ``transfer_begin`` (journaled): the call leaves dispatch, keeping its place.
 2. ProposeTransfer. A decline (an error with an ErrorInfo reason) -> ``transfer_abort``:
-   the call is back in its place. No answer (unreachable, deadline) -> the target may or
-   may not hold a reservation, but no Commit was ever sent, so it can never commit: the
-   origin sends AbortTransfer (retried with backoff) and aborts locally once the target
-   answers, or on its own once the reservation's TTL + a margin has passed.
+   the call is back in its place. Never sent (below) -> ``transfer_abort`` at once,
+   reason "unreachable": the target never saw the key. Any other failure (no answer,
+   deadline, connection lost after the request may have left) -> the target may or may
+   not hold a reservation, but no Commit was ever sent, so it can never commit: the
+   origin sends AbortTransfer (retried with a short backoff, at most
+   ``ABORT_BACKOFF_MAX_S``) and aborts locally as soon as the target answers it — the
+   target then records the key aborted (a tombstone if it never saw it), so a Propose
+   still on the wire can never reserve it — or on its own once the reservation's TTL + a
+   margin has passed.
 3. RESERVED -> ``transfer_committing`` (journaled *before* the Commit leaves), then
    CommitTransfer, retried with backoff until the target answers: COMMITTED ->
    ``transfer_done`` (the call is "transferred" here, final); ABORTED (the reservation
    expired first) -> ``transfer_abort(by_target)``. While the target is unreachable the
    call stays "transferring": two-phase commit blocks rather than guess (a guess could
    lose or duplicate the call). It is neither dispatched here nor lost.
+
+"Never sent" — exactly one error counts: UNAVAILABLE whose details start with
+``failed to connect to all addresses`` (gRPC core's status when the channel's load
+balancer is in TRANSIENT_FAILURE at the call's pick: the TCP connect was refused, the
+TLS handshake failed, the name did not resolve, ...). gRPC produces it before the call
+is given to any transport, so no byte of the request was written; a call is only
+retried transparently by gRPC when its earlier attempt provably never reached the
+server application (not sent, or refused as a stream), so a retry that ends with this
+status did not deliver either. A request written on a connection that broke afterwards
+fails with other details ("Socket closed", "Connection reset by peer", GOAWAY, ...) and
+stays an unknown outcome, as do DEADLINE_EXCEEDED (the call may have been queued while
+CONNECTING, or sent) and every other code. Should a gRPC version word it differently,
+the rule simply no longer matches and the safe path applies: a wrong "unknown" costs
+time, never a call. Nothing here uses ``wait_for_ready`` (with it, a call would wait
+for a connection rather than fail at the pick).
+
+Suspects: every Propose (or Commit, or Abort) that fails without an answer, and every
+connection to a target that is lost and cannot be re-established (a watcher per channel
+reconnects at once after a drop; a dead peer refuses at once), is reported to the
+cluster link (``node.cluster.peer_failed(address, why)``), which leaves that peer out of
+its overflow decisions for a short time (:meth:`router.node.cluster.ClusterLink.suspects`).
+It only changes where new calls go, never a transfer's outcome.
 
 Recovery: a background loop resolves every call the engine lists in
 ``transfers_pending()`` that no task is handling — after a restart, all of them: "begun"
@@ -64,7 +91,13 @@ MARGIN_S = 2.0
 POLL_S = 0.25
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
+ABORT_BACKOFF_MAX_S = 0.5  # AbortTransfer retries after an unknown Propose (cheap while refused)
 DRAIN_CONCURRENCY = 8
+
+#: Plaintext channels to targets reconnect within a second of a restart: gRPC's default
+#: reconnect backoff grows to minutes, and every call in that backoff fails at the pick
+#: (never sent, so safe, but the peer would look dead long after it is back).
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
 
 _FAULT = os.environ.get("TANDEM_FAULT", "")
 _SENT_FAULTS = {"after_propose_sent", "after_commit_sent"}
@@ -77,6 +110,9 @@ _DECLINES = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
+#: gRPC core's status details when the call failed at the pick, before any transport
+#: had it (see "Never sent" in the module docstring).
+_NOT_CONNECTED = "failed to connect to all addresses"
 
 
 def fault(step: str) -> None:
@@ -102,6 +138,7 @@ class TransferOutcome:
     reason: str = ""
     target: str = ""
     target_site: str = ""
+    unsent: bool = False  # aborted because the Propose provably never left (see the docstring)
 
 
 @dataclass
@@ -122,6 +159,18 @@ def _is_decline(e: grpc.RpcError) -> bool:
     return e.code() == grpc.StatusCode.UNAVAILABLE and _reason(e) == "NODE_DRAINING"
 
 
+def never_sent(e: grpc.RpcError) -> bool:
+    """True when the call provably never reached the target (module docstring, "Never
+    sent"): UNAVAILABLE failed at the pick, no transport ever had it."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    try:
+        details = e.details() or ""
+    except Exception:  # noqa: BLE001 - a non-aio error without details: unknown
+        return False
+    return details.startswith(_NOT_CONNECTED)
+
+
 class Transfers:
     """The origin-side driver of one node (``node.transfers``)."""
 
@@ -135,6 +184,8 @@ class Transfers:
         self.rpc_timeout_s = rpc_timeout_s
         self.poll_s = poll_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._watched: dict[str, grpc.aio.Channel] = {}  # target -> the channel watched
+        self._watchers: set[asyncio.Task] = set()
         self._tasks: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
 
@@ -166,7 +217,8 @@ class Transfers:
             await self.close()
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks.values()) + list(self._watchers)
+        self._watched.clear()
         for t in tasks:
             t.cancel()
         if tasks:
@@ -190,15 +242,58 @@ class Transfers:
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         factory = getattr(self.node, "channels", None)
-        if factory is not None:
+        if factory is not None and getattr(factory, "secure", True):
             # mTLS with the node's identity; the target must prove it is the member site
             # at that address (or, for a transfer resumed after a restart whose target
             # has left, some site of the cluster).
-            return factory.channel(target, self.node.peer_identity(target))
-        ch = self._channels.get(target)
-        if ch is None:
-            ch = self._channels[target] = grpc.aio.insecure_channel(target)
+            ch = factory.channel(target, self.node.peer_identity(target))
+        else:
+            ch = self._channels.get(target)
+            if ch is None:
+                ch = self._channels[target] = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if self._watched.get(target) is not ch:
+            self._watched[target] = ch
+            task = asyncio.get_running_loop().create_task(self._watch(target, ch), name=f"transfer-watch-{target}")
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
         return ch
+
+    def _peer_failed(self, target: str, why: str) -> None:
+        """Tell the cluster link (if any) that ``target`` just failed us (a suspect)."""
+        cluster = getattr(self.node, "cluster", None)
+        hook = getattr(cluster, "peer_failed", None)
+        if hook is None:
+            return
+        try:
+            hook(target, why)
+        except Exception:  # noqa: BLE001 - advice for overflow, never a reason to fail a transfer
+            log.exception("reporting %s as suspect failed", target)
+
+    async def _watch(self, target: str, ch: grpc.aio.Channel) -> None:
+        """Report a connection to ``target`` that is lost and cannot be re-established.
+
+        After READY -> IDLE (the peer closed the connection: it died, restarted, or an
+        idle timeout) the channel is asked to reconnect at once; a live peer is READY
+        again within a round trip and is never reported, a dead one refuses and the
+        channel enters TRANSIENT_FAILURE, which is reported."""
+        conn = grpc.ChannelConnectivity
+        try:
+            state = ch.get_state()
+            while self._watched.get(target) is ch and not self._closing():
+                await ch.wait_for_state_change(state)
+                new = ch.get_state(try_to_connect=state == conn.READY)
+                if new == conn.SHUTDOWN:
+                    return
+                if new == conn.TRANSIENT_FAILURE and state != conn.TRANSIENT_FAILURE:
+                    self._peer_failed(target, "connection failed")
+                state = new
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a closed channel: nothing more to watch
+            log.debug("watch of the channel to %s ended", target, exc_info=True)
+        finally:
+            if self._watched.get(target) is ch:
+                del self._watched[target]
 
     def _stub(self, target: str) -> interconnect_pb2_grpc.InterconnectStub:
         return interconnect_pb2_grpc.InterconnectStub(self._channel(target))
@@ -307,6 +402,11 @@ class Transfers:
         except grpc.RpcError as e:
             if _is_decline(e):
                 return await self._abort(cid, no, target, _reason(e))
+            self._peer_failed(target, f"propose: {e.code().name}")
+            if never_sent(e):
+                # The target never saw this key and never will: the call goes back now.
+                log.info("propose %s/%d to %s: never sent (%s); aborting", cid, no, target, e.details())
+                return await self._abort(cid, no, target, "unreachable", unsent=True)
             log.info("propose %s/%d to %s: no answer (%s); aborting", cid, no, target, e.code().name)
             return await self._abort_unknown(cid, no, target, horizon)
         st = resp.transfer
@@ -320,12 +420,14 @@ class Transfers:
         fault("after_committing")
         return await self._commit(cid, no, target)
 
-    async def _abort(self, cid: str, no: int, target: str, reason: str, by_target: bool = False) -> TransferOutcome:
+    async def _abort(
+        self, cid: str, no: int, target: str, reason: str, by_target: bool = False, unsent: bool = False,
+    ) -> TransferOutcome:  # fmt: skip
         await self._exec({
             "op": "transfer_abort", "call_id": cid, "transfer_no": no,
             "reason": reason[:64], "by_target": by_target,
         })  # fmt: skip
-        return TransferOutcome(cid, no, "aborted", reason, target)
+        return TransferOutcome(cid, no, "aborted", reason, target, unsent=unsent)
 
     async def _abort_unknown(self, cid: str, no: int, target: str, horizon: float) -> TransferOutcome:
         """No Commit was ever sent for this key: abort it at the target if it answers,
@@ -338,9 +440,13 @@ class Transfers:
             except grpc.RpcError as e:
                 if e.code() in _DECLINES:  # a bad request: nothing of ours is there
                     return await self._abort(cid, no, target, _reason(e))
+                self._peer_failed(target, f"abort: {e.code().name}")
                 if time.monotonic() >= horizon:
                     return await self._abort(cid, no, target, "unreachable")
-                delay = await self._sleep(delay)
+                # A short backoff: the moment the target is back, its answer (a tombstone
+                # for a key it never saw) puts the call back in dispatch.
+                await asyncio.sleep(min(delay, max(0.0, horizon - time.monotonic())))
+                delay = min(delay * 2, ABORT_BACKOFF_MAX_S)
                 continue
             if resp.transfer.state == pb.TRANSFER_STATE_COMMITTED:  # cannot happen without a Commit
                 log.critical("target says %s/%d COMMITTED though no Commit was sent; following it", cid, no)
@@ -363,6 +469,7 @@ class Transfers:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     log.critical("target %s does not know transfer %s/%d (forgotten?); still asking", target, cid, no)
                 else:
+                    self._peer_failed(target, f"commit: {e.code().name}")
                     log.info("commit %s/%d to %s: %s; retrying", cid, no, target, e.code().name)
                 delay = await self._sleep(delay if e.code() != grpc.StatusCode.NOT_FOUND else BACKOFF_MAX_S)
                 continue

@@ -46,7 +46,11 @@ class NodeSecurity:
             from router.security.audit import AuditLog
 
             log = AuditLog.open(Path(data_dir) / "audit", site)
-        return cls(site, files, ChannelFactory(files), BindingsSource(Path(tls_dir) / "bindings.json"), log)
+        # peers' channels reconnect within a second of a restart (gRPC's default backoff
+        # grows to minutes): a restarted peer is reachable again for aborts and transfers
+        peer_options = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
+        return cls(site, files, ChannelFactory(files, options=peer_options),
+                   BindingsSource(Path(tls_dir) / "bindings.json"), log)
 
     @property
     def trust_domain(self) -> str | None:
