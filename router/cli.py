@@ -83,13 +83,18 @@ def demo(
         True, "--reference/--no-reference",
         help="also run the same traffic on isolated sites and on all agents pooled (reference figures)",
     ),
+    traffic: Optional[Path] = typer.Option(
+        None, "--traffic", metavar="FILE",
+        help="traffic profile (YAML): per site, streams with rate, handle-time and patience "
+             "distributions, caller pool, head starts; example: router/sim/traffic_example.yaml",
+    ),
 ) -> None:
     """Start etcd and the example cluster, drive unbalanced traffic (overflow between
     sites), print KPIs per site and queue against the isolated and pooled references."""
     from router.sim.demo import run_demo
 
     raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed,
-                              reference=reference))
+                              reference=reference, traffic=traffic))
 
 
 if __name__ == "__main__":

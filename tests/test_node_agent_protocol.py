@@ -83,7 +83,8 @@ async def test_stream_complete_refusals_are_reported_and_keep_the_stream(node):
     done = await complete_on_stream(holder, "sc-1", csat=5)
     assert done.code == OK and done.call.state == S.CALL_STATE_COMPLETED
     # the unary CompleteCall still works and agrees
-    unary = await s.routing.CompleteCall(routing_pb2.CompleteCallRequest(call_id="sc-1"))
+    unary = await s.routing.CompleteCall(routing_pb2.CompleteCallRequest(
+        call_id="sc-1", disposition=t.Disposition(csat=5)))  # the same disposition: idempotent
     assert unary.call == done.call
     session.cancel()
     other.cancel()

@@ -160,8 +160,9 @@ async def test_agent_flow_end_to_end(node):
     assert wrap.wrap_up_until > 0
     # billing-fr-voice wrap_up_s is 0.5 in the test site: the node's timer makes it READY
     await session.next("agent", lambda x: x.state == A.AGENT_STATE_READY, timeout=5)
-    again = await s.routing.CompleteCall(routing_pb2.CompleteCallRequest(call_id="call-1"))
-    assert again.call == done.call  # idempotent
+    again = await s.routing.CompleteCall(routing_pb2.CompleteCallRequest(
+        call_id="call-1", disposition=t.Disposition(resolved=True, csat=5, wrap_up_code="paid")))
+    assert again.call == done.call  # idempotent (another disposition: DISPOSITION_CONFLICT)
     session.cancel()
 
 

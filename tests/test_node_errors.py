@@ -29,7 +29,9 @@ DOCUMENTED = {
     },
     C.NOT_FOUND: {"UNKNOWN_SKILL", "CALL_NOT_FOUND", "UNKNOWN_AGENT", "UNKNOWN_ASSIGNMENT"},
     C.ALREADY_EXISTS: {"CALL_ID_CONFLICT", "AGENT_ALREADY_SIGNED_IN"},
-    C.FAILED_PRECONDITION: {"WRONG_STATE", "AGENT_NOT_SIGNED_IN", "AGENT_BUSY", "QUEUE_FULL"},
+    C.FAILED_PRECONDITION: {"WRONG_STATE", "AGENT_NOT_SIGNED_IN", "AGENT_BUSY", "QUEUE_FULL",
+                            "DISPOSITION_CONFLICT", "CALL_ANSWERED"},
+    C.RESOURCE_EXHAUSTED: {"MESSAGE_TOO_LARGE", "TOO_MANY_WATCHERS"},
 }
 
 
@@ -127,7 +129,7 @@ def error_cases(connected: str) -> list:
         ("wrap-up 3601", g, "SetState", set_state(state=A.AGENT_STATE_WRAP_UP, timeout_s=3601),
          C.INVALID_ARGUMENT, "INVALID_TIMEOUT"),
         ("wrap-up nan", g, "SetState", set_state(state=A.AGENT_STATE_WRAP_UP, timeout_s=math.nan),
-         C.INVALID_ARGUMENT, "INVALID_TIMEOUT"),
+         C.INVALID_ARGUMENT, "INVALID_FIELD"),
         ("state not signed in", g, "SetState", set_state("fr-003", A.AGENT_STATE_READY),
          C.FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
         ("state ghost", g, "SetState", set_state("ghost", A.AGENT_STATE_READY), C.NOT_FOUND, "UNKNOWN_AGENT"),
@@ -171,13 +173,14 @@ async def test_every_error_reason_changes_nothing(node):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await asyncio.wait_for(call.read(), 5)
         assert (e.value.code(), error_reason(e.value)) == (code, reason), first
-    # an unknown assignment on an open stream is ignored; the stream stays up
+    # an unknown assignment on an open stream is answered (a CommandResult with the
+    # error, tests/test_edges.py) and changes nothing; the stream stays up
     await session.accept("no-such-assignment")
     await session.reject("no-such-assignment")
-    # bigger than the node's receive limit: grpc itself refuses it
+    # bigger than the node's message limit
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await s.diag.Echo(diagnostics_pb2.EchoRequest(payload=b"x" * (200 * 1024)))
-    assert e.value.code() == C.RESOURCE_EXHAUSTED
+    assert (e.value.code(), error_reason(e.value)) == (C.RESOURCE_EXHAUSTED, "MESSAGE_TOO_LARGE")
     await asyncio.sleep(0.1)
     after = await observe(s)
     assert not failures, "\n".join(failures)
@@ -190,9 +193,10 @@ async def test_non_finite_timeout_does_not_break_the_journal(node):
     s = node.stubs
     await s.agents.SignIn(agents_pb2.SignInRequest(agent_id="fr-003"))
     for value in (math.nan, math.inf, -math.inf):
-        r = await s.agents.SetState(set_state("fr-003", A.AGENT_STATE_READY, timeout_s=value))
-        assert r.agent.state == A.AGENT_STATE_READY
-        await s.agents.SetState(set_state("fr-003", A.AGENT_STATE_NOT_READY, reason="x", timeout_s=value))
+        for state in (A.AGENT_STATE_READY, A.AGENT_STATE_NOT_READY):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await s.agents.SetState(set_state("fr-003", state, reason="x", timeout_s=value))
+            assert (e.value.code(), error_reason(e.value)) == (C.INVALID_ARGUMENT, "INVALID_FIELD")
     assert node.node.failed is None
     assert await s.healthy()
 

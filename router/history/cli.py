@@ -73,6 +73,28 @@ def default_sites(data_dir: Optional[Path]) -> Path:
     return Path("sites")
 
 
+def recorded_time_scale(data_dir: Optional[Path]) -> tuple[float, Optional[Path]]:
+    """The time scale a compressed run (``tandem demo``) recorded in its data dir, looked
+    for in ``data_dir`` and up to three directories above it (a node's own dir inside a
+    demo's); (1.0, None) when there is none."""
+    from router.history.kpi import TIME_SCALE_FILE
+
+    if data_dir is None:
+        return 1.0, None
+    d = Path(data_dir).resolve()
+    for cand in [d, *list(d.parents)[:3]]:
+        f = cand / TIME_SCALE_FILE
+        if f.is_file():
+            try:
+                scale = float(f.read_text().strip())
+            except (OSError, ValueError):
+                _fail(f"{f}: not a time scale (a positive number)")
+            if not (scale > 0 and scale < float("inf")):
+                _fail(f"{f}: not a time scale (a positive number)")
+            return scale, f
+    return 1.0, None
+
+
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
@@ -218,12 +240,23 @@ def report_kpi(
         "files kept in --data-dir, e.g. the demo's scaled copies, else ./sites)"),
     fcr_days: float = typer.Option(7.0, "--fcr-days", help="FCR: no repeat contact for the same skill within N days"),
     json_out: bool = typer.Option(False, "--json", help="one JSON document instead of a table"),
+    time_scale: Optional[float] = typer.Option(
+        None, "--time-scale", help="the history is of a run compressed N times: report in the run's time "
+        "(durations x N; --interval and --fcr-days in the run's time). Default: the scale `tandem demo` "
+        "recorded in --data-dir (its time_scale file), else 1"),
 ) -> None:
-    """Service level, ASA, AHT, abandon rate, CSAT, FCR and occupancy per group and interval."""
+    """Service level, ASA, AHT, abandon rate, CSAT, FCR and occupancy per group and interval.
+
+    The history of a `tandem demo` run (compressed time) is read in the run's time."""
     from router.config import ConfigError, load_sites
-    from router.history.kpi import END_OF_TIME, KpiQuery, kpis, sl_definitions
+    from router.history.kpi import END_OF_TIME, KpiQuery, in_run_time, kpis, sl_definitions
     from router.history.store import StoreError
 
+    recorded = None
+    if time_scale is None:
+        time_scale, recorded = recorded_time_scale(data_dir)
+    elif not (0 < time_scale < float("inf")):
+        _fail("--time-scale must be a positive number")
     dims = tuple(d.strip() for d in by.split(",") if d.strip())
     if sites is None:
         sites = default_sites(data_dir)
@@ -234,24 +267,32 @@ def report_kpi(
         except ConfigError as e:
             _fail(str(e))
     try:
-        q = KpiQuery(by=dims, interval_s=parse_interval(interval) if interval else None,
+        q = KpiQuery(by=dims, interval_s=max(1, round(parse_interval(interval) / time_scale)) if interval else None,
                      start=parse_time(start) if start else 0, end=parse_time(end) if end else END_OF_TIME,
-                     fcr_days=fcr_days, service_levels=defs)
+                     fcr_days=fcr_days / time_scale, service_levels=defs)
     except ValueError as e:
         _fail(str(e))
     store = _open(clickhouse, data_dir)
     try:
-        rows = kpis(store, q)
+        rows = in_run_time(kpis(store, q), time_scale)
     except StoreError as e:
         _fail(f"{store.url}: {e}", 1)
     finally:
         store.close()
     if json_out:
-        doc = {"by": list(dims), "interval_s": q.interval_s, "from": q.start, "to": q.end,
-               "fcr_days": q.fcr_days, "rows": [dict(r.to_dict(), bucket_start=iso(r.bucket) or None) for r in rows]}
+        # durations in the run's time; interval_s, fcr_days too (from, to, bucket_start:
+        # the clock's own Unix times)
+        doc = {"by": list(dims), "interval_s": q.interval_s * time_scale if q.interval_s else None,
+               "from": q.start, "to": q.end, "fcr_days": fcr_days, "time_scale": time_scale,
+               "rows": [dict(r.to_dict(), bucket_start=iso(r.bucket) or None) for r in rows]}
         typer.echo(json.dumps(doc))
         return
-    _print_kpi_table(rows, dims, q.interval_s is not None)
+    title = "KPIs from the history"
+    if time_scale != 1.0:
+        where = f", recorded in {recorded}" if recorded else ""
+        title += (f" — in the run's simulated time (compressed x{time_scale:g}{where}): durations x{time_scale:g}; "
+                  "interval starts are clock times")
+    _print_kpi_table(rows, dims, q.interval_s is not None, title)
 
 
 def _console():
@@ -261,7 +302,7 @@ def _console():
     return c if c.is_terminal else Console(width=200)  # piped: do not squeeze to 80 columns
 
 
-def _print_kpi_table(rows, dims, with_bucket: bool) -> None:
+def _print_kpi_table(rows, dims, with_bucket: bool, title: str = "KPIs from the history") -> None:
     from rich import box
     from rich.table import Table
 
@@ -271,7 +312,9 @@ def _print_kpi_table(rows, dims, with_bucket: bool) -> None:
     def sec(v):
         return "-" if v is None else f"{v:.0f}s"
 
-    t = Table(box=box.SIMPLE_HEAD, title="KPIs from the history")
+    t = Table(box=box.SIMPLE_HEAD, title=title)
+    if not set(dims) <= {"site", "region", "partner"}:
+        t.caption = "occ.: agents serve several queues, so occupancy is given by site, region or partner (--by site)"
     for d in dims:
         t.add_column(d)
     if with_bucket:

@@ -38,6 +38,14 @@ FCR query ~11 s (it groups every contact by customer); occupancy reads the much 
 agent_state_changes table.
 
 Times are Unix seconds (UTC); buckets start at multiples of ``interval_s``.
+
+**Compressed runs**: ``tandem demo`` runs its nodes on site files whose durations are
+divided by its time scale (60 simulated seconds per real second by default), so their
+history holds compressed times. It records the scale in ``DATA_DIR/time_scale``
+(:data:`TIME_SCALE_FILE`); ``tandem report kpi`` then reads the history in the run's time:
+:func:`in_run_time` multiplies every duration back (waits, handle times, agents'
+handling and staffed time; shares and rates are unchanged), and the command divides the
+bucket length and the FCR window by the scale before querying.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ END_OF_TIME = 4_102_444_800
 _MODES = {"count_against": 0, "exclude": 1, "short_excluded": 2}
 
 SlDefinitions = Mapping[tuple[str, str], ServiceLevelDefinition]
+#: The file in a demo's data dir that holds its time scale (simulated s per real s).
+TIME_SCALE_FILE = "time_scale"
 
 
 def sl_definitions(sites: Iterable[SiteConfig]) -> dict[tuple[str, str], ServiceLevelDefinition]:
@@ -147,6 +157,18 @@ class KpiRow:
         for k in ("service_level", "asa_s", "aht_s", "abandon_rate", "csat", "fcr", "occupancy"):
             d[k] = getattr(self, k)
         return d
+
+
+def in_run_time(rows: list[KpiRow], scale: float) -> list[KpiRow]:
+    """Rows of a run compressed ``scale`` times, in the run's own time: every duration
+    multiplied by ``scale`` (in place; returns ``rows``)."""
+    if scale != 1.0:
+        for r in rows:
+            r.wait_sum_s *= scale
+            r.handle_sum_s *= scale
+            r.handling_time_s *= scale
+            r.staffed_time_s *= scale
+    return rows
 
 
 # --- SQL -----------------------------------------------------------------------------------

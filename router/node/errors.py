@@ -24,19 +24,43 @@ log = logging.getLogger("tandem.node")
 
 
 class Malformed:
-    """Stands in for a request whose bytes did not parse (see server.add_service)."""
+    """Stands in for a request whose bytes did not parse, or that is over the node's
+    size limit (``too_large``: its size in bytes; see server.add_service)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "too_large", "limit")
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, too_large: int = 0, limit: int = 0) -> None:
         self.error = error
+        self.too_large = too_large
+        self.limit = limit
 
     def WhichOneof(self, _name: str) -> None:  # so a stream handler can inspect it safely
         return None
 
 
 def malformed_error(m: Malformed) -> RoutingError:
+    if m.too_large:
+        return RoutingError(
+            "RESOURCE_EXHAUSTED", "MESSAGE_TOO_LARGE",
+            f"the message is {m.too_large} bytes, over this node's limit of {m.limit} bytes",
+            size_bytes=str(m.too_large), limit_bytes=str(m.limit),
+        )  # fmt: skip
     return RoutingError("INVALID_ARGUMENT", "MALFORMED_REQUEST", f"the request does not parse: {m.error}")
+
+
+_ID_FIELDS = ("call_id", "agent_id", "assignment_id")
+
+
+def empty_id(err: RoutingError) -> RoutingError:
+    """A NOT_FOUND about an empty id is the client's missing field: INVALID_ARGUMENT
+    MISSING_FIELD on every RPC alike (handlers that look an id up directly would
+    otherwise answer CALL_NOT_FOUND / UNKNOWN_AGENT for "")."""
+    if err.code != "NOT_FOUND":
+        return err
+    for name in _ID_FIELDS:
+        if err.metadata.get(name) == "":
+            return RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", f"{name} is required", field=name)
+    return err
 
 
 def status_of(err: RoutingError) -> grpc.Status:
@@ -70,6 +94,7 @@ def guard(method: Callable) -> Callable:
 
     async def _fail(context: Any, exc: BaseException) -> None:
         if isinstance(exc, RoutingError):
+            exc = empty_id(exc)
             metrics.RPC_ERRORS.labels(method.__name__, exc.reason).inc()
             await abort_status(context, status_of(exc))
             return

@@ -33,6 +33,7 @@ from router import model
 from router.config import SiteConfig
 from router.model import AgentChanged, AssignmentOffered, CallChanged, CallConnected, RoutingError
 from router.node import convert, metrics, peers
+from router.node.errors import empty_id
 from router.node.flow import FlowWindow
 from router.status import status_code
 from router.node.streams import AgentStream, CallWatch
@@ -47,6 +48,13 @@ COMPACT_MAX_DEFER_S = 10.0
 COMPACT_AT_STOP = 1000
 METRICS_INTERVAL_S = 1.0
 _FLOW_OPS = frozenset({"transfer_done", "transfer_commit"})
+# How long an agent may be READY (or in wrap-up) without an open Connect stream before
+# the node takes it out of routing (journaled ``disconnect``: NOT_READY "disconnected",
+# ringing offers back at their place). The grace lets a desktop send SetState READY
+# right after its hello, before the node has read the hello (and lets agents reconnect
+# after a node restart).
+STREAM_GRACE_S = 10.0
+_STAFFED = frozenset({"ready", "wrap_up"})
 
 
 class NodeFailed(RoutingError):
@@ -105,6 +113,9 @@ class Node:
         # overrides the packaged spec): .active() lists those pending or firing.
         self.alerts = metrics.NodeAlerts(site.site.name)
         self._streams: dict[str, AgentStream] = {}
+        self.stream_grace_s = STREAM_GRACE_S
+        # agent id -> timer: staffed (ready / wrap-up) without an open stream
+        self._unstreamed: dict[str, asyncio.TimerHandle] = {}
         self._auto_streams = 0  # open streams with auto answer
         # Call messages built by the last submit (for its assignments), as the step left
         # the calls: the caller may reuse them for its reply instead of building again.
@@ -203,6 +214,8 @@ class Node:
             self._deliver_in_order(deliveries)
         if outcome.changed and op in _FLOW_OPS:
             self._flow(op, outcome.result)
+        if effects:
+            self._check_streams(effects)
         self._count(op, "changed" if outcome.changed else "unchanged")
         self._rearm_timer()
         return outcome, fut
@@ -516,6 +529,9 @@ class Node:
             view = self.engine.agent(agent_id)
         stream = AgentStream(agent_id, auto_answer)
         self._streams[agent_id] = stream
+        timer = self._unstreamed.pop(agent_id, None)
+        if timer is not None:
+            timer.cancel()
         self._auto_streams += auto_answer
         stream.status = self.engine.agent_status(agent_id)
         stream.deliver(agents_pb2.NodeMessage(agent=convert.agent_msg(view)))
@@ -533,6 +549,41 @@ class Node:
             self.close_agent_stream(stream)  # the client left (or the journal failed)
             raise
         return stream
+
+    def _check_streams(self, effects: list) -> None:
+        """Arm the grace timer of every agent the step left staffed (READY, wrap-up)
+        without an open stream; drop it for the others."""
+        for e in effects:
+            if type(e) is not AgentChanged or e.agent_id in self._streams:
+                continue
+            self._watch_unstreamed(e.agent_id)
+
+    def _watch_unstreamed(self, agent_id: str) -> None:
+        staffed = self.engine.agent_status(agent_id)[0] in _STAFFED
+        timer = self._unstreamed.get(agent_id)
+        if staffed and timer is None and not self._closing:
+            self._unstreamed[agent_id] = self._loop.call_later(
+                self.stream_grace_s, self._no_stream, agent_id
+            )
+        elif not staffed and timer is not None:
+            timer.cancel()
+            del self._unstreamed[agent_id]
+
+    def _no_stream(self, agent_id: str) -> None:
+        """The grace ran out: a staffed agent without a stream is taken out of routing."""
+        self._unstreamed.pop(agent_id, None)
+        if agent_id in self._streams or self._closing or self.failed is not None:
+            return
+        if self.engine.agent_status(agent_id)[0] not in _STAFFED:
+            return
+        log.info("agent %s is %s without a Connect stream: disconnected", agent_id,
+                 self.engine.agent_status(agent_id)[0])
+        try:
+            self.submit({"op": "disconnect", "t": self.now(), "agent_id": agent_id})
+        except NodeFailed:
+            pass
+        except RoutingError as e:
+            log.info("disconnect of %s refused: %s", agent_id, e.reason)
 
     def _forget(self, stream: AgentStream) -> None:
         """Called when the stream leaves ``_streams``."""
@@ -557,8 +608,11 @@ class Node:
             log.info("disconnect of %s refused: %s", stream.agent_id, e.reason)
 
     def agent_answer(self, stream: AgentStream, cmd: dict) -> None:
-        """An Accept / Reject from the agent's stream. Refused ones are logged and
-        ignored: the stream stays up (an answer that raced a timeout is normal)."""
+        """An Accept / Reject from the agent's stream. A refused one (an unknown or stale
+        assignment: NOT_FOUND UNKNOWN_ASSIGNMENT, e.g. an answer that raced a timeout)
+        changes nothing and is answered on the stream by a CommandResult carrying the
+        error; the stream stays up. Accepted ones are answered by Connected /
+        AssignmentCancelled as before."""
         if self._streams.get(stream.agent_id) is not stream:
             return  # a replaced stream speaks for nobody
         cmd["t"] = self.now()
@@ -567,6 +621,17 @@ class Node:
             self.submit(cmd)
         except RoutingError as e:
             log.info("%s from %s refused: %s %s", cmd["op"], stream.agent_id, e.reason, e.message)
+            self.agent_refused(stream, cmd["op"], e, cmd.get("assignment_id", ""))
+
+    def agent_refused(self, stream: AgentStream, op: str, err: RoutingError, assignment_id: str = "") -> None:
+        """Answer a refused stream command with a CommandResult carrying the error,
+        after everything journaled before it."""
+        if not isinstance(assignment_id, str):
+            assignment_id = ""
+        call_id = assignment_id.rpartition("#")[0] if "#" in assignment_id else ""
+        msg = self._error_msg(op, call_id, empty_id(err))
+        msg.result.assignment_id = assignment_id
+        self._deliver_in_order([(stream, msg)])
 
     def agent_complete(self, stream: AgentStream, cmd: dict) -> None:
         """A Complete from the agent's stream (``cmd``: a complete command without
@@ -632,6 +697,9 @@ class Node:
         """Start serving (and, if asked, refreshing the Prometheus gauges every second)."""
         await self.server.start()
         self._rearm_timer()
+        for a in self.engine.agents():  # after a restart no agent has a stream yet
+            if a.state in _STAFFED and a.agent_id not in self._streams:
+                self._watch_unstreamed(a.agent_id)
         if publish_metrics:
             self._metrics_task = self._loop.create_task(self._metrics_loop())
 
@@ -677,6 +745,9 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for timer in self._unstreamed.values():
+            timer.cancel()
+        self._unstreamed.clear()
         if self._metrics_task is not None:
             self._metrics_task.cancel()
         for stream in list(self._streams.values()):

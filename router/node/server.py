@@ -35,9 +35,14 @@ from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, 
 
 log = logging.getLogger("tandem.node")
 
-# The largest request accepted (grpc refuses bigger ones with RESOURCE_EXHAUSTED): a 64 KiB
-# Echo payload plus its framing; an OfferCall at its documented limits is far below.
+# The largest request accepted: a 64 KiB Echo payload plus its framing; an OfferCall at
+# its documented limits is far below. A bigger one reaches the handler as a Malformed
+# and is refused with RESOURCE_EXHAUSTED + ErrorInfo MESSAGE_TOO_LARGE (documented in
+# every service's proto header). gRPC itself only refuses what is over
+# CORE_MAX_RECEIVE_BYTES, before any handler runs: that answer is RESOURCE_EXHAUSTED
+# without an ErrorInfo (grpc core gives no hook to attach one).
 MAX_REQUEST_BYTES = 64 * 1024 + 1024
+CORE_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 SERVICE_NAMES = (
     routing_pb2.DESCRIPTOR.services_by_name["Routing"].full_name,
@@ -74,6 +79,8 @@ def _tolerant(parse: Any) -> Any:
     raising (grpc would answer UNKNOWN; the handler answers INVALID_ARGUMENT)."""
 
     def deserialize(data: bytes) -> Any:
+        if len(data) > MAX_REQUEST_BYTES:
+            return Malformed("too large", too_large=len(data), limit=MAX_REQUEST_BYTES)
         try:
             return parse(data)
         except Exception as e:  # noqa: BLE001 - DecodeError and friends
@@ -187,7 +194,7 @@ async def build_node(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_receive_message_length", CORE_MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),  # two nodes must never share a port silently
             ("grpc.keepalive_permit_without_calls", 1),

@@ -19,6 +19,7 @@ from router.model import RoutingError
 from router.node import convert
 from router.node.errors import Malformed, abort, guard, malformed_error
 from router.node.node import FINAL_CALL_STATES, Node
+from router.status import error_info
 from router.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -34,6 +35,30 @@ ECHO_MAX_PAYLOAD = 64 * 1024
 DEFAULT_WATCH_INTERVAL_S = 1.0
 MIN_WATCH_INTERVAL_S = 0.05
 HELLO_TIMEOUT_S = 30.0
+
+
+def _error_info(e: grpc.RpcError) -> tuple[str, dict]:
+    """(ErrorInfo reason, metadata) of another node's refusal; (code name, {}) without one."""
+    info = error_info(e) if isinstance(e, grpc.aio.AioRpcError) else None
+    return (info.reason, dict(info.metadata)) if info is not None else (e.code().name, {})
+
+
+def _required(value: str, name: str) -> str:
+    """INVALID_ARGUMENT MISSING_FIELD for an empty id, on every RPC alike (an empty id is
+    a client bug, not an unknown object)."""
+    if not value:
+        raise RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", f"{name} is required", field=name)
+    return value
+
+
+def _seconds(value: float, name: str) -> float:
+    """A duration field: negative, NaN or infinite -> INVALID_ARGUMENT INVALID_FIELD
+    (0 means "not given")."""
+    if not math.isfinite(value) or value < 0:
+        raise RoutingError(
+            "INVALID_ARGUMENT", "INVALID_FIELD", f"{name} must be a finite number >= 0", field=name
+        )
+    return value
 
 
 def _draining(node: Node, offers: bool = True) -> None:
@@ -75,8 +100,47 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
 
     @guard
     async def AbandonCall(self, request, context):
-        view = await self.node.execute(convert.abandon_cmd(request, self.node.now()))
+        node = self.node
+        view = await node.execute(convert.abandon_cmd(request, node.now()))
+        if view.state == "transferred" and view.transfer_target:
+            # The call lives at the target now: hand the abandon on and answer with what
+            # it did there (see routing.proto).
+            return await self._abandon_at_target(view, request.reason)
         return routing_pb2.AbandonCallResponse(call=convert.call_msg(view))
+
+    async def _abandon_at_target(self, view, reason: str) -> routing_pb2.AbandonCallResponse:
+        """AbandonCall of a call this node transferred: forward it to the target now and
+        answer with the target's call (ABANDONED there), FAILED_PRECONDITION
+        CALL_ANSWERED when an agent there had already taken it, or — target unreachable
+        — this node's TRANSFERRED view (the node keeps forwarding in the background)."""
+        node, cid, target = self.node, view.call_id, view.transfer_target
+        transfers = getattr(node, "transfers", None)
+        if transfers is None:
+            return routing_pb2.AbandonCallResponse(call=convert.call_msg(view))
+        stub = routing_pb2_grpc.RoutingStub(transfers._channel(target))
+        req = routing_pb2.AbandonCallRequest(call_id=cid, reason=view.abandon_reason or reason)
+        try:
+            resp = await stub.AbandonCall(req, timeout=transfers.rpc_timeout_s)
+        except grpc.RpcError as e:
+            reason_there, metadata = _error_info(e)
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and reason_there == "WRONG_STATE":
+                await self._forwarded(cid)  # nothing to abandon there: the forward is done
+                state = metadata.get("state", "")
+                raise RoutingError(
+                    "FAILED_PRECONDITION", "CALL_ANSWERED",
+                    f"call {cid} was transferred to {target}, where it is {state or 'answered'}: "
+                    "not abandoned", call_id=cid, target=target, state=state,
+                ) from None
+            log.info("abandon of %s at %s: %s; forwarding in the background", cid, target, reason_there)
+            return routing_pb2.AbandonCallResponse(call=convert.call_msg(view))
+        await self._forwarded(cid)
+        return routing_pb2.AbandonCallResponse(call=resp.call)
+
+    async def _forwarded(self, cid: str) -> None:
+        try:
+            await self.node.execute({"op": "transfer_forwarded", "t": self.node.now(), "call_id": cid})
+        except RoutingError as e:  # e.g. forwarded meanwhile by the transfer driver
+            log.info("transfer_forwarded of %s: %s", cid, e.reason)
 
     @guard
     async def CompleteCall(self, request, context):
@@ -86,7 +150,7 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     @guard
     async def GetCall(self, request, context):
         node = self.node
-        call = node.engine.call(request.call_id)
+        call = node.engine.call(_required(request.call_id, "call_id"))
         position, wait = node.position_of(call)
         msg = routing_pb2.GetCallResponse(call=convert.call_msg(call), position=position, expected_wait_s=wait)
         await node.barrier()
@@ -103,8 +167,9 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     @guard
     async def WatchCall(self, request, context):
         node = self.node
-        interval = request.interval_s
-        if not math.isfinite(interval) or interval <= 0:
+        _required(request.call_id, "call_id")
+        interval = _seconds(request.interval_s, "interval_s")
+        if interval == 0:
             interval = DEFAULT_WATCH_INTERVAL_S
         interval = min(max(interval, MIN_WATCH_INTERVAL_S), 3600.0)
         watch = await node.open_watch(request.call_id)
@@ -174,12 +239,14 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
 
     @guard
     async def SetState(self, request, context):
+        _seconds(request.timeout_s, "timeout_s")
         view = await self.node.execute(convert.set_state_cmd(request, self.node.now()))
         return agents_pb2.SetStateResponse(agent=convert.agent_msg(view))
 
     @guard
     async def GetAgent(self, request, context):
-        msg = agents_pb2.GetAgentResponse(agent=convert.agent_msg(self.node.engine.agent(request.agent_id)))
+        agent = self.node.engine.agent(_required(request.agent_id, "agent_id"))
+        msg = agents_pb2.GetAgentResponse(agent=convert.agent_msg(agent))
         await self.node.barrier()
         return msg
 
@@ -222,6 +289,9 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
                 msg = await read()
                 if msg is grpc.aio.EOF:
                     break
+                if isinstance(msg, Malformed):  # answered; the stream stays up
+                    node.agent_refused(stream, "", malformed_error(msg))
+                    continue
                 kind = msg.WhichOneof("kind")
                 if kind == "complete":
                     node.agent_complete(stream, convert.stream_complete_cmd(msg.complete))

@@ -12,7 +12,10 @@ KPI tables per site and queue computed from the nodes' own records
 (:func:`router.sim.report.reconcile`: a call that overflowed is owned by the site
 that took it, and TRANSFERRED at the one it left).
 
-Traffic: :data:`DEMO_LOAD` is unbalanced on purpose: Montréal is offered more than its
+Traffic: a traffic profile (:mod:`router.sim.traffic`; ``tandem demo --traffic FILE``:
+rates, handle-time and patience distributions, caller pools, head starts; its
+``time_scale`` replaces the default). Without one, :func:`demo_profile`: the load of
+:data:`DEMO_LOAD` (shipped as ``router/sim/traffic_example.yaml``), unbalanced on purpose: Montréal is offered more than its
 agents can take, Lyon is moderately busy and the partner CallPro has agents to spare, so
 overflow visibly happens: Montréal's English billing and support work goes to CallPro
 (standard value, within the partner's contract and cap), its French and its high-value
@@ -39,6 +42,10 @@ it was answered); ``overflow_out`` / ``overflow_in`` count the hand-overs it mad
 **Every time in it is in simulated seconds** (real seconds multiplied back by the time
 scale), ``duration_s`` included; rates and service levels are fractions, null when
 undefined (nothing answered).
+
+History: the cluster run's nodes write the interaction history (compressed times); the
+demo records its time scale in ``DATA_DIR/time_scale`` so that ``tandem report kpi
+--data-dir DATA_DIR`` reports in the run's simulated time, as the tables here do.
 
 Exit code: 0 when ``lost`` and ``duplicates`` are both 0 (in every run) and no agent was
 offered more calls of a channel than its capacity (invariant 2, checked by the simulated
@@ -71,6 +78,7 @@ from rich.table import Table
 from router.config import Channel, SiteConfig, load_sites, parse_site
 from router.local.etcd import EtcdStartError, etcd_server
 from router.sim.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
+from router.sim.traffic import TrafficProfile, parse_profile
 from router.sim.agents import AgentBehaviour
 from router.sim.rpc import NodeClient, describe
 from router.sim.report import (
@@ -256,29 +264,38 @@ def _voice_agents(site: SiteConfig) -> int:
     )
 
 
-def demo_streams(sites: list[SiteConfig], load: Mapping[tuple[str, str], float] | None = None) -> list[CallStream]:
-    """One Poisson stream per queue, at the load of ``load`` (default :data:`DEMO_LOAD`)."""
+def demo_profile(sites: list[SiteConfig], load: Mapping[tuple[str, str], float] | None = None) -> TrafficProfile:
+    """The demo's default traffic profile: one Poisson stream per queue at the Erlangs of
+    ``load`` (default :data:`DEMO_LOAD`; a queue it does not name: 85% of the site's
+    voice agents shared by its voice queues, 2 E elsewhere), lognormal handle times
+    (:data:`TALK_S`, cv 0.7), exponential patience (:data:`PATIENCE_S`)."""
     load = DEMO_LOAD if load is None else load
-    streams = []
+    doc: dict = {"version": 1, "description": "tandem demo's built-in traffic", "sites": {}}
     for site in sites:
         voice = [q for q in site.queues if q.channel == Channel.VOICE]
         default_share = 0.85 * _voice_agents(site) / max(1, len(voice))
+        streams = []
         for q in site.queues:
             erlangs = load.get((site.site.name, q.name))
             if erlangs is None:
                 erlangs = default_share if q.channel == Channel.VOICE else 2.0
-            talk = TALK_S_BY_CHANNEL.get(q.channel, TALK_S.get(q.skill, 300.0))
             if erlangs <= 0:
                 continue
-            streams.append(
-                CallStream(
-                    site=site.site.name, skill=q.skill, channel=q.channel.value,
-                    language=q.language or "", rate_per_h=erlangs * 3600.0 / (talk + q.wrap_up_s),
-                    talk_s=talk, talk_dist="lognormal", talk_cv=0.7,
-                    patience_s=PATIENCE_S[q.channel], name=q.name,
-                )
-            )
-    return streams
+            patience = PATIENCE_S[q.channel]
+            streams.append({
+                "queue": q.name, "erlangs": erlangs,
+                "handle": {"dist": "lognormal", "mean_s": TALK_S_BY_CHANNEL.get(q.channel, TALK_S.get(q.skill, 300.0)),
+                           "cv": 0.7},
+                "patience": {"dist": "none"} if patience is None else {"dist": "exponential", "mean_s": patience},
+            })
+        doc["sites"][site.site.name] = {"streams": streams}
+    return parse_profile(doc, "<demo profile>")
+
+
+def demo_streams(sites: list[SiteConfig], load: Mapping[tuple[str, str], float] | None = None) -> list[CallStream]:
+    """One Poisson stream per queue, at the load of ``load`` (default :data:`DEMO_LOAD`):
+    the streams of :func:`demo_profile`."""
+    return demo_profile(sites, load).call_streams(sites)
 
 
 def caller_pools(sites: list[SiteConfig], streams: list[CallStream], duration_sim_s: float) -> dict[str, CallerPool]:
@@ -548,10 +565,11 @@ async def _settle(clients: dict[str, NodeClient], timeout: float = 15.0) -> None
 
 
 def demo_config(sites: list[SiteConfig], addresses: dict[str, str], streams: list[CallStream], duration: float,
-                scale: float, seed: int, tls_dir: Path | None = None) -> LoadGenConfig:
+                scale: float, seed: int, tls_dir: Path | None = None,
+                callers: dict[str, CallerPool] | None = None) -> LoadGenConfig:
     """The generator's configuration for ``duration`` real seconds of ``streams``: every
-    configured agent of ``sites`` plays (:data:`BEHAVIOUR`), callers from
-    :func:`caller_pools`, over mTLS as each site's gateway with ``tls_dir``."""
+    configured agent of ``sites`` plays (:data:`BEHAVIOUR`), callers from ``callers``
+    (default :func:`caller_pools`), over mTLS as each site's gateway with ``tls_dir``."""
     return LoadGenConfig(
         tls_dir=tls_dir,
         addresses=addresses,
@@ -561,7 +579,7 @@ def demo_config(sites: list[SiteConfig], addresses: dict[str, str], streams: lis
                   for s in sites for aid, g in s.agent_profiles().items()},
         time_scale=scale,
         behaviour=BEHAVIOUR,
-        callers=caller_pools(sites, streams, duration * scale),
+        callers=callers if callers is not None else caller_pools(sites, streams, duration * scale),
         seed=seed,
         drain_s=min(20.0, max(5.0, duration / 6)),
         max_calls=200_000,
@@ -570,8 +588,9 @@ def demo_config(sites: list[SiteConfig], addresses: dict[str, str], streams: lis
 
 async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
                  streams: list[CallStream], duration: float, scale: float, seed: int,
-                 live_console: Console | None, log_console: Console, tls_dir: Path | None = None) -> tuple:
-    gen = LoadGen(demo_config(sites, addresses, streams, duration, scale, seed, tls_dir))
+                 live_console: Console | None, log_console: Console, tls_dir: Path | None = None,
+                 callers: dict[str, CallerPool] | None = None) -> tuple:
+    gen = LoadGen(demo_config(sites, addresses, streams, duration, scale, seed, tls_dir, callers))
     status: dict = {}
     stop = asyncio.Event()
     poller = asyncio.create_task(
@@ -622,8 +641,10 @@ async def run_traffic(
     policy: Mapping | None = None,
     live_console: Console | None = None,
     log_console: Console | None = None,
+    profile: TrafficProfile | None = None,
 ) -> RunResult:
-    """One run of the traffic ``load`` on the example sites, data under ``root/kind``.
+    """One run of the traffic ``profile`` (default: :func:`demo_profile` of ``load``) on
+    the example sites, data under ``root/kind``.
 
     ``kind``: "cluster" (one node per site, joined through etcd at ``etcd_endpoints``
     with ``policy``), "isolated" (one node per site, no etcd) or "pooled" (one node
@@ -631,7 +652,9 @@ async def run_traffic(
     arrivals in every kind. Raises :class:`NodeStartError` or :class:`RunFailed`."""
     log_console = log_console or _console(sys.stderr)
     base = Path(root) / kind
-    streams = demo_streams(sites, load)
+    profile = profile if profile is not None else demo_profile(sites, load)
+    streams = profile.call_streams(sites)
+    callers = profile.caller_pools(sites, streams, duration * scale)
     extra: list[str] = []
     tls_dir: Path | None = None
     if kind == "pooled":
@@ -668,7 +691,7 @@ async def run_traffic(
                 await cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
             t0 = time.time()
             gen, node_calls, rec = await _drive(kind, addresses, listing, sites, streams, duration, scale,
-                                                seed, live_console, log_console, tls_dir)
+                                                seed, live_console, log_console, tls_dir, callers)
         except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
             raise RunFailed(f"the {kind} run failed: {describe(e)}\n{_node_logs(nodes)}") from None
         except RunFailed as e:
@@ -681,6 +704,15 @@ async def run_traffic(
     occupancy = voice_occupancy(node_calls, running, t_a + 0.1 * (t_b - t_a), t_b)
     flows = overflow_counts(node_calls) if kind == "cluster" else {}
     return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0)
+
+
+def write_time_scale(root: Path, scale: float) -> Path:
+    """Record the run's time scale in its data dir (see the module docstring)."""
+    from router.history.kpi import TIME_SCALE_FILE
+
+    path = Path(root) / TIME_SCALE_FILE
+    path.write_text(f"{scale!r}\n")
+    return path
 
 
 def make_certs(sites: list[SiteConfig], directory: Path) -> Path:
@@ -741,11 +773,16 @@ def run_demo(
     data_dir: Path | None = None,
     json_out: bool = False,
     seed: int = 1,
-    time_scale: float = DEMO_TIME_SCALE,
+    time_scale: float | None = None,
     reference: bool = True,
+    traffic: Path | None = None,
 ) -> int:
-    """Run the demo; returns the process exit code (see the module docstring)."""
+    """Run the demo; returns the process exit code (see the module docstring).
+    ``traffic``: a traffic profile file (:mod:`router.sim.traffic`); ``time_scale``:
+    default the profile's, else :data:`DEMO_TIME_SCALE`."""
     import uvloop
+
+    from router.sim.traffic import ProfileError, load_profile
 
     out = _console(sys.stderr if json_out else sys.stdout)
     err = _console(sys.stderr)
@@ -753,6 +790,17 @@ def run_demo(
     if not sites:
         err.print(f"no site files (*.yaml) in {sites_dir}")
         return 2
+    profile = None
+    if traffic is not None:
+        try:
+            profile = load_profile(traffic)
+            profile.check(sites)
+            sites = profile.apply_to_sites(sites)
+        except ProfileError as e:
+            err.print(str(e), markup=False)
+            return 2
+    if time_scale is None:
+        time_scale = profile.time_scale if profile is not None and profile.time_scale else DEMO_TIME_SCALE
     live = out if (out.is_terminal and not json_out) else None
 
     async def main() -> tuple[RunResult, RunResult | None, RunResult | None]:
@@ -761,15 +809,15 @@ def run_demo(
                       f"{ETCD_PREFIX}policy/overflow")
             cluster = await run_traffic("cluster", sites, root, duration=duration, scale=time_scale,
                                         seed=seed, etcd_endpoints=etcd.endpoints, live_console=live,
-                                        log_console=err)
+                                        log_console=err, profile=profile)
         isolated = pooled = None
         if reference:
             err.print("reference runs on the same traffic: isolated sites (no overflow), then all "
                       "agents pooled in one site")
             isolated = await run_traffic("isolated", sites, root, duration=duration, scale=time_scale,
-                                         seed=seed, log_console=err)
+                                         seed=seed, log_console=err, profile=profile)
             pooled = await run_traffic("pooled", sites, root, duration=duration, scale=time_scale,
-                                       seed=seed, log_console=err)
+                                       seed=seed, log_console=err, profile=profile)
         return cluster, isolated, pooled
 
     with contextlib.ExitStack() as stack:
@@ -778,6 +826,8 @@ def run_demo(
         else:
             root = Path(data_dir)
             root.mkdir(parents=True, exist_ok=True)
+        # `tandem report kpi --data-dir` reads the history in the run's time with it
+        write_time_scale(root, time_scale)
         n_runs = 3 if reference else 1
         err.print(f"tandem demo: {len(sites)} sites ({', '.join(s.site.name for s in sites)}), "
                   f"{n_runs} run(s) of {duration:g} s of traffic (x{time_scale:g}); data in {root}")

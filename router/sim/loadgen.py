@@ -1,15 +1,17 @@
 """A load generator that plays callers and agents against real site nodes over gRPC.
 
 Callers: each :class:`CallStream` is a Poisson arrival process of one kind of call
-(skill, channel, language) at one site. A caller is drawn from the site's
+(skill, channel, language) at one site (from a traffic profile:
+:mod:`router.sim.traffic`). A caller is drawn from the site's
 :class:`CallerPool` (a finite pool, so some callers call again; a small share are the
 site's VIP / whitelisted / blacklisted numbers), offers the call (``OfferCall``) and waits
 to be connected — the generator learns it from its own agents' ``Connected`` events — for
-at most its patience (exponential with the stream's mean; ``None`` = infinite), after which
-it hangs up (``AbandonCall``). A call that overflowed to another site (the origin answers
-the hang-up with TRANSFERRING / TRANSFERRED and forwards it) is followed there: the
-caller finds the site that owns it (``GetCall`` on every node) and hangs up there, or
-sees it already ended by the forward. Agents: see :mod:`router.sim.agents`; they
+at most its patience (exponential with the stream's mean, or fixed; ``None`` = infinite), after which
+it hangs up (``AbandonCall``). A call that overflowed to another site: the origin forwards
+the hang-up and answers with the target's state (ABANDONED there, or FAILED_PRECONDITION
+CALL_ANSWERED: taken by an agent meanwhile); when it answers TRANSFERRING, or TRANSFERRED
+(target unreachable for now), the caller finds the site that owns the call (``GetCall``
+on every node) and hangs up there, or sees it already ended by the forward. Agents: see :mod:`router.sim.agents`; they
 answer calls at whichever site routes them.
 
 Time compression: every duration in the configuration (rates per *simulated* hour, talk
@@ -71,16 +73,26 @@ class CallStream:
     talk_s: float  # mean talk time, simulated seconds
     channel: str = "voice"
     language: str = ""
-    talk_dist: Literal["exponential", "lognormal"] = "exponential"
+    talk_dist: Literal["exponential", "lognormal", "fixed"] = "exponential"
     talk_cv: float = 0.8  # coefficient of variation, lognormal only
-    patience_s: float | None = None  # mean patience (exponential); None = infinite
+    patience_s: float | None = None  # mean patience; None = infinite
     name: str = ""  # a label, usually the queue it should land in
+    patience_dist: Literal["exponential", "fixed"] = "exponential"
 
     def sample_talk(self, rng: random.Random) -> float:
         if self.talk_dist == "exponential":
             return rng.expovariate(1.0 / self.talk_s)
+        if self.talk_dist == "fixed":
+            return self.talk_s
         sigma2 = math.log(1.0 + self.talk_cv**2)
         return rng.lognormvariate(math.log(self.talk_s) - sigma2 / 2, math.sqrt(sigma2))
+
+    def sample_patience(self, rng: random.Random) -> float | None:
+        if self.patience_s is None:
+            return None
+        if self.patience_dist == "fixed":
+            return self.patience_s
+        return rng.expovariate(1.0 / self.patience_s)
 
 
 @dataclass(frozen=True)
@@ -271,9 +283,7 @@ class LoadGen:
                 break
             caller = pool.draw(rng)
             talk = stream.sample_talk(rng)
-            patience = (
-                rng.expovariate(1.0 / stream.patience_s) if stream.patience_s is not None else None
-            )
+            patience = stream.sample_patience(rng)
             if self._active >= self.cfg.max_active:
                 self.counters[stream.site].throttled += 1
                 continue
