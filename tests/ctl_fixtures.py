@@ -7,7 +7,7 @@ command wrote, and runs ``tandem down`` on exit — then SIGKILLs whatever the r
 still names (so a failing test or a broken ``down`` leaves no process behind) and fails
 if it had to.
 
-The session fixture ``tandem_cluster`` (registered in ``conftest.py``) is one such cluster
+The module fixture ``tandem_cluster`` (registered in ``conftest.py``) is one such cluster
 with ``--traffic``: the example sites (lyon, montreal, callpro) over mTLS, etcd, embedded
 history, the demo's callers and agents playing at x60, so queues, overflow and metrics
 move. Use it read-only (``ctx = load(c.context).current()``, ``c.channel(site)`` as
@@ -135,9 +135,11 @@ def tandem_up(data_dir: Path, *args: str, cwd: Path | None = None) -> Iterator[T
             raise AssertionError(f"tandem down left {', '.join(killed)} running (killed now):\n{said}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tandem_cluster(tmp_path_factory) -> Iterator[TandemCluster]:
-    """The example cluster with traffic, made by ``tandem up --traffic`` (session-wide)."""
+    """The example cluster with traffic, made by ``tandem up --traffic``, for one test
+    module: its nodes and traffic take most of this 2-core machine, so it must not run
+    beside the rest of the suite."""
     if not os.access(etcd_binary(), os.X_OK):
         pytest.skip("etcd is not installed (Debian etcd-server)")
     root = tmp_path_factory.mktemp("tandem-up")

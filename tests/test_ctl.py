@@ -79,7 +79,7 @@ def with_supervisor(data_dir: Path, root: Path) -> UpCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tandem_cluster, tmp_path_factory):
-    """The session's ``tandem up --traffic`` cluster (tests/ctl_fixtures.py): every test
+    """The module's ``tandem up --traffic`` cluster (tests/ctl_fixtures.py): every test
     that changes it puts it back."""
     return with_supervisor(tandem_cluster.data_dir, tmp_path_factory.mktemp("ctl"))
 

@@ -1,7 +1,7 @@
 """``tandem up`` / ``tandem down`` with real processes (etcd over mTLS, nodes, the traffic
 player), run as the ``tandem`` command from a directory that is not the repository's root.
 
-The session cluster (``tandem_cluster``, tests/ctl_fixtures.py) plays the demo's traffic;
+The module's cluster (``tandem_cluster``, tests/ctl_fixtures.py) plays the demo's traffic;
 the journal test starts its own one-site cluster without traffic (and without history,
 to be quick) in its own data dir, so it can stop it.
 """
