@@ -37,16 +37,16 @@ def url(clickhouse_server):
 
 def test_migrate_status_synth_and_reports_on_the_server(url):
     code, out = run("history", "migrate", "--clickhouse", url)
-    assert code == 0 and "applied migration(s) 1, 2" in out
+    assert code == 0 and "applied migration(s) 1, 2, 3" in out
     code, out = run("history", "migrate", "--clickhouse", url)
-    assert code == 0 and "up to date (version 2)" in out
+    assert code == 0 and "up to date (version 3)" in out
     code, out = run("history", "synth", "--clickhouse", url, "--calls", "3000", "--from", "2026-11-02", "--days", "2")
     assert code == 0, out
     code, out = run("history", "synth", "--clickhouse", url, "--calls", "3000", "--from", "2026-11-02", "--days", "2")
     assert code == 0, out  # again: keyed rows, nothing added
     code, out = run("history", "status", "--clickhouse", url, "--json")
     doc = json.loads(out)
-    assert doc["schema_version"] == 2 and doc["rows"]["interactions"] == 3000
+    assert doc["schema_version"] == 3 and doc["rows"]["interactions"] == 3000
 
     code, out = run("report", "kpi", "--clickhouse", url, "--by", "region,partner", "--interval", "6h", "--json")
     assert code == 0, out

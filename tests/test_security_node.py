@@ -51,6 +51,7 @@ from router.v1 import (
     diagnostics_pb2,
     diagnostics_pb2_grpc,
     interconnect_pb2,
+    partner_pb2,
     interconnect_pb2_grpc,
     routing_pb2,
     routing_pb2_grpc,
@@ -270,6 +271,13 @@ def harmless(method: str) -> bytes:
     targets that are not addresses (an allowed DrainSite must not drain the node)."""
     name = method.rsplit("/", 1)[1]
     voice = t.CHANNEL_VOICE
+    if method.startswith("/router.v1.Partner/"):  # a partner without a contract, an unknown call
+        msg = {
+            "Connect": partner_pb2.PartnerGatewayMessage(hello=partner_pb2.PartnerHello(gateway="matrix")),
+            "ReportOutcome": partner_pb2.ReportOutcomeRequest(call_id="matrix-nope"),
+            "HandBack": partner_pb2.HandBackRequest(call_id="matrix-nope"),
+        }[name]
+        return msg.SerializeToString()
     msg = {
         "OfferCall": routing_pb2.OfferCallRequest(call_id="matrix-nope", skill="nope", channel=voice,
                                                   caller="+15550000000"),

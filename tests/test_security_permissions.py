@@ -18,8 +18,10 @@ def test_readme_prints_the_current_table():
 def test_every_rule_names_known_roles_and_partner_gets_no_node_service():
     for method, rule in permissions.TABLE.items():
         assert rule.roles <= set(permissions.ROLES), method
-        if method.startswith("/router.v1."):
-            assert "partner" not in rule.roles, method  # the partner API is its own service
+        if method.startswith("/router.v1.Partner/"):
+            assert rule.roles == {"partner"}, method  # the partner API is the partner's alone
+        elif method.startswith("/router.v1."):
+            assert "partner" not in rule.roles, method  # nothing of the node's services
 
 
 def test_default_deny_and_members_only_rules_are_site_only():

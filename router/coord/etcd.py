@@ -597,6 +597,14 @@ class EtcdCoordinator(ElectionMixin, Coordinator):
 
         self._watches.append(RangeWatch.key(self.link, name, key, reset, event))
 
+    def watch_prefix(self, name: str, prefix: str, on_reset: Callable[[dict[str, Any]], None],
+                     on_event: Callable[[bool, str, Any], None]) -> None:
+        """Also keep a local view of every key under ``prefix``: ``on_reset(kvs)`` at each
+        (re)load, ``on_event(put, key, kv)`` on every change. Call before :meth:`start`."""
+        if self._started:
+            raise RuntimeError("watch_prefix must be called before start()")
+        self._watches.append(RangeWatch.prefix(self.link, name, prefix, on_reset, on_event))
+
     async def put_document(self, key: str, value: str | bytes) -> int:
         """Put one document (validated by its owner beforehand); returns the revision."""
         k, v = _b(key), _b(value)

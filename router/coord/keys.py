@@ -33,6 +33,23 @@ Key layout::
                                           "role", "sites"}]}; validated by the nodes,
                                           an invalid document leaves the previous one
                                           in force
+    /tandem/partners/contracts/<p> -     PartnerContract (router.contracts) of BPO partner
+                                          <p>: validated before it is written; a
+                                          watcher keeps the previous contract of <p>
+                                          in force if the stored value is invalid
+    /tandem/partners/token-keys/<p> -    32 random bytes (hex): the key of <p>'s
+                                          pseudonymous caller tokens; created once by
+                                          the first node that needs it, never sent to
+                                          a partner
+    /tandem/partners/slots/<p>/<i> -     {"site", "call_id"}: concurrency slot i
+                                          (0 <= i < caps.concurrent) of <p>, held by
+                                          the origin's call from offer to outcome;
+                                          not leased (a restarting origin keeps its
+                                          slots and reconciles them with its journal)
+    /tandem/partners/rate/<p>/<u>/<bucket> lease  calls offered to <p> in one
+                                          second / hour / local day (u = s | h | d);
+                                          the key expires with a lease of its own
+                                          once the bucket is over
     /tandem/rebalancer/leader     lease  {"candidate", "pid", "since"}: the elected
                                           rebalancer; the key's create revision is
                                           the fencing token
@@ -76,6 +93,8 @@ class Keys:
         self.contingency_prefix = prefix + "contingency/"
         self.security_bindings = prefix + "security/bindings"
         self.targets_prefix = prefix + "targets/"
+        self.partner_contracts_prefix = prefix + "partners/contracts/"
+        self.partner_slots_prefix = prefix + "partners/slots/"
 
     def __repr__(self) -> str:
         return f"Keys({self.prefix!r})"
@@ -94,6 +113,23 @@ class Keys:
 
     def targets(self, site: str) -> str:
         return self.targets_prefix + _check_name("site", site)
+
+    def partner_contract(self, partner: str) -> str:
+        return self.partner_contracts_prefix + _check_name("partner", partner)
+
+    def partner_token_key(self, partner: str) -> str:
+        return f"{self.prefix}partners/token-keys/{_check_name('partner', partner)}"
+
+    def partner_slots(self, partner: str) -> str:
+        return f"{self.partner_slots_prefix}{_check_name('partner', partner)}/"
+
+    def partner_slot(self, partner: str, i: int) -> str:
+        return f"{self.partner_slots(partner)}{int(i)}"
+
+    def partner_rate(self, partner: str, unit: str, bucket: str) -> str:
+        if unit not in ("s", "h", "d") or not re.fullmatch(r"[0-9-]{1,16}", bucket):
+            raise ValueError(f"bad rate bucket {unit}/{bucket}")
+        return f"{self.prefix}partners/rate/{_check_name('partner', partner)}/{unit}/{bucket}"
 
     @staticmethod
     def site_of(key: bytes | str, under: str) -> str | None:

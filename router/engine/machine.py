@@ -77,6 +77,7 @@ from router.engine.core import AGENT_STATES, CALL_STATES, OFFER, WRAP, CoreMixin
 from router.engine.mode import GATED_CHANNELS, ModeMixin
 from router.engine.records import Agent, Call, Queue
 from router.engine.snapshot import SnapshotMixin
+from router.engine.partner import PartnerMixin
 from router.engine.staffing import StaffingMixin
 from router.engine.transfer import RESERVE, TransferMixin
 from router.engine.views import ViewsMixin
@@ -95,7 +96,7 @@ from router.model import (
 _WAITING = frozenset({"queued", "assigned", "transferring"})
 
 
-class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin, CoreMixin):
+class Engine(ViewsMixin, SnapshotMixin, PartnerMixin, TransferMixin, StaffingMixin, ModeMixin, CoreMixin):
     def __init__(self, site: SiteConfig, *, queue_factory: Any = None) -> None:
         if queue_factory is None:
             from router.pqueue import IndexedPQ as queue_factory
@@ -171,6 +172,7 @@ class Engine(ViewsMixin, SnapshotMixin, TransferMixin, StaffingMixin, ModeMixin,
             "tick": self._op_tick,
         }
         self._init_transfers()  # transfer_* commands (router.engine.transfer)
+        self._init_partner()  # partner_* commands (router.engine.partner)
         self._init_mode(all_queues, backoffice)  # set_mode (router.engine.mode)
         self._init_staffing()  # move_agent, set_drain (router.engine.staffing)
 

@@ -40,6 +40,7 @@ class SnapshotMixin:
             "agents": {aid: a.dump() for aid, a in self._agents.items()},
             "memory": {who: [list(c) for c in cs] for who, cs in self._memory.items()},
             "transfers": self._dump_transfers(),
+            "partners": self._dump_partner(),  # absent in old snapshots: none
             "mode": self.mode(),  # contingency mode; absent in old snapshots: normal
             # operator actions (router.engine.staffing); absent in old snapshots: none
             "groups": self.moved_groups(),
@@ -109,6 +110,7 @@ class SnapshotMixin:
                 e._deadlines.append((a.wrap_up_until, 1, aid))
             e._refresh(a)
         e._load_transfers(snapshot.get("transfers"))
+        e._load_partner(snapshot.get("partners"))
         heapq.heapify(e._deadlines)
         e._ended = deque(snapshot["ended"])
         fifo = []

@@ -24,7 +24,7 @@ import typer
 history_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="History store: schema migrations and status.")
 report_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="Reports from the history: KPIs and chargeback.")
+                         help="Reports from the history: KPIs, chargeback, partner statements and audit.")
 
 _CLICKHOUSE = typer.Option(None, "--clickhouse", help="clickhouse://host:port/database")
 _DATA_DIR = typer.Option(None, "--data-dir", help="data dir whose history/ holds the embedded (chdb) history; "
@@ -401,6 +401,116 @@ def _print_chargeback(cb) -> None:
     for kind, totals in cb.totals().items():
         for name, amount in totals.items():
             typer.echo(f"total {kind} {name or '(none)'}: {amount:.2f} {cb.currency}")
+
+
+PARTNER_CSV_FIELDS = ("partner", "offered", "accepted", "declined", "handled", "abandoned_at_partner",
+                      "handed_back", "handled_minutes", "sl", "sl_target", "sla_threshold_s", "credits",
+                      "amount", "currency", "reconciled", "mismatches")
+
+
+@report_app.command("partner")
+def report_partner(
+    clickhouse: Optional[str] = _CLICKHOUSE,
+    data_dir: Optional[Path] = _DATA_DIR,
+    partner: Optional[str] = typer.Option(None, "--partner", help="only this partner (default: every partner "
+                                          "with events in the period)"),
+    start: Optional[str] = typer.Option(None, "--from", help="events at or after (ISO UTC or Unix s; "
+                                        "default: the beginning)"),
+    end: Optional[str] = typer.Option(None, "--to", help="events before (ISO UTC or Unix s; default: "
+                                      "a day from now)"),
+    output: str = typer.Option("table", "-o", "--output", help="table | json | csv"),
+    records_file: Optional[Path] = typer.Option(
+        None, "--partner-records", help="the partner's own records to reconcile with: CSV (header call_id, "
+        "answered_at, talk_s, wrap_s, disposition[, partner]) or JSON (a list of such objects)"),
+    time_scale: Optional[float] = typer.Option(
+        None, "--time-scale", help="the history is of a run compressed N times: durations x N. Default: the "
+        "scale `tandem demo` recorded in --data-dir (its time_scale file), else 1"),
+) -> None:
+    """What each BPO partner handled and is owed: offers, declines, handled calls and
+    minutes, SL against the contract's target, credits, amount, and the calls whose records
+    disagree (listed; they do not change the exit code)."""
+    import time
+
+    from router.history.kpi import END_OF_TIME
+    from router.history.partner import PartnerRecordsError, load_partner_records, partner_statement
+    from router.history.store import StoreError
+
+    if output not in ("table", "json", "csv"):
+        _fail(f"-o must be table, json or csv, not {output!r}")
+    if time_scale is None:
+        time_scale, _ = recorded_time_scale(data_dir)
+    elif not (0 < time_scale < float("inf")):
+        _fail("--time-scale must be a positive number")
+    lo = parse_time(start) if start else 0
+    hi = parse_time(end) if end else min(int(time.time()) + 86400, END_OF_TIME)
+    if hi <= lo:
+        _fail("the period is empty (--to must be after --from)")
+    records = None
+    if records_file is not None:
+        try:
+            records = load_partner_records(records_file)
+            if partner is None and any(not r["partner"] for r in records):
+                raise PartnerRecordsError(f"{records_file}: records without a partner column need --partner")
+        except PartnerRecordsError as e:
+            _fail(str(e))
+    store = _open(clickhouse, data_dir)
+    try:
+        st = partner_statement(store, partner=partner, start=lo, end=hi, time_scale=time_scale,
+                               partner_records=records)
+    except StoreError as e:
+        if e.code == 60:
+            _fail(f"{store.url}: no partner_events table (`tandem history migrate` creates it)", 1)
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    doc = st.to_dict()
+    if output == "json":
+        typer.echo(json.dumps(doc))
+    elif output == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(PARTNER_CSV_FIELDS)
+        for p in doc["partners"]:
+            row = dict(p, mismatches=len(p["mismatches"]))
+            w.writerow(["" if row[f] is None else row[f] for f in PARTNER_CSV_FIELDS])
+    else:
+        _print_partner_statement(doc, time_scale)
+
+
+def _print_partner_statement(doc: dict, time_scale: float) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    period = f"{doc['period']['from']} .. {doc['period']['to']}".replace("T", " ").replace("Z", "")
+    t = Table(box=box.SIMPLE_HEAD, title=f"Partner statement {period} UTC")
+    if time_scale != 1.0:
+        t.caption = f"in the run's simulated time (compressed x{time_scale:g}): durations x{time_scale:g}"
+    for c in ("partner", "offered", "accepted", "declined", "handled", "handled min", "SL / target",
+              "credits", "amount"):
+        t.add_column(c, justify="left" if c == "partner" else "right")
+    for p in doc["partners"]:
+        sl = f"{pct(p['sl'])} / {pct(p['sl_target']) if p['sla_threshold_s'] else '-'}"
+        cur = f" {p['currency']}" if p["currency"] else ""
+        t.add_row(Text(p["partner"]), str(p["offered"]), str(p["accepted"]), str(p["declined"]),
+                  str(p["handled"]), f"{p['handled_minutes']:.2f}", sl, f"{p['credits']:.2f}{cur}",
+                  f"{p['amount']:.2f}{cur}")
+    _console().print(t)
+    if not doc["partners"]:
+        typer.echo("(no partner events in range)")
+        return
+    bad = [(p["partner"], m) for p in doc["partners"] for m in p["mismatches"]]
+    if not bad:
+        typer.echo("records reconciled: no mismatches")
+        return
+    m = Table(box=box.SIMPLE_HEAD, title=f"Mismatches ({len(bad)})")
+    for c in ("partner", "call", "problem"):
+        m.add_column(c, overflow="fold")
+    for name, x in bad:
+        m.add_row(Text(name), Text(x["call_id"]), Text(x["problem"]))  # Text: ids are never markup
+    _console().print(m)
 
 
 @report_app.command("audit")

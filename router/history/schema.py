@@ -21,6 +21,9 @@ same partition with the same key:
 * ``agent_state_changes``: ``(site, agent_id, at, seq)``.
 * ``audit``: ``(site, id)`` (one row per audit record of a node, :mod:`router.security.audit`;
   a node re-submits the records its log retains at every start).
+* ``partner_events``: ``(partner, call_id, offer_no, event)`` (one row per event of an
+  overflow offer to a BPO partner's own ACD, written by the origin node;
+  :mod:`router.history.partner`). ``ver`` is the event time in ms.
 
 Background merges remove duplicates eventually, never on a schedule, so readers must not
 rely on them: every query reads through ``FROM <table> FINAL`` (see :mod:`router.history.kpi`
@@ -145,12 +148,51 @@ AUDIT: tuple[Column, ...] = (
     _c("code", "String"),  # gRPC status code name of the result: OK, PERMISSION_DENIED…
 )
 
+# One row per event of an offer to a BPO partner's gateway (router/node/partner*.py writes
+# them through router.history.partner.partner_event_row). The contract's terms in force at
+# the event travel in the row, so a statement never depends on today's contract.
+PARTNER_EVENTS: tuple[Column, ...] = (
+    _c("partner", "String"),
+    _c("call_id", "String"),
+    _c("offer_no", "UInt32"),  # the attempt within the call, as in the Offer
+    _c("event", "String"),  # offered | accepted | declined | timeout | gateway_lost | withdrawn |
+    #                         assigned | outcome | handed_back
+    _c("ver", "UInt64"),  # the event time in ms: a later record of the same event wins
+    _c("at", DT),  # the event time, whole seconds …
+    _c("at_s", "Float64"),  # … and exact (Unix time)
+    _c("origin_site", "String"),  # the node that offered the call
+    _c("origin_region", "String"),
+    _c("queue", "String"),
+    _c("skill", "String"),
+    _c("channel", "String"),
+    _c("value_tier", "String"),
+    _c("wait_s", "Float64"),  # waited since the call's original arrival, at the offer
+    _c("agent", "String"),  # the partner's agent or label (accepted, assigned)
+    _c("reason", "String"),  # decline, timeout, withdraw or hand-back reason
+    _c("answered_at", "Float64"),  # outcome: Unix time, 0 = never answered
+    _c("talk_s", "Float64"),
+    _c("wrap_s", "Float64"),
+    _c("disposition", "String"),  # the partner's wrap-up code
+    _c("resolved", "UInt8"),
+    _c("csat", "UInt8"),  # 1..5, 0 = none
+    _c("transferred_back", "UInt8"),  # the partner transferred the caller back by phone
+    _c("sla_threshold_s", "Float64"),  # the contract's SLA threshold then; 0 = no SLA
+    _c("sla_target", "Float64"),  # share answered within the threshold, 0..1
+    _c("sla_credit_per_point", "Float64"),  # credit per point of SL under the target
+    _c("price_per_contact", "Float64"),
+    _c("price_per_minute", "Float64"),  # per handled minute (talk + wrap-up)
+    _c("currency", "String"),
+    # simulated seconds per real second of the run that wrote it (tandem demo); 1 = real time
+    Column("time_scale", "Float64", 1.0),
+)
+
 #: table -> columns, in insert order
 TABLES: dict[str, tuple[Column, ...]] = {
     "interactions": INTERACTIONS,
     "routing_decisions": ROUTING_DECISIONS,
     "agent_state_changes": AGENT_STATE_CHANGES,
     "audit": AUDIT,
+    "partner_events": PARTNER_EVENTS,
 }
 
 # Migration 1 as applied: literal text, never edited (later changes are new migrations).
@@ -242,6 +284,42 @@ CREATE TABLE IF NOT EXISTS {db}.audit (
 ) ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(at) ORDER BY (site, id)
 """
 
+# Migration 3 as applied: literal text, never edited.
+_V3_PARTNER_EVENTS = """\
+CREATE TABLE IF NOT EXISTS {db}.partner_events (
+    partner String,
+    call_id String,
+    offer_no UInt32,
+    event String,
+    ver UInt64,
+    at DateTime('UTC'),
+    at_s Float64,
+    origin_site String,
+    origin_region String,
+    queue String,
+    skill String,
+    channel String,
+    value_tier String,
+    wait_s Float64,
+    agent String,
+    reason String,
+    answered_at Float64,
+    talk_s Float64,
+    wrap_s Float64,
+    disposition String,
+    resolved UInt8,
+    csat UInt8,
+    transferred_back UInt8,
+    sla_threshold_s Float64,
+    sla_target Float64,
+    sla_credit_per_point Float64,
+    price_per_contact Float64,
+    price_per_minute Float64,
+    currency String,
+    time_scale Float64 DEFAULT 1
+) ENGINE = ReplacingMergeTree(ver) PARTITION BY toYYYYMM(at) ORDER BY (partner, call_id, offer_no, event)
+"""
+
 MIGRATIONS_TABLE_SQL = (
     "CREATE TABLE IF NOT EXISTS {db}.schema_migrations "
     f"(version UInt32, name String, applied_at {DT}) "
@@ -263,6 +341,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         (_V1_INTERACTIONS, _V1_ROUTING_DECISIONS, _V1_AGENT_STATE_CHANGES),
     ),
     Migration(2, "audit", (_V2_AUDIT,)),
+    Migration(3, "partner_events", (_V3_PARTNER_EVENTS,)),
 )
 
 

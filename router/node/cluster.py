@@ -191,6 +191,15 @@ class ClusterLink:
         self._closed = False
         self._mode = ContingencyState()
         self._stayed: dict[str, dict[str, None]] = {}  # queue -> call ids that stayed, in arrival order
+        # BPO partners with their own ACD (router.node.partner): contracts, token keys
+        # and cluster-wide caps in etcd (router.coord.partners).
+        self.partner_book = None
+        partners = getattr(node, "partners", None)
+        if partners is not None and hasattr(self.coord, "watch_prefix"):
+            from router.coord.partners import PartnerBook
+
+            self.partner_book = PartnerBook(self.coord)
+            partners.book = self.partner_book
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -207,6 +216,8 @@ class ClusterLink:
         self._spawn(self._partner_loop(), "partners")
         self._spawn(self._sweep_loop(), "sweep")
         self._spawn(self._mode_sync(), "mode")
+        if self.partner_book is not None:
+            self._spawn(self._partner_slots(), "partner-slots")
         for c in self.node.engine.calls("queued"):  # recovered: decide for them in the sweeps
             if not c.transfer_origin:
                 self._stayed.setdefault(c.queue, {})[c.call_id] = None
@@ -503,10 +514,20 @@ class ClusterLink:
         local = local_queue(self.site, self.region, qv, self._queue_cfg.get(queue), expected_wait_s)
         loads = self.peer_loads()
         members = self.coord.members()
+        policy, usage, allowed = self.coord.policy, self.partner_usage(loads), set(members)
+        gateways = self._gateway_loads(queue, local, policy)
+        if gateways:
+            # Partners on the partner API: their loads come from their gateways'
+            # availability, their contracts from etcd (router.coord.partners).
+            partners = getattr(self.node, "partners", None)
+            loads = {**loads, **gateways}
+            policy = policy.model_copy(update={"partners": {**policy.partners, **partners.overflow_contracts()}})
+            usage = {**usage, **partners.usage()}
+            allowed |= set(gateways)
         d = decide(
-            call_id, local, self.coord.policy, loads, now=time.time(), mode=self.mode.mode,
-            partner_usage=self.partner_usage(loads), ratio_active=self._ratio_active.get(queue, frozenset()),
-            members=set(members), suspect=self.suspects(),
+            call_id, local, policy, loads, now=time.time(), mode=self.mode.mode,
+            partner_usage=usage, ratio_active=self._ratio_active.get(queue, frozenset()),
+            members=allowed, suspect=self.suspects(),
         )  # fmt: skip
         self._ratio_active[queue] = d.ratio_active
         if not d.overflow and not log_stay:
@@ -521,6 +542,13 @@ class ClusterLink:
                 dlog.debug("stay %s", json.dumps(rec, sort_keys=True))
             return d
         member = members.get(d.target)
+        if member is None and d.target in gateways:
+            dlog.info("overflow %s", json.dumps(rec, sort_keys=True))
+            sent = _Sent(call_id, d.target, d.target_queue, time.time())
+            self._sent.append(sent)
+            self.stats.overflow_started += 1
+            self._spawn(self._offer_partner(sent, str(d.figures.get("value", "standard"))), f"transfer-{call_id}")
+            return d
         if member is None:  # decide got members: cannot happen
             return d
         dlog.info("overflow %s", json.dumps(rec, sort_keys=True))
@@ -572,6 +600,57 @@ class ClusterLink:
             sent.done_at = time.time()
             log.warning("%s: overflow of %s to %s still unresolved after %.0f s",
                         self.site, sent.call_id, sent.site, TRANSFER_WAIT_S)
+
+    def _gateway_loads(self, queue: str, local: Any, policy: Any) -> dict[str, PeerLoad]:
+        """Partners connected through the partner API that may take this queue's calls
+        now (contract: skills, queues, value tier, hours, holidays)."""
+        partners = getattr(self.node, "partners", None)
+        if partners is None or not partners.gateways:
+            return {}
+        rules = policy.rules_for(self.site, queue)
+        value = (rules.value if rules is not None and rules.value else None) or local.value
+        return partners.loads_for(queue, local.skill, value, time.time())
+
+    async def _offer_partner(self, sent: _Sent, value: str) -> None:
+        """Offer a call to a partner's gateway (router.node.partner); a decline leaves it
+        here, in its place, for the sweeps to decide again."""
+        try:
+            out = await self.node.partners.offer(sent.call_id, sent.site, value)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            self.stats.failed += 1
+            log.exception("%s: offer of %s to partner %s failed", self.site, sent.call_id, sent.site)
+            out = "failed"
+        if out == "assigned":
+            sent.done_at = time.time()
+            self.stats.overflow_out += 1
+            self.stats.out_by_site[sent.site] = self.stats.out_by_site.get(sent.site, 0) + 1
+            return
+        self._forget(sent)
+        if out == "not_queued":
+            self.stats.not_queued += 1
+            return
+        self.stats.overflow_aborted += 1
+        reason = out.split(":")[0]
+        self.stats.aborted_by_reason[reason] = self.stats.aborted_by_reason.get(reason, 0) + 1
+        self._stay_again(sent.call_id)
+        log.info("%s: overflow of %s to partner %s not done: %s", self.site, sent.call_id, sent.site, out)
+
+    async def _partner_slots(self) -> None:
+        """Free the etcd slots of our calls no longer with a partner: once etcd answers
+        after a start (a restart may have left some), then every minute."""
+        while not self._closed:
+            if self.coord.connected:
+                try:
+                    await self.node.partners.reconcile_slots()
+                    await asyncio.sleep(60.0)
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - etcd away: later
+                    log.debug("%s: partner slot reconciliation: %s", self.site, e)
+            await asyncio.sleep(1.0)
 
     def _stay_again(self, call_id: str) -> None:
         """A declined or failed overflow leaves the call queued here, in its place: put it

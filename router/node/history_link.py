@@ -282,6 +282,18 @@ class HistoryLink:
         self.writer.submit(table, row)
         self.submitted += 1
 
+    def partner_event(self, *, event: str, partner: str, call_id: str, offer_no: int, at: float,
+                      **fields: Any) -> None:
+        """One event of a partner offer (router.node.partner), for statements
+        (:mod:`router.history.partner`)."""
+        if self._closed:
+            return
+        from router.history.partner import partner_event_row
+
+        fields.setdefault("origin_region", self.node.site.site.region)
+        self._submit("partner_events", partner_event_row(
+            partner=partner, call_id=call_id, offer_no=offer_no, event=event, at=at, **fields))
+
     def overflow_decision(self, rec: dict) -> None:
         """A cluster decision record (``Decision.to_record()`` + ``t``)."""
         if self._closed:

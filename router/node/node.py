@@ -122,6 +122,7 @@ class Node:
         self.step_calls: dict[str, Any] = {}
         self.history: Any = None  # router.node.history_link.HistoryLink, set by main
         self.cluster: Any = None  # router.node.cluster.ClusterLink, set by main (with etcd)
+        self.partners: Any = None  # router.node.partner.PartnerLink, set by build_node
         self.security: Any = None  # router.security.site.NodeSecurity, set by build_node
         self.flow = FlowWindow()  # overflow in/out in the last minute (Admin.GetStatus)
         # router.security.tls.ChannelFactory: every channel the node opens (peers,

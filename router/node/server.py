@@ -6,8 +6,9 @@
     await node.shutdown()      # SIGTERM path: drain, then stop
     await node.stop()          # immediate stop (tests)
 
-The server serves router.v1 Routing, Agents, Admin, Diagnostics and Interconnect
-(transfers between sites: ``node.transfer``, ``node.drain``), the standard health
+The server serves router.v1 Routing, Agents, Admin, Diagnostics, Interconnect
+(transfers between sites: ``node.transfer``, ``node.drain``) and Partner (BPO partners'
+own ACDs: ``node.partners``, :mod:`router.node.partner`), the standard health
 service (overall "" and each service name SERVING until shutdown) and reflection.
 """
 
@@ -28,10 +29,11 @@ from router.model import RoutingError
 from router.node.errors import Malformed
 from router.node.interconnect import InterconnectService
 from router.node.node import Node, maybe_await
+from router.node.partner import PartnerLink, PartnerService
 from router.node.admin import AdminService
 from router.node.services import AgentsService, DiagnosticsService, RoutingService
 from router.node.transfer import Transfers
-from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, routing_pb2
+from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, interconnect_pb2, partner_pb2, routing_pb2
 
 log = logging.getLogger("tandem.node")
 
@@ -50,6 +52,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name,
     interconnect_pb2.DESCRIPTOR.services_by_name["Interconnect"].full_name,
+    partner_pb2.DESCRIPTOR.services_by_name["Partner"].full_name,
 )
 
 
@@ -206,6 +209,9 @@ async def build_node(
     add_service(server, AdminService(node), admin_pb2.DESCRIPTOR, "Admin")
     add_service(server, DiagnosticsService(node), diagnostics_pb2.DESCRIPTOR, "Diagnostics")
     add_service(server, InterconnectService(node), interconnect_pb2.DESCRIPTOR, "Interconnect")
+    # BPO partners' own ACDs (router.node.partner); contracts come with the cluster link.
+    node.partners = PartnerLink(node)
+    add_service(server, PartnerService(node), partner_pb2.DESCRIPTOR, "Partner")
     # Transfers between sites (router.node.transfer): node.transfer(call_id, target) and
     # node.drain(targets); the driver also resolves transfers a crash left in flight.
     node.transfers = Transfers(node)

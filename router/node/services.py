@@ -115,7 +115,9 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
         — this node's TRANSFERRED view (the node keeps forwarding in the background)."""
         node, cid, target = self.node, view.call_id, view.transfer_target
         transfers = getattr(node, "transfers", None)
-        if transfers is None:
+        if transfers is None or target.startswith("partner:"):
+            # A partner's ACD has it: the partner link tells its gateway in the background
+            # (a Withdraw "abandoned"; router.node.partner) and the partner reports the outcome.
             return routing_pb2.AbandonCallResponse(call=convert.call_msg(view))
         stub = routing_pb2_grpc.RoutingStub(transfers._channel(target))
         req = routing_pb2.AbandonCallRequest(call_id=cid, reason=view.abandon_reason or reason)

@@ -77,6 +77,7 @@ from typing import Any
 
 import grpc
 
+from router.engine.partner import PARTNER_PREFIX
 from router.model import RoutingError
 from router.node import convert
 from router.status import error_info
@@ -508,6 +509,11 @@ class Transfers:
         """Recovery of one pending call (see the module docstring)."""
         view = self.node.engine.call(cid)
         target, no = view.transfer_target, view.transfer_count
+        if target.startswith(PARTNER_PREFIX):  # a partner's gateway (router.node.partner)
+            partners = getattr(self.node, "partners", None)
+            if partners is not None:
+                await partners.resolve(cid)
+            return None
         if view.state == "transferred":
             if view.abandon_pending == 1:
                 await self._forward_abandon(cid, target)

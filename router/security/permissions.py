@@ -19,7 +19,9 @@ Roles:
   sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
 * ``agent-gateway`` — a site's peripheral gateway (PBX/IVR adapter and agent desktops):
   the Routing and Agents services of its own site.
-* ``partner`` — the partner API with its own contract; nothing of the node's services.
+* ``partner`` — a BPO partner's gateway: the Partner service (offers within its
+  contract, outcomes, hand-backs), as the partner its certificate names; nothing of the
+  node's other services.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ R = "/router.v1.Routing/"
 A = "/router.v1.Agents/"
 ADM = "/router.v1.Admin/"
 IC = "/router.v1.Interconnect/"
+PT = "/router.v1.Partner/"
 
 #: full gRPC method name -> rule. Default deny for anything not listed.
 TABLE: dict[str, Rule] = {
@@ -92,6 +95,11 @@ TABLE: dict[str, Rule] = {
     IC + "GetTransfer": _r("site", _READ, members_only=False),
     IC + "TransferCall": _r("supervisor", "operator", mutates=True),
     IC + "DrainSite": _r("operator", mutates=True),
+    # A partner acts only as the partner its certificate names (router.node.partner), on
+    # the calls this node assigned to it.
+    PT + "Connect": _r("partner", mutates=True),
+    PT + "ReportOutcome": _r("partner", mutates=True),
+    PT + "HandBack": _r("partner", mutates=True),
     "/grpc.health.v1.Health/Check": _r(ROLES),
     "/grpc.health.v1.Health/Watch": _r(ROLES),
     "/grpc.health.v1.Health/List": _r(ROLES),
