@@ -455,3 +455,48 @@ async def test_outcome_reported_as_the_origin_dies_is_kept_once(etcd, etcd_prefi
             await gw.close()
             await sa.channel.close()
             again.kill()
+
+
+async def test_caps_hold_for_several_origins_while_one_restarts(etcd, etcd_prefix, tmp_path):
+    """CAP calls are with the partner, from both origins; alpha is SIGKILLed and comes
+    back. Its call stays the partner's and keeps its slot (slots are not on a lease), so
+    beta, which keeps offering, gets no room meanwhile; the outcome reported to the
+    restarted alpha frees the slot and beta's next call goes out."""
+    async with setup(tmp_path, etcd, etcd_prefix) as (obs, files, env, alpha, beta):
+        sa, sb = Stubs.connect(alpha.address), Stubs.connect(beta.address)
+        ga, _ = await welcome(alpha.address)
+        gb, _ = await welcome(beta.address)
+        try:
+            await sa.routing.OfferCall(offer("r-a1"), timeout=5)
+            m = await ga.next("offer")
+            ga.accept(m.offer)
+            await ga.next("assign")
+            for i in range(4):
+                await sb.routing.OfferCall(offer(f"r-b{i}"), timeout=5)
+            m = await gb.next("offer")
+            gb.accept(m.offer)
+            first_b = (await gb.next("assign")).assign.offer.call_id
+            assert sorted(h["call_id"] for h in await slots(obs, etcd_prefix)) == sorted(["r-a1", first_b])
+            alpha.kill()
+            await ga.close()
+            with pytest.raises(asyncio.TimeoutError):  # beta offers nothing: alpha's slot is held
+                await gb.next("offer", timeout=3.0)
+            again = start_node_process(files["alpha"], tmp_path / "alpha", sync="none", env=env)
+            try:
+                ga, _ = await welcome(again.address, free=0)
+                a = await ga.next("assign", timeout=10)  # still the partner's
+                assert a.assign.offer.call_id == "r-a1"
+                await asyncio.sleep(1.0)  # alpha's reconciliation keeps the slot of a call still out
+                assert "r-a1" in [h["call_id"] for h in await slots(obs, etcd_prefix)]
+                with pytest.raises(asyncio.TimeoutError):
+                    await gb.next("offer", timeout=1.0)
+                await ga.report("r-a1")
+                m = await gb.next("offer", timeout=10)  # room again, for beta
+                assert m.offer.call_id.startswith("r-b")
+            finally:
+                await ga.close()
+                again.kill()
+        finally:
+            await gb.close()
+            await sa.channel.close()
+            await sb.channel.close()

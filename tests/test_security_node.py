@@ -734,3 +734,25 @@ def test_plaintext_node_on_any_address_with_insecure(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_partner_acts_only_as_its_certificate_names(shared):
+    """The partner API takes the partner's name from its certificate: naming another
+    partner is PERMISSION_DENIED PARTNER_MISMATCH (audited as an allowed call that the
+    handler refused); its own name, or none, reaches the contract check (no etcd here:
+    FAILED_PRECONDITION NO_CONTRACT)."""
+    ch = shared.channel("partner-callpro")
+    method = "/router.v1.Partner/Connect"
+
+    def hello(name: str) -> bytes:
+        return partner_pb2.PartnerGatewayMessage(
+            hello=partner_pb2.PartnerHello(gateway="t", partner=name)).SerializeToString()
+
+    assert await call_any(ch, method, hello("acme")) == (grpc.StatusCode.PERMISSION_DENIED, "PARTNER_MISMATCH")
+    assert await call_any(ch, method, hello("callpro")) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_CONTRACT")
+    assert await call_any(ch, method, hello("")) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_CONTRACT")
+    report = partner_pb2.ReportOutcomeRequest(call_id="x", partner="acme").SerializeToString()
+    assert await call_any(ch, "/router.v1.Partner/ReportOutcome", report) == (
+        grpc.StatusCode.PERMISSION_DENIED, "PARTNER_MISMATCH")
+    # a site identity is no partner, whatever it names
+    assert (await call_any(shared.channel("site-montreal"), method, hello("callpro")))[0] == grpc.StatusCode.PERMISSION_DENIED

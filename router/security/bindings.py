@@ -86,12 +86,14 @@ def load_file(path: str | Path) -> Bindings:
     return parse(text)
 
 
-def starter(trust_domain: str, sites: Iterable[tuple[str, str]], operators: Iterable[str] = ("admin",)) -> Bindings:
+def starter(trust_domain: str, sites: Iterable[tuple[str, str]], operators: Iterable[str] = ("admin",),
+            partners: Iterable[str] = ()) -> Bindings:
     """The bindings ``tandem certs init`` writes: each operator -> operator on ``*``, each
     in-house site -> site (on ``*``: it may transfer to any member), each in-house site's
     agents identity -> agent-gateway of that site; a partner site gets a site binding too
-    (it runs a Tandem node today). ``sites`` are (name, kind) pairs, kind "in_house" or
-    "partner"."""
+    (it runs a Tandem node today); each BPO partner on the partner API (``partners``: its
+    gateway's identity) -> partner on ``*`` (it may take offers from every origin). ``sites``
+    are (name, kind) pairs, kind "in_house" or "partner"."""
     out: list[Binding] = []
     for op in operators:
         out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "operator", op).uri, role="operator", sites=("*",)))
@@ -99,6 +101,8 @@ def starter(trust_domain: str, sites: Iterable[tuple[str, str]], operators: Iter
         out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "site", name).uri, role="site", sites=("*",)))
         out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "agents", name).uri, role="agent-gateway",
                            sites=(name,)))
+    for p in partners:
+        out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "partner", p).uri, role="partner", sites=("*",)))
     return Bindings(bindings=tuple(out))
 
 

@@ -70,6 +70,19 @@ def _site_pairs(sites_dir: Path) -> list[tuple[str, str]]:
     return [(s.site.name, "partner" if s.site.kind == "partner" else "in_house") for s in sites]
 
 
+def _partner_names(sites_dir: Path) -> list[str]:
+    """The BPO partners on the partner API: the contracts in ``SITES/partners/*.yaml``."""
+    from router.contracts import ContractError, parse_contract
+
+    out = []
+    for f in sorted((sites_dir / "partners").glob("*.yaml")):
+        try:
+            out.append(parse_contract(f.read_text(), source=str(f)).partner)
+        except (ContractError, OSError) as e:
+            _fail(str(e))
+    return out
+
+
 @certs_app.command("init")
 def init_cmd(
     directory: Path = typer.Argument(..., metavar="DIR", help="TLS directory to create (mode 0700)"),
@@ -78,7 +91,8 @@ def init_cmd(
     host: Optional[list[str]] = _HOSTS,
     force: bool = typer.Option(False, "--force", help="replace an existing CA (its certificates stop being trusted)"),
 ) -> None:
-    """Create a CA and the certificates of every site, its agents gateway and the operator admin."""
+    """Create a CA and the certificates of every site, its agents gateway, the operator admin and
+    every BPO partner with a contract in SITES/partners/."""
     from router.security import pki
 
     sites_dir = sites or default_sites_dir()
@@ -86,7 +100,8 @@ def init_cmd(
         _fail("no sites directory: give --sites DIR")
     pairs = _site_pairs(sites_dir)
     try:
-        written = pki.init(directory, pairs, trust_domain=trust_domain, hosts=_hosts(host), force=force)
+        written = pki.init(directory, pairs, trust_domain=trust_domain, hosts=_hosts(host), force=force,
+                           partners=_partner_names(sites_dir))
     except pki.PkiError as e:
         _fail(str(e))
     for p in written:
