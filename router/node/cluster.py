@@ -515,7 +515,7 @@ class ClusterLink:
         loads = self.peer_loads()
         members = self.coord.members()
         policy, usage, allowed = self.coord.policy, self.partner_usage(loads), set(members)
-        gateways = self._gateway_loads(queue, local, policy)
+        gateways = self._gateway_loads(call_id, queue, local, policy)
         if gateways:
             # Partners on the partner API: their loads come from their gateways'
             # availability, their contracts from etcd (router.coord.partners).
@@ -601,15 +601,19 @@ class ClusterLink:
             log.warning("%s: overflow of %s to %s still unresolved after %.0f s",
                         self.site, sent.call_id, sent.site, TRANSFER_WAIT_S)
 
-    def _gateway_loads(self, queue: str, local: Any, policy: Any) -> dict[str, PeerLoad]:
+    def _gateway_loads(self, call_id: str, queue: str, local: Any, policy: Any) -> dict[str, PeerLoad]:
         """Partners connected through the partner API that may take this queue's calls
-        now (contract: skills, queues, value tier, hours, holidays)."""
+        now (contract: skills, queues, value tier, hours, holidays), but not one that
+        handed this very call back."""
         partners = getattr(self.node, "partners", None)
         if partners is None or not partners.gateways:
             return {}
         rules = policy.rules_for(self.site, queue)
         value = (rules.value if rules is not None and rules.value else None) or local.value
-        return partners.loads_for(queue, local.skill, value, time.time())
+        loads = partners.loads_for(queue, local.skill, value, time.time())
+        for p in partners.handed_back.get(call_id, ()):
+            loads.pop(p, None)
+        return loads
 
     async def _offer_partner(self, sent: _Sent, value: str) -> None:
         """Offer a call to a partner's gateway (router.node.partner); a decline leaves it
@@ -743,6 +747,11 @@ class ClusterLink:
         out = {p: (len(self._partner_calls.get(p, ())), c.max_concurrent) for p, c in contracts.items()}
         for p, calls in self._partner_calls.items():
             out.setdefault(p, (len(calls), None))
+        if self.partner_book is not None:
+            # Partners on the partner API: the slots every origin holds (the cap is the
+            # whole cluster's, router.coord.partners).
+            for p, c in self.partner_book.contracts().items():
+                out[p] = (self.partner_book.held(p), c.caps.concurrent)
         return out
 
     def stats_dict(self) -> dict[str, Any]:

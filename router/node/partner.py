@@ -116,6 +116,8 @@ class PartnerLink:
         self.stats = PartnerStats()
         self._tasks: set[asyncio.Task] = set()
         self._inflight: set[str] = set()  # calls an offer driver of this process handles
+        # call -> partners that handed it back: not offered to them again (bounded FIFO)
+        self.handed_back: dict[str, set[str]] = {}
 
     # --- contracts and loads ---------------------------------------------------------
 
@@ -483,6 +485,9 @@ class PartnerLink:
             self._history("handed_back", partner, call_id, before["no"], at=time.time(), reason=reason[:64],
                           origin_site=self.node.site.site.name, queue=view.queue, skill=view.skill,
                           channel=view.channel)
+            self.handed_back.setdefault(call_id, set()).add(partner)
+            while len(self.handed_back) > 10_000:
+                del self.handed_back[next(iter(self.handed_back))]
             cluster = getattr(self.node, "cluster", None)
             if cluster is not None and view.state == "queued":
                 cluster._stay_again(call_id)  # decided again by the sweeps, like a declined overflow
