@@ -48,12 +48,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -65,6 +62,7 @@ from pydantic import (
 )
 
 from router.config import Name  # site, queue and skill names: one definition
+from router.contracts import Hours
 Value = Literal["low", "standard", "high"]
 PartnerValue = Literal["low", "standard"]
 Mode = Literal["normal", "surge", "emergency"]
@@ -226,54 +224,11 @@ class QueueRules(_Model):
         return [n for n in ("wait_threshold", "margin", "queue_ratio") if getattr(self, n)]
 
 
-class PartnerHours(_Model):
-    """Opening hours in the partner's own time zone; ``close < open`` spans midnight."""
-
-    tz: str
-    open: str = "00:00"
-    close: str = "24:00"
-    days: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6])  # 0 = Monday
-
-    @field_validator("tz")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}") from None
-        return v
-
-    @field_validator("open", "close")
-    @classmethod
-    def _hhmm(cls, v: str) -> str:
-        m = re.fullmatch(r"(\d{2}):(\d{2})", v)
-        if not m or int(m[1]) > 24 or int(m[2]) > 59 or (int(m[1]) == 24 and int(m[2])):
-            raise ValueError(f"must be HH:MM (00:00..24:00), got {v!r}")
-        return v
-
-    @field_validator("days")
-    @classmethod
-    def _days(cls, v: list[int]) -> list[int]:
-        if not v or any(not 0 <= d <= 6 for d in v):
-            raise ValueError("days must be a non-empty list of 0 (Monday) .. 6 (Sunday)")
-        return v
-
-    def is_open(self, now: float) -> bool:
-        """Whether the partner takes calls at Unix time ``now``."""
-        local = datetime.fromtimestamp(now, ZoneInfo(self.tz))
-        minute = local.hour * 60 + local.minute
-        o, c = _minutes(self.open), _minutes(self.close)
-        if o <= c:
-            return local.weekday() in self.days and o <= minute < c
-        # Overnight: the evening belongs to today, the early morning to yesterday's shift.
-        if minute >= o:
-            return local.weekday() in self.days
-        return minute < c and (local.weekday() - 1) % 7 in self.days
-
-
-def _minutes(hhmm: str) -> int:
-    h, m = hhmm.split(":")
-    return int(h) * 60 + int(m)
+class PartnerHours(Hours):
+    """Opening hours in the partner's own time zone; ``close < open`` spans midnight;
+    ``holidays`` (local dates) close the shift that starts on them. One definition with the
+    partner contracts (:class:`router.contracts.Hours`): the overflow decision and the
+    partner API agree on when a partner is open."""
 
 
 class PartnerContract(_Model):
