@@ -292,6 +292,10 @@ def harmless(method: str) -> bytes:
         "GetAgent": agents_pb2.GetAgentRequest(agent_id="matrix-nope"),
         "Connect": agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id="matrix-nope")),
         "ListCalls": admin_pb2.ListCallsRequest(page_size=1),
+        # no contract: refused before etcd is read or written (MISSING_FIELD)
+        "ListPartners": admin_pb2.ListPartnersRequest(),
+        "DiffContract": admin_pb2.DiffContractRequest(contract=""),
+        "ApplyContract": admin_pb2.ApplyContractRequest(contract="", expected_revision=0),
         "Echo": diagnostics_pb2.EchoRequest(payload=b"ping"),
         # no call: refused before anything is reserved
         "ProposeTransfer": interconnect_pb2.ProposeTransferRequest(call_id="matrix-nope", transfer_no=1),

@@ -11,7 +11,7 @@ plaintext when the context has no TLS directory.
 Exit codes (the same table is in ``tandem ctl --help``)::
 
     0   ok
-    1   error (also: ``policy diff`` found something that would change)
+    1   error (also: ``policy diff`` or ``partner diff`` found something that would change)
     2   cannot connect (UNAVAILABLE, deadline exceeded: no node answered)
     3   permission denied (PERMISSION_DENIED, UNAUTHENTICATED)
     4   not found (unknown site, call, agent)
@@ -42,7 +42,7 @@ EXIT_NOT_FOUND = 4
 EXIT_USAGE = 64
 
 EXIT_CODES_TEXT = (
-    "Exit codes: 0 ok; 1 error (also policy diff: something would change); "
+    "Exit codes: 0 ok; 1 error (also policy diff, partner diff: something would change); "
     "2 cannot connect (no node answered); 3 permission denied; 4 not found; "
     "64 usage (bad arguments, no context, a mutation without --yes off a terminal)."
 )

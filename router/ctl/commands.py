@@ -5,8 +5,8 @@ Reads are cluster-wide: every node is asked at once with a short deadline; a nod
 does not answer is shown as unreachable, and the command fails (exit 2) only when none
 answers. Mutations ask ``[y/N]`` on a terminal and need ``--yes`` otherwise.
 
-Exit codes: 0 ok, 1 error (``policy diff``: something would change), 2 cannot connect,
-3 permission denied, 4 not found, 64 usage (see :mod:`router.ctl.client`).
+Exit codes: 0 ok, 1 error (``policy diff``, ``partner diff``: something would change),
+2 cannot connect, 3 permission denied, 4 not found, 64 usage (see :mod:`router.ctl.client`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class _UsageExit64(TyperGroup):
 
 
 HELP = (
-    "Operate the cluster: get, describe, drain, mode, agent, policy, audit. Every action "
+    "Operate the cluster: get, describe, drain, mode, agent, policy, partner, audit. Every action "
     "is an Admin RPC authorized and audited by the nodes. Context: --context FILE, "
     "else $TANDEM_CONTEXT, else the user config file (tandem up writes one).\n\n"
     "Data goes to stdout, messages to stderr; -o table|wide|json|yaml; NO_COLOR honoured. "
@@ -73,15 +73,19 @@ HELP = (
 
 ctl_app = typer.Typer(cls=_UsageExit64, no_args_is_help=True, help=HELP, add_completion=False)
 get_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                      help="List sites, members, queues, agents, calls, the policy or alerts, cluster-wide.")
+                      help="List sites, members, queues, agents, calls, the policy, partners or alerts, "
+                           "cluster-wide.")
 describe_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Show one object in full.")
 agent_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Move an agent or sign one out.")
 policy_app = typer.Typer(no_args_is_help=True, add_completion=False,
                          help="Compare or apply an overflow policy file.")
+partner_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                          help="Compare or apply a BPO partner's contract file.")
 ctl_app.add_typer(get_app, name="get")
 ctl_app.add_typer(describe_app, name="describe")
 ctl_app.add_typer(agent_app, name="agent")
 ctl_app.add_typer(policy_app, name="policy")
+ctl_app.add_typer(partner_app, name="partner")
 
 
 def register(app: typer.Typer) -> None:
@@ -528,6 +532,59 @@ def get_policy(ctx: typer.Context, fmt: str = _fmt_option()) -> None:
             output.message(f"overflow policy, revision {p.revision} (from {r.site})"
                            + (f"; stored policy invalid: {p.error}" if p.error else ""))
             sys.stdout.write(output.dump(data["policy"], "yaml"))
+        return None
+
+    run(ctx, body)
+
+
+def partner_rows(results: dict[str, NodeResult]) -> list[dict]:
+    """One row per partner from every node's ListPartners: the contract as the node with
+    the newest revision holds it (every node reads the same etcd), and the sites its
+    gateway is connected to (each node knows only its own gateways)."""
+    rows: dict[str, dict] = {}
+    best: dict[str, tuple[int, str]] = {}
+    for site, r in sorted(results.items()):
+        if not r.ok:
+            continue
+        for p in r.value.partners:
+            row = rows.setdefault(p.partner, {"partner": p.partner, "connected": [], "gateways": {}})
+            if p.connected:
+                row["connected"].append(site)
+                row["gateways"][site] = p.gateway
+            if p.partner in best and best[p.partner] >= (p.revision, site):
+                continue
+            best[p.partner] = (p.revision, site)
+            row.update({
+                "cap": p.cap or None, "held": p.held, "revision": p.revision, "error": p.error,
+                "contract": json.loads(p.contract_json) if p.contract_json else None, "from": site,
+            })
+    return [rows[k] for k in sorted(rows)]
+
+
+PARTNER_COLUMNS = [
+    Column("partner", "PARTNER"), Column("cap", "CAP", lambda v: str(v) if v else "none", justify="right"),
+    Column("held", "HELD", justify="right"), Column("connected", "CONNECTED", output.joined),
+    Column("revision", "REVISION", justify="right"),
+    Column("error", "ERROR", lambda v: "; ".join(x.strip() for x in v.splitlines()) if v else "-"),
+    Column("gateways", "GATEWAYS", lambda v: ",".join(f"{k}={x}" for k, x in sorted((v or {}).items())) or "-",
+           wide=True),
+]
+
+
+@get_app.command("partners")
+def get_partners(ctx: typer.Context, fmt: str = _fmt_option()) -> None:
+    """BPO partners with a contract: its cap, slots held cluster-wide, where its gateway is connected.
+
+    The revision is that of the contract in force; ERROR says why a stored one is
+    ignored (the previous one stays in force)."""
+
+    async def body(c: ClusterClient) -> int | None:
+        await c.discover()
+        res = await c.each("ListPartners", admin_pb2.ListPartnersRequest())
+        raise_if_none(res, "get partners")
+        _warn_failures(res, "list partners")
+        rows = partner_rows(res)
+        output.emit(rows, fmt, rows, PARTNER_COLUMNS)
         return None
 
     run(ctx, body)
@@ -1017,6 +1074,92 @@ def replay_row(site: str, call: Any) -> dict:
         "patience_s": call.waited_s if outcome == "abandoned" else None,
         "waited_s": call.waited_s, "outcome": outcome, "priority_class": call.priority_class,
     }
+
+
+# ---------------------------------------------------------------- partner
+
+def _contract_error(e: grpc.RpcError) -> CtlError:
+    return CtlError(exit_code(e), f"contract refused: {describe(e)}")
+
+
+def _show_changes(d: Any, fmt: str) -> None:
+    """A DiffContract answer: the changes on stdout (data), or a message when none."""
+    if fmt in ("json", "yaml"):
+        output.emit({"partner": d.partner, "revision": d.revision, "changes": list(d.changes),
+                     "changed": bool(d.changes)}, fmt)
+    elif d.changes:
+        for ch in d.changes:
+            print(ch)
+    else:
+        output.message(f"no change to the contract of {d.partner} against revision {d.revision}")
+
+
+@partner_app.command("diff")
+def partner_diff(ctx: typer.Context, file: Path = typer.Argument(..., metavar="FILE"),
+                 fmt: str = _fmt_option()) -> None:
+    """What FILE would change in the stored contract of the partner it names (exit 0: nothing, 1: something).
+
+    Other errors exit as listed in tandem ctl --help."""
+
+    async def body(c: ClusterClient) -> int | None:
+        text = _read_policy(file)
+        try:
+            d = (await c.first("DiffContract", admin_pb2.DiffContractRequest(contract=text))).value
+        except grpc.RpcError as e:
+            raise _contract_error(e) from None
+        _show_changes(d, fmt)
+        return EXIT_ERROR if d.changes else 0
+
+    run(ctx, body)
+
+
+@partner_app.command("apply")
+def partner_apply(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., metavar="FILE"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="change nothing: validate FILE and print what would change"),
+    expected_revision: Optional[int] = typer.Option(
+        None, "--expected-revision", min=0, metavar="N",
+        help="apply only if the stored contract is at revision N (0: none stored); default: the one just compared"),
+    yes: bool = _YES,
+    fmt: str = _fmt_option(),
+) -> None:
+    """Validate FILE and store it as the contract of the partner it names.
+
+    Every node enforces it at once. Needs an operator bound on every site. A contract
+    that does not validate is refused: the previous one stays in force."""
+
+    async def body(c: ClusterClient) -> int | None:
+        text = _read_policy(file)
+        try:
+            d = (await c.first("DiffContract", admin_pb2.DiffContractRequest(contract=text))).value
+        except grpc.RpcError as e:
+            raise _contract_error(e) from None
+        if expected_revision is not None and expected_revision != d.revision:
+            raise CtlError(EXIT_ERROR, f"contract refused: the stored contract of {d.partner} is at revision "
+                                       f"{d.revision}, not {expected_revision} (CONTRACT_CHANGED): nothing changed")
+        if dry_run:
+            _show_changes(d, fmt)
+            output.message(f"dry run: {len(d.changes)} change(s) to the contract of {d.partner} against revision "
+                           f"{d.revision}; nothing was changed")
+            return None
+        if not d.changes:
+            output.message(f"no change to the contract of {d.partner} against revision {d.revision}: "
+                           "nothing to apply")
+            return 0
+        for ch in d.changes:
+            output.message(f"  {ch}")
+        confirm(f"apply {len(d.changes)} change(s) to the contract of partner {d.partner} (revision {d.revision})",
+                yes)
+        try:
+            r = (await c.first("ApplyContract", admin_pb2.ApplyContractRequest(
+                contract=text, expected_revision=d.revision))).value
+        except grpc.RpcError as e:
+            raise _contract_error(e) from None
+        print(f"contract of {r.partner} applied: revision {r.revision} ({len(r.changes)} change(s))")
+        return None
+
+    run(ctx, body)
 
 
 # ---------------------------------------------------------------- audit

@@ -1,11 +1,11 @@
 """The Admin service of a site node: what ``tandem ctl`` and ``tandem top`` use.
 
-Reads (status, calls, agents, members, policy, alerts, audit, a call's path) come from
-the engine's views, the cluster link, the audit log and the history. Actions go where
-their state lives: drain and agent moves are journaled engine commands (``set_drain``,
-``move_agent``: :mod:`router.engine.staffing`), the contingency mode and the overflow
-policy are stored in etcd by this node on the operator's behalf (the client never
-writes etcd). Authorization happens before a handler runs (the permission table in
+Reads (status, calls, agents, members, policy, partners, alerts, audit, a call's path)
+come from the engine's views, the cluster link, the audit log and the history. Actions go
+where their state lives: drain and agent moves are journaled engine commands
+(``set_drain``, ``move_agent``: :mod:`router.engine.staffing`), the contingency mode, the
+overflow policy and the BPO partners' contracts are stored in etcd by this node on the
+operator's behalf (the client never writes etcd). Authorization happens before a handler runs (the permission table in
 :mod:`router.security.permissions`); every action is audited there too.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from router import overflow
+from router.contracts import ContractError, PartnerContract, contract_json, parse_contract
 from router.model import RoutingError
 from router.node import convert
 from router.node.errors import guard
@@ -37,6 +38,9 @@ MAX_PAGE_SIZE = 1000
 # page with a token to go on): bounds the time one page holds the event loop.
 PAGE_SCAN_LIMIT = 20_000
 MAX_POLICY_BYTES = 256 * 1024
+MAX_CONTRACT_BYTES = 64 * 1024
+#: how long ApplyContract waits for this node's watch to put a stored contract in force
+CONTRACT_SETTLE_S = 3.0
 #: queued calls a drain hands out per pass, and how long it keeps trying
 DRAIN_TIMEOUT_S = 60.0
 HISTORY_TIMEOUT_S = 10.0
@@ -98,6 +102,52 @@ def parse_policy_text(text: str) -> overflow.OverflowPolicy:
         return overflow.parse_policy(data, "policy")
     except overflow.PolicyError as e:
         raise RoutingError("INVALID_ARGUMENT", "INVALID_POLICY", str(e), field="policy") from None
+
+
+def parse_contract_text(text: str) -> PartnerContract:
+    """A partner contract (JSON or YAML) -> a validated contract, or INVALID_CONTRACT."""
+    if not text.strip():
+        raise RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", "contract is required", field="contract")
+    if len(text.encode()) > MAX_CONTRACT_BYTES:
+        raise RoutingError("INVALID_ARGUMENT", "INVALID_CONTRACT", f"contract is over {MAX_CONTRACT_BYTES} bytes",
+                           field="contract")
+    try:
+        return parse_contract(text, source="contract")
+    except ContractError as e:
+        raise RoutingError("INVALID_ARGUMENT", "INVALID_CONTRACT", str(e), field="contract") from None
+
+
+def _leaf_changes(a: Any, b: Any, path: str = "") -> list[str]:
+    """``path: old -> new`` per changed leaf of two JSON documents (``path: added …``,
+    ``path: removed``), sorted by path; the same lines as :func:`router.overflow.policy_changes`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in b:
+                out.append(f"{p}: removed")
+            elif k not in a:
+                out.append(f"{p}: added {json.dumps(b[k], sort_keys=True)}")
+            else:
+                out += _leaf_changes(a[k], b[k], p)
+        return out
+    return [] if a == b else [f"{path}: {json.dumps(a, sort_keys=True)} -> {json.dumps(b, sort_keys=True)}"]
+
+
+def contract_changes(old: PartnerContract | None, new: PartnerContract) -> list[str]:
+    """What replacing ``old`` (None: no contract) by ``new`` changes, one line per changed
+    leaf of their canonical JSON (defaults included), sorted by path; empty when they are
+    the same contract. Pure."""
+    before = json.loads(contract_json(old)) if old is not None else {}
+    return _leaf_changes(before, json.loads(contract_json(new)))
+
+
+def _partner_book(node: Node) -> Any:
+    book = getattr(_cluster(node), "partner_book", None)
+    if book is None:
+        raise RoutingError("FAILED_PRECONDITION", "NOT_IN_CLUSTER",
+                           "this node keeps no partner contracts (it runs without etcd)")
+    return book
 
 
 def _who() -> str:
@@ -293,6 +343,78 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         log.warning("%s: overflow policy revision %d stored by %s (%d change(s))",
                     self.node.site.site.name, stored, _who() or "?", len(changes))
         return admin_pb2.ApplyPolicyResponse(revision=stored, changes=changes)
+
+    # -- partner contracts -----------------------------------------------------------------
+
+    @guard
+    async def ListPartners(self, request, context):
+        book = _partner_book(self.node)
+        contracts, errors = book.contracts(), book.errors()
+        link = getattr(self.node, "partners", None)
+        gateways = link.gateways if link is not None else {}
+        out = []
+        for p in sorted(set(contracts) | set(errors)):
+            c = contracts.get(p)
+            gw = gateways.get(p)
+            here = gw is not None and not gw.closed
+            out.append(admin_pb2.PartnerInfo(
+                partner=p, contract_json=contract_json(c) if c is not None else "",
+                revision=book.revision(p) if c is not None else 0, error=errors.get(p, ""),
+                connected=here, gateway=gw.name if here else "", held=book.held(p),
+                cap=(c.caps.concurrent or 0) if c is not None else 0,
+                connected_at=gw.connected_at if here else 0.0,
+            ))  # fmt: skip
+        stats = link.stats if link is not None else None
+        return admin_pb2.ListPartnersResponse(
+            partners=out, offered=stats.offered if stats else 0, assigned=stats.assigned if stats else 0,
+        )  # fmt: skip
+
+    async def _stored_contract(self, book: Any, partner: str) -> tuple[PartnerContract | None, int, list[str]]:
+        """(the contract of ``partner`` to compare with, the stored key's revision, lines
+        to add to the changes). A stored contract that does not validate is compared as
+        the one in force (the watch ignores it) and always replaced."""
+        try:
+            raw, revision = await book.get_contract(partner)
+        except Exception as e:  # noqa: BLE001 - the coordinator's errors: etcd unreachable
+            raise _etcd_error("reading the contract", e) from None
+        if raw is None:
+            return None, 0, []
+        try:
+            return parse_contract(raw, partner=partner, source="stored contract"), int(revision), []
+        except ContractError:
+            note = f"(stored contract, revision {revision}): invalid, ignored -> replaced"
+            return book.contracts().get(partner), int(revision), [note]
+
+    @guard
+    async def DiffContract(self, request, context):
+        new = parse_contract_text(request.contract)
+        book = _partner_book(self.node)
+        old, revision, notes = await self._stored_contract(book, new.partner)
+        return admin_pb2.DiffContractResponse(
+            partner=new.partner, revision=revision, changes=notes + contract_changes(old, new),
+            contract_json=contract_json(new),
+        )  # fmt: skip
+
+    @guard
+    async def ApplyContract(self, request, context):
+        new = parse_contract_text(request.contract)
+        book = _partner_book(self.node)
+        p = new.partner
+        old, revision, notes = await self._stored_contract(book, p)
+        if request.expected_revision and request.expected_revision != revision:
+            raise RoutingError("FAILED_PRECONDITION", "CONTRACT_CHANGED",
+                               f"the stored contract of {p} is at revision {revision}, not {request.expected_revision}")
+        changes = notes + contract_changes(old, new)
+        if not changes:
+            return admin_pb2.ApplyContractResponse(partner=p, revision=revision)
+        stored = await _put_contract(book, new, revision)
+        log.warning("%s: contract of partner %s revision %d stored by %s (%d change(s))",
+                    self.node.site.site.name, p, stored, _who() or "?", len(changes))
+        # this node applies it from its watch: wait (bounded) so a read right after sees it
+        deadline = time.monotonic() + CONTRACT_SETTLE_S
+        while book.revision(p) < stored and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return admin_pb2.ApplyContractResponse(partner=p, revision=stored, changes=changes)
 
     # -- replay input ---------------------------------------------------------------------
 
@@ -515,6 +637,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         events.sort(key=lambda e: (e.at, _ORDER.get(e.kind, 50)))
         msg.events.extend(events)
         return msg
+
+
+async def _put_contract(book: Any, contract: PartnerContract, revision: int) -> int:
+    """Store ``contract`` (canonical JSON, as :meth:`PartnerBook.put_contract` writes it)
+    if its key is still at ``revision`` (0: still absent), in one etcd transaction, like
+    ``EtcdCoordinator.put_policy``; returns the new revision. CONTRACT_CHANGED when the
+    key moved, ETCD_UNAVAILABLE when etcd does not answer (nothing stored)."""
+    from aetcd import transactions as tx
+
+    from router.coord.session import to_bytes
+
+    key, value = to_bytes(book.keys.partner_contract(contract.partner)), to_bytes(contract_json(contract))
+    compare = [tx.Mod(key) == revision] if revision else [tx.Create(key) == 0]
+    try:
+        ok, resp = await book.coord.link.run(
+            "put contract", lambda c: c.transaction(compare=compare, success=[tx.Put(key, value)], failure=[]))
+    except Exception as e:  # noqa: BLE001 - the coordinator's errors: etcd unreachable
+        raise _etcd_error("storing the contract", e) from None
+    if not ok:
+        raise RoutingError("FAILED_PRECONDITION", "CONTRACT_CHANGED",
+                           f"the contract of {contract.partner} changed meanwhile (it was at revision {revision}): "
+                           "nothing stored, diff again")
+    return int(resp[0].response_put.header.revision)
 
 
 def _traffic_identity(identity: str) -> bool:

@@ -12,8 +12,8 @@ Roles:
   agent out, move an agent to another group, move a queued call to another member,
   drain the site, set its contingency mode), its audit records and replay input.
 * ``operator`` — everything an operator does: the above, offers and agent sessions on
-  behalf of the site, the overflow policy (cluster-wide: only with scope ``*``). Not the
-  member-to-member transfer protocol.
+  behalf of the site, the overflow policy and the partners' contracts (cluster-wide:
+  only with scope ``*``). Not the member-to-member transfer protocol.
 * ``site`` — a node of the cluster: the Interconnect transfer protocol, between current
   members only; also Routing.GetCall (an origin asks a partner node about the calls it
   sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
@@ -88,6 +88,9 @@ TABLE: dict[str, Rule] = {
     ADM + "ListAlerts": _r(_READ),
     ADM + "ListAudit": _r("supervisor", "operator"),
     ADM + "DescribeCall": _r(_READ),
+    ADM + "ListPartners": _r(_READ),
+    ADM + "DiffContract": _r(_READ),
+    ADM + "ApplyContract": _r("operator", mutates=True, cluster_wide=True),
     "/router.v1.Diagnostics/Echo": _r(_ALL_BUT_PARTNER),
     IC + "ProposeTransfer": _r("site", mutates=True, members_only=True),
     IC + "CommitTransfer": _r("site", mutates=True, members_only=True),
