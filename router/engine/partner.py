@@ -202,16 +202,8 @@ class PartnerMixin:
         self._begin(now)
         rec["handed_back"], rec["reason"] = True, reason
         self._retire_partner(call.call_id)
-        if call.abandon_pending:
-            # The caller hung up while the partner had the call: it ends here, abandoned.
-            q = self._queues[call.queue]
-            call.abandon_pending = 2
-            self._xout.pop(call.call_id, None)
-            q.abandoned += 1
-            q.add_finished(now, False, now - call.queued_at, self._sl_window_s)
-            self._set_call_state(call, "abandoned")
-            call.ended_at = now
-            self._ended_call(call)
+        if call.abandon_pending:  # the caller hung up while the partner had the call
+            self._end_abandoned(call, now)
         else:
             self._set_call_state(call, "queued")
             call.xfer_phase, call.ended_at = "handed_back", 0.0

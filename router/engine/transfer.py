@@ -266,19 +266,25 @@ class TransferMixin:
         self._begin(now)
         call.xfer_phase = "aborted"
         self._xout.pop(cid, None)
-        q = self._queues[call.queue]
         if call.abandon_pending:
-            call.abandon_pending = 2
-            q.abandoned += 1
-            q.add_finished(now, False, now - call.queued_at, self._sl_window_s)
-            self._set_call_state(call, "abandoned")
-            call.ended_at = now
-            self._ended_call(call)
+            self._end_abandoned(call, now)
         else:
-            self._enqueue(call, q)  # same handle, same key: its old place
+            self._enqueue(call, self._queues[call.queue])  # same handle, same key: its old place
             self._dispatch()
         self._fx.append(CallChanged(cid))
         return self._commit(call.view(self._site_name))
+
+    def _end_abandoned(self, call: Call, now: float) -> None:
+        """A call that came back (an aborted transfer, a partner's hand-back) while its
+        caller had hung up: it ends here, abandoned, counted in its queue."""
+        q = self._queues[call.queue]
+        call.abandon_pending = 2
+        self._xout.pop(call.call_id, None)
+        q.abandoned += 1
+        q.add_finished(now, False, now - call.queued_at, self._sl_window_s)
+        self._set_call_state(call, "abandoned")
+        call.ended_at = now
+        self._ended_call(call)
 
     def _op_transfer_forwarded(self, cmd: dict, now: float) -> Outcome:
         call = self._call(v.call_id(cmd))
