@@ -85,9 +85,12 @@ junk = st.one_of(
 )  # fmt: skip
 FIELDS = ["call_id", "channel", "skill", "language", "caller", "customer_id", "priority_class",
           "context", "reason", "resolved", "csat", "wrap_up_code", "agent_id", "state",
-          "timeout_s", "assignment_id", "mode", "backoffice", "announcement", "group", "draining"]  # fmt: skip
+          "timeout_s", "assignment_id", "mode", "backoffice", "announcement", "group", "draining",
+          "transfer_no", "target", "partner", "agent", "answered_at", "talk_s", "wrap_s", "disposition",
+          "transferred_back"]  # fmt: skip
 OPS = ["offer", "abandon", "complete", "sign_in", "sign_out", "set_state", "accept", "reject",
-       "disconnect", "tick", "set_mode", "move_agent", "set_drain", "launch"]  # fmt: skip
+       "disconnect", "tick", "set_mode", "move_agent", "set_drain", "launch", "transfer_begin",
+       "transfer_abort", "partner_assign", "partner_outcome", "partner_handback"]  # fmt: skip
 
 
 def dump(snapshot: dict) -> str:
@@ -214,6 +217,46 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(draining=st.sampled_from([True, False, "yes"]), dt=dts)
     def set_drain(self, draining, dt):
         self.run({"op": "set_drain", "t": self.advance(dt), "draining": draining})
+
+    @rule(data=st.data(), step=st.sampled_from(["begin", "begin", "assign", "assign", "abort", "outcome",
+                                                 "outcome", "handback"]),
+          partner=st.sampled_from(["bl", "bl", "other"]), dt=dts)
+    def partner(self, data, step, partner, dt):
+        """A BPO partner's own ACD (router.engine.partner): offers begun, assigned, aborted;
+        outcomes (some invalid, some conflicting) and hand-backs, by the right or a wrong
+        partner."""
+        e = self.engine
+        t = self.advance(dt)
+        if step == "begin":
+            pool = [c for c in e.calls("queued")] or e.calls()
+            if not pool:
+                return
+            c = data.draw(st.sampled_from(pool))
+            self.run({"op": "transfer_begin", "t": t, "call_id": c.call_id,
+                      "transfer_no": c.transfer_count + 1, "target": f"partner:{partner}"})
+            return
+        everything = e.calls()
+        out = [c for c in everything if c.state == "transferring" and c.transfer_target.startswith("partner:")]
+        owned = [c for c in everything if c.state == "transferred" and c.transfer_target.startswith("partner:")]
+        pool = (out if step in ("assign", "abort") else owned) or e.calls()
+        if not pool:
+            return
+        c = data.draw(st.sampled_from(pool))
+        if step == "assign":
+            self.run({"op": "partner_assign", "t": t, "call_id": c.call_id, "transfer_no": c.transfer_count,
+                      "partner": partner, "agent": "x"})
+        elif step == "abort":
+            self.run({"op": "transfer_abort", "t": t, "call_id": c.call_id, "transfer_no": c.transfer_count,
+                      "reason": "declined"})
+        elif step == "outcome":
+            self.run({"op": "partner_outcome", "t": t, "call_id": c.call_id, "partner": partner,
+                      "answered_at": data.draw(st.sampled_from([0.0, t, -1.0])),
+                      "talk_s": data.draw(st.sampled_from([0.0, 30.0, float("nan")])),
+                      "wrap_s": 5.0, "disposition": "ok", "resolved": True,
+                      "csat": data.draw(st.sampled_from([0, 3, 7]))})
+        else:
+            self.run({"op": "partner_handback", "t": t, "call_id": c.call_id, "partner": partner,
+                      "reason": "back"})
 
     @rule(data=st.data())
     def malformed(self, data):
