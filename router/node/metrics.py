@@ -99,6 +99,14 @@ PARTNER_IN_USE = Gauge(
     ["site", "partner"],
 )
 PARTNER_CAP = Gauge("tandem_partner_calls_cap", "A partner's concurrency cap in its contract", ["site", "partner"])
+PARTNER_OFFERS = Counter(
+    "tandem_partner_offers_total",
+    "Offers this site made to a partner's own ACD, by how they ended (assigned, declined, timeout, gateway_lost)",
+    ["site", "partner", "outcome"],
+)
+PARTNER_GATEWAY = Gauge(
+    "tandem_partner_gateway_connected", "1 while a partner's gateway is connected to this node", ["site", "partner"]
+)
 ETCD_CONNECTED = Gauge("tandem_etcd_connected", "1 while the node has a live etcd session", ["site"])
 HISTORY_SPOOL_ROWS = Gauge(
     "tandem_history_spool_rows", "History rows waiting in the outage spool for ClickHouse", ["site"]

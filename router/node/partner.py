@@ -51,6 +51,7 @@ import grpc
 from router.contracts import PartnerContract, offer_fields
 from router.engine.partner import partner_of_target, partner_target
 from router.model import RoutingError
+from router.node import metrics
 from router.node.errors import Malformed, abort, guard
 from router.overflow import LoadSnapshot, PartnerContract as OverflowContract, PartnerUsage, PeerLoad, QueueLoad
 from router.security.authz import caller
@@ -273,6 +274,7 @@ class PartnerLink:
                 return await self._abort(gw, partner, call_id, no, "refused", fig)
             fault("after_assign")
             self.stats.assigned += 1
+            metrics.PARTNER_OFFERS.labels(node.site.site.name, partner, "assigned").inc()
             now = time.time()
             self._history("assigned", partner, call_id, no, at=now, agent=detail[:64], **fig, **price_fields(c))
             gw.send(pb.PartnerNodeMessage(assign=pb.PartnerAssign(offer=msg, agent=detail[:64], assigned_at=now)))
@@ -293,6 +295,7 @@ class PartnerLink:
                           "reason": f"partner {why}"[:64], "by_target": False})
         await self._release(partner, call_id)
         self.stats.declined[why] = self.stats.declined.get(why, 0) + 1
+        metrics.PARTNER_OFFERS.labels(self.node.site.site.name, partner, why).inc()
         self._history(why if why in ("declined", "timeout", "gateway_lost") else "withdrawn", partner, call_id, no,
                       at=time.time(), reason=(detail or why)[:64], **fig)
         return why
@@ -399,6 +402,7 @@ class PartnerLink:
         gw = Gateway(partner, hello.gateway[:64])
         self.availability(gw, hello.availability)
         self.gateways[partner] = gw
+        metrics.PARTNER_GATEWAY.labels(self.node.site.site.name, partner).set(1)
         c = self.contract(partner)
         gw.send(pb.PartnerNodeMessage(welcome=pb.PartnerWelcome(
             partner=partner, site=self.node.site.site.name, offer_timeout_s=c.offer_timeout_s, skills=list(c.skills))))
@@ -444,6 +448,7 @@ class PartnerLink:
         gw.closed = True
         if self.gateways.get(gw.partner) is gw:
             del self.gateways[gw.partner]
+            metrics.PARTNER_GATEWAY.labels(self.node.site.site.name, gw.partner).set(0)
         for fut in gw.offers.values():
             if not fut.done():
                 fut.set_result(("gateway_lost", ""))
