@@ -506,3 +506,28 @@ async def test_caps_hold_for_several_origins_while_one_restarts(etcd, etcd_prefi
             await gb.close()
             await sa.channel.close()
             await sb.channel.close()
+
+
+async def test_a_new_stream_replaces_a_hung_one(etcd, etcd_prefix, tmp_path):
+    """A gateway that reconnects while its old stream still looks open (it died without
+    closing it) is served at once; the old stream's open offer goes back in place and is
+    offered again on the new stream."""
+    async with setup(tmp_path, etcd, etcd_prefix) as (obs, files, env, alpha, beta):
+        sa = Stubs.connect(alpha.address)
+        old, _ = await welcome(alpha.address)
+        try:
+            await sa.routing.OfferCall(offer("n-1"), timeout=5)
+            m = await old.next("offer")
+            new, w = await welcome(alpha.address)  # the old one never answered nor closed
+            try:
+                m2 = await new.next("offer", timeout=10)
+                assert m2.offer.call_id == "n-1" and m2.offer.offer_no == m.offer.offer_no + 1
+                new.accept(m2.offer)
+                assert (await new.next("assign")).assign.offer.call_id == "n-1"
+                with pytest.raises(AssertionError, match="stream ended"):
+                    await old.next("offer", timeout=5)
+            finally:
+                await new.close()
+        finally:
+            await old.close()
+            await sa.channel.close()

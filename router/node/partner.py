@@ -190,8 +190,12 @@ class PartnerLink:
         if c.scopes.profile != "none":
             for pc in node.engine.screen_pop(call_id):
                 if pc.call_id != call_id:
+                    try:
+                        resolved = node.engine.call(pc.call_id).resolved
+                    except RoutingError:  # no longer retained here
+                        resolved = False
                     pop.append({"call_id": pc.call_id, "offered_at": pc.offered_at, "skill": pc.skill,
-                                "outcome": pc.outcome, "csat": pc.csat, "resolved": bool(getattr(pc, "resolved", False))})
+                                "outcome": pc.outcome, "csat": pc.csat, "resolved": resolved})
         call = {
             "call_id": view.call_id, "skill": view.skill, "channel": view.channel, "language": view.language,
             "caller": view.caller, "customer_id": view.customer_id, "context": view.context,
@@ -397,8 +401,12 @@ class PartnerLink:
             raise RoutingError("UNAVAILABLE", "NODE_DRAINING", "this node is draining")
         old = self.gateways.get(partner)
         if old is not None and not old.closed:
-            raise RoutingError("ALREADY_EXISTS", "ALREADY_CONNECTED",
-                               f"partner {partner} already has a gateway connected to this node")
+            # The newest stream wins: a gateway that died without closing its connection
+            # (power loss, a partition) must be able to come back at once. The old
+            # stream's open offers end as "gateway_lost" (the calls go back in place).
+            log.info("partner %s: a new gateway stream replaces the open one", partner)
+            old.out.put_nowait(None)
+            self.closed(old)
         gw = Gateway(partner, hello.gateway[:64])
         self.availability(gw, hello.availability)
         self.gateways[partner] = gw
