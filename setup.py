@@ -54,7 +54,8 @@ class build_py(_build_py):
         self.copy_example_sites()
 
     def copy_example_sites(self) -> None:
-        """Ship the example cluster (the top-level ``sites/``, its source) as package data
+        """Ship the example cluster (the top-level ``sites/``, its source, with the partners'
+        contracts of ``sites/partners/``) as package data
         in ``router/sim/sites``, so ``tandem demo`` and ``tandem up`` work from any
         directory (``router.sim.demo.example_sites_dir``)."""
         files = sorted(glob.glob(os.path.join(HERE, "sites", "*.yaml")))
@@ -63,6 +64,12 @@ class build_py(_build_py):
         self.mkpath(target)
         for f in files:
             self.copy_file(f, os.path.join(target, os.path.basename(f)))
+        # the BPO partners on the partner API: their contracts
+        partners = sorted(glob.glob(os.path.join(HERE, "sites", "partners", "*.yaml")))
+        if partners:
+            self.mkpath(os.path.join(target, "partners"))
+        for f in partners:
+            self.copy_file(f, os.path.join(target, "partners", os.path.basename(f)))
 
 
 def extensions() -> list[Extension]:

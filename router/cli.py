@@ -17,6 +17,8 @@ _register_certs(app)  # tandem certs …
 from router.ctl.commands import register as _register_ctl; _register_ctl(app)  # noqa: E402,E702 tandem ctl …, tandem top
 from router.ctl.up import register as _register_up  # noqa: E402
 _register_up(app)  # tandem up, tandem down
+from router.partner.cli import register as _register_partner  # noqa: E402
+_register_partner(app)  # tandem partner-sim
 
 
 @app.command()
@@ -91,10 +93,13 @@ def demo(
 ) -> None:
     """Start etcd and the example cluster, drive unbalanced traffic (overflow between
     sites), print KPIs per site and queue against the isolated and pooled references."""
+    from router.partner.sim import PartnerSim
     from router.sim.demo import run_demo
 
+    # The BPO partners of SITES/partners run as simulated ACDs in the demo's process; the
+    # simulator may not import router.partner (same layer), so they are joined here.
     raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed,
-                              reference=reference, traffic=traffic))
+                              reference=reference, traffic=traffic, partner_sim=PartnerSim))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,15 @@ def test_demo_json(tmp_path):
     assert sum(outs.values()) > 0, proc.stderr[-4000:]
     assert sum(outs.values()) == sum(ins.values()) == s["overflow"]
     assert outs["montreal"] > 0, outs  # the overloaded center hands work on
+    # The BPO partner on the partner API (blueline: a simulated ACD in the demo's process)
+    # took some of the overflow, within its contract as it saw it; the calls it served
+    # are the ones the origins handed to it for good.
+    assert set(s["partners"]) == {"blueline"}, s["partners"]
+    bl = s["partners"]["blueline"]
+    assert bl["cap_exceeded"] == 0 and bl["fields_outside_contract"] == 0, bl
+    assert bl["accepted"] > 0 and bl["offered"] == bl["accepted"] + bl["declined"], bl
+    assert bl["handled"] + bl["handed_back"] <= bl["accepted"] and 1 <= bl["max_concurrent"] <= 6, bl
+    assert sum(site["partner_out"] for site in s["sites"].values()) == bl["handled"], (bl, s["sites"])
     # The reference figures on the same traffic.
     for key in ("isolated_service_level", "pooled_service_level"):
         assert 0 <= s[key] <= 1, key

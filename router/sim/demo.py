@@ -12,14 +12,24 @@ KPI tables per site and queue computed from the nodes' own records
 (:func:`router.sim.report.reconcile`: a call that overflowed is owned by the site
 that took it, and TRANSFERRED at the one it left).
 
+BPO partners on the partner API: for every contract in ``SITES/partners/*.yaml`` that
+:data:`DEMO_PARTNERS` knows (the example's ``blueline``), the cluster run writes the
+contract into etcd and plays the partner's own ACD in the demo process, as an asyncio
+task: a simulated partner (``router.partner.sim.PartnerSim``, handed to :func:`run_demo`
+by the ``tandem`` command: it is of the same layer as this package) connected over
+mTLS as ``partner-NAME`` to the in-house nodes only (CallPro runs a Tandem node and stays
+a site). It answers the generator's callers on the same line (the caller is answered when
+the partner's agent picks up; a caller who hangs up first is not), and keeps its own
+records, which the reconciliation uses for the calls the partner owns.
+
 Traffic: a traffic profile (:mod:`router.sim.traffic`; ``tandem demo --traffic FILE``:
 rates, handle-time and patience distributions, caller pools, head starts; its
 ``time_scale`` replaces the default). Without one, :func:`demo_profile`: the load of
 :data:`DEMO_LOAD` (shipped as ``router/sim/traffic_example.yaml``), unbalanced on purpose: Montréal is offered more than its
 agents can take, Lyon is moderately busy and the partner CallPro has agents to spare, so
-overflow visibly happens: Montréal's English billing and support work goes to CallPro
-(standard value, within the partner's contract and cap), its French and its high-value
-sales work to Lyon.
+overflow visibly happens: Montréal's English billing and support work goes to the BPO
+partner blueline while one of its agents is idle, else to CallPro (standard value, within
+each partner's contract and cap), its French and its high-value sales work to Lyon.
 
 Reference runs (skipped with ``reference=False``): the same traffic — same seed, same
 arrivals, talk times and patience — is played twice more, each run as long as the
@@ -36,9 +46,17 @@ and without ``json_out``. JSON keys: ``duration_s``, ``offered``, ``answered``,
 ``pooled_service_level`` (null without the reference runs), ``sites`` {name:
 {``offered``, ``answered``, ``abandoned``, ``rejected``, ``service_level``, ``asa_s``,
 ``aht_s``, ``abandon_rate``, ``csat``, ``occupancy``, ``overflow_out``, ``overflow_in``,
-``isolated_service_level``}}, plus ``time_scale``. A site's calls are those that
+``isolated_service_level``, ``partner_out``}}, ``partners`` {name: {``offered``,
+``accepted``, ``declined``, ``handled``, ``handed_back``, ``cap_exceeded``,
+``fields_outside_contract``, ``max_concurrent``}} (the partners on the partner API, as
+their simulated ACD counted: offers received, accepted, declined, calls served to an
+outcome, handed back; how often it held more calls at once than its contract's cap, how
+many fields outside its contract's data scopes it received, the most it held at once; {}
+without one), plus ``time_scale``. A site's calls are those that
 *arrived* there (an overflowed call counts for its origin, with the outcome it got where
-it was answered); ``overflow_out`` / ``overflow_in`` count the hand-overs it made / took.
+it was answered, at a partner too); ``overflow_out`` / ``overflow_in`` count the
+hand-overs it made to / took from another site, ``partner_out`` those it made to a
+partner on the partner API.
 **Every time in it is in simulated seconds** (real seconds multiplied back by the time
 scale), ``duration_s`` included; rates and service levels are fractions, null when
 undefined (nothing answered).
@@ -47,10 +65,11 @@ History: the cluster run's nodes write the interaction history (compressed times
 demo records its time scale in ``DATA_DIR/time_scale`` so that ``tandem report kpi
 --data-dir DATA_DIR`` reports in the run's simulated time, as the tables here do.
 
-Exit code: 0 when ``lost`` and ``duplicates`` are both 0 (in every run) and no agent was
+Exit code: 0 when ``lost`` and ``duplicates`` are both 0 (in every run), no agent was
 offered more calls of a channel than its capacity (invariant 2, checked by the simulated
-agents); 1 otherwise; 2 when etcd or the nodes could not be started; 130 when
-interrupted.
+agents) and every partner saw its contract kept (``cap_exceeded`` and
+``fields_outside_contract`` 0); 1 otherwise; 2 when etcd or the nodes could not be
+started; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -66,7 +85,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 import yaml
@@ -76,6 +95,7 @@ from rich.live import Live
 from rich.table import Table
 
 from router.config import Channel, SiteConfig, load_sites, parse_site
+from router.contracts import ContractError, PartnerContract, contract_json, parse_contract
 from router.local.etcd import EtcdStartError, etcd_server
 from router.sim.loadgen import CallerPool, CallStream, LoadGen, LoadGenConfig
 from router.sim.traffic import TrafficProfile, parse_profile
@@ -83,9 +103,11 @@ from router.sim.agents import AgentBehaviour
 from router.sim.rpc import NodeClient, describe
 from router.sim.report import (
     Overflow,
+    PartnerCall,
     QueueKpi,
     Reconciliation,
     overflow_counts,
+    partner_calls,
     queue_kpis,
     reconcile,
     total,
@@ -173,9 +195,36 @@ DEMO_POLICY = {
     "queues": {
         "billing-email": {"enabled": False},  # only Lyon answers e-mail
         "screening-voice": {"enabled": False},  # blacklisted callers stay with the fraud team
+        # French work never goes to the BPO partner blueline (its agents speak English;
+        # its contract takes any origin queue of its skills): the default, blueline excluded.
+        "billing-fr-voice": {"wait_threshold": {"factor": 0.5}, "margin": {"ratio": 0.33}, "exclude": ["blueline"]},
+        "support-fr-voice": {"wait_threshold": {"factor": 0.5}, "margin": {"ratio": 0.33}, "exclude": ["blueline"]},
     },
     "partners": {"callpro": {"max_value": "standard", "max_concurrent": 14}},
 }
+
+
+@dataclass(frozen=True)
+class DemoPartner:
+    """How the demo plays a BPO partner's ACD on the partner API (its contract comes from
+    ``SITES/partners/NAME.yaml``): agents per skill, mean talk time, wrap-up and answer
+    delay in simulated seconds, the share of calls it hands back."""
+
+    agents: Mapping[str, int]
+    aht_s: float = 300.0
+    wrap_s: float = 20.0
+    answer_delay_s: float = 6.0
+    handback_rate: float = 0.1
+
+
+# blueline: two agents per skill. While one is idle it advertises no wait and wins the tie
+# with CallPro (same expected wait, both partners: the name decides), so it takes
+# Montréal's English overflow first; once its agents are busy CallPro takes the rest.
+DEMO_PARTNERS: dict[str, DemoPartner] = {
+    "blueline": DemoPartner(agents={"billing": 2, "support": 2}),
+}
+#: Builds a simulated partner: ``router.partner.sim.PartnerSim`` (see :func:`run_demo`).
+PartnerSimFactory = Callable[..., Any]
 
 
 # --- site files ---------------------------------------------------------------------------
@@ -443,10 +492,15 @@ def service_level(kpis: dict[str, dict[str, QueueKpi]]) -> float | None:
     return total([total(per.values()) for per in kpis.values()]).service_level
 
 
+PARTNER_KEYS = ("offered", "accepted", "declined", "handled", "handed_back", "cap_exceeded",
+                "fields_outside_contract", "max_concurrent")
+
+
 def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_sim_s: float,
             scale: float, occupancy: dict[str, float | None], flows: dict[str, Overflow] | None = None,
             isolated: dict[str, dict[str, QueueKpi]] | None = None,
-            pooled: dict[str, dict[str, QueueKpi]] | None = None) -> dict:
+            pooled: dict[str, dict[str, QueueKpi]] | None = None,
+            partners: Mapping[str, Mapping] | None = None) -> dict:
     flows = flows or {}
     sites = {}
     for site, per in kpis.items():
@@ -460,7 +514,7 @@ def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_
             "abandon_rate": _rnd(k.abandon_rate), "csat": _rnd(k.csat, 3),
             "occupancy": _rnd(occupancy.get(site)),
             "overflow_out": f.out, "overflow_in": f.in_,
-            "isolated_service_level": _rnd(iso),
+            "isolated_service_level": _rnd(iso), "partner_out": f.to_partners,
         }
     a = total([total(per.values()) for per in kpis.values()])
     return {
@@ -471,7 +525,9 @@ def summary(kpis: dict[str, dict[str, QueueKpi]], rec: Reconciliation, duration_
         "overflow": sum(f.out for f in flows.values()),
         "isolated_service_level": _rnd(service_level(isolated)) if isolated else None,
         "pooled_service_level": _rnd(service_level(pooled)) if pooled else None,
-        "sites": sites, "time_scale": scale,
+        "sites": sites,
+        "partners": {name: {k: p[k] for k in PARTNER_KEYS} for name, p in sorted((partners or {}).items())},
+        "time_scale": scale,
     }
 
 
@@ -494,14 +550,21 @@ class RunResult:
     flows: dict[str, Overflow] = field(default_factory=dict)
     occupancy: dict[str, float | None] = field(default_factory=dict)
     wall_s: float = 0.0
+    partners: dict[str, dict] = field(default_factory=dict)  # name -> the simulated partner's summary
 
     @property
     def service_level(self) -> float | None:
         return service_level(self.kpis)
 
     @property
+    def contracts_kept(self) -> bool:
+        """Every partner saw its contract kept: never above its cap, no field outside its scopes."""
+        return all(p["cap_exceeded"] == 0 and p["fields_outside_contract"] == 0 for p in self.partners.values())
+
+    @property
     def clean(self) -> bool:
-        return self.rec.lost == 0 and self.rec.duplicates == 0 and not self.gen.ledger.over_capacity
+        return (self.rec.lost == 0 and self.rec.duplicates == 0 and not self.gen.ledger.over_capacity
+                and self.contracts_kept)
 
 
 async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Console | None,
@@ -527,17 +590,22 @@ async def _poll_status(gen: LoadGen, status: dict, stop: asyncio.Event, log: Con
 
 
 async def cluster_up(endpoints: tuple[str, ...], prefix: str, names: list[str], policy: Mapping,
-                     timeout: float = 20.0, etcd_tls: Mapping[str, str] | None = None) -> None:
-    """Put the overflow policy into etcd and wait until every node is a member with its
-    load published (so the first calls already see their peers). ``etcd_tls``: the
-    ``ca_file``, ``cert_file`` and ``key_file`` of an etcd over TLS (an operator's)."""
+                     timeout: float = 20.0, etcd_tls: Mapping[str, str] | None = None,
+                     contracts: Mapping[str, PartnerContract] | None = None) -> None:
+    """Put the partners' ``contracts`` and the overflow policy into etcd and wait until
+    every node is a member with its load published (so the first calls already see their
+    peers). ``etcd_tls``: the ``ca_file``, ``cert_file`` and ``key_file`` of an etcd over
+    TLS (an operator's)."""
     from router.coord import EtcdCoordinator, EtcdSettings
+    from router.coord.keys import Keys
 
     coord = EtcdCoordinator("demo", EtcdSettings(endpoints=endpoints, prefix=prefix, ttl_s=ETCD_TTL_S,
                                                  op_timeout_s=2.0, **dict(etcd_tls or {})))
     await coord.start()
     try:
         await coord.wait_ready(timeout)
+        for name, c in (contracts or {}).items():  # validated already; the nodes read them at once
+            await coord.put_document(Keys(prefix).partner_contract(name), contract_json(c))
         await coord.put_policy(dict(policy))
         deadline = time.monotonic() + timeout
         while not (set(names) <= set(coord.members()) and set(names) <= set(coord.peer_loads())):
@@ -586,11 +654,30 @@ def demo_config(sites: list[SiteConfig], addresses: dict[str, str], streams: lis
     )
 
 
+def _partner_sims(factory: PartnerSimFactory | None, contracts: Mapping[str, PartnerContract],
+                  sites: list[SiteConfig], addresses: dict[str, str], gen: LoadGen, scale: float, seed: int,
+                  tls_dir: Path | None) -> dict[str, Any]:
+    """One simulated partner ACD per contract, connected to the in-house nodes (``SITE=ADDR``:
+    over mTLS each node proves it is that site), on the generator's line."""
+    if factory is None:
+        return {}
+    inhouse = [f"{s.site.name}={addresses[s.site.name]}" for s in sites if s.site.kind == "inhouse"]
+    sims = {}
+    for i, (name, c) in enumerate(sorted(contracts.items())):
+        d = DEMO_PARTNERS[name]
+        sims[name] = factory(name, inhouse, c, dict(d.agents), aht_s=d.aht_s, wrap_s=d.wrap_s,
+                             answer_delay_s=d.answer_delay_s, handback_rate=d.handback_rate, time_scale=scale,
+                             seed=seed * 1009 + i, tls=tls_dir, line=gen.partner_line)
+    return sims
+
+
 async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], sites: list[SiteConfig],
                  streams: list[CallStream], duration: float, scale: float, seed: int,
                  live_console: Console | None, log_console: Console, tls_dir: Path | None = None,
-                 callers: dict[str, CallerPool] | None = None) -> tuple:
+                 callers: dict[str, CallerPool] | None = None, partner_sim: PartnerSimFactory | None = None,
+                 contracts: Mapping[str, PartnerContract] | None = None) -> tuple:
     gen = LoadGen(demo_config(sites, addresses, streams, duration, scale, seed, tls_dir, callers))
+    sims = _partner_sims(partner_sim, contracts or {}, sites, addresses, gen, scale, seed, tls_dir)
     status: dict = {}
     stop = asyncio.Event()
     poller = asyncio.create_task(
@@ -598,6 +685,14 @@ async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], 
     )
     t0 = time.time()
     try:
+        for name, sim in sims.items():
+            await sim.start()
+            try:
+                await sim.wait_connected(15.0)
+            except asyncio.TimeoutError:
+                errors = "; ".join(f"{s.target}: {s.last_error or 'no answer'}" for s in sim.sessions)
+                raise RunFailed(f"partner {name} could not connect to the nodes: {errors}") from None
+            log_console.print(f"{kind}: partner {name} connected to " + ", ".join(s.site for s in sim.sessions))
         if live_console is not None:
             with Live(console=live_console, refresh_per_second=2, transient=False,
                       get_renderable=lambda: _progress_table(gen, status, scale, gen.started_at)):
@@ -607,6 +702,12 @@ async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], 
     finally:
         stop.set()
         await asyncio.gather(poller, return_exceptions=True)
+        # The callers are done: the partners finish the calls in hand and report them.
+        for sim in sims.values():
+            await sim.stop(timeout=15.0, end_calls=True)
+    partners: dict[str, PartnerCall] = {}
+    for name, sim in sims.items():
+        partners.update(partner_calls(name, sim.records))
     node_calls = {}
     clients = {site: NodeClient(site, addr, tls_dir) for site, addr in listing.items()}
     try:
@@ -618,8 +719,8 @@ async def _drive(kind: str, addresses: dict[str, str], listing: dict[str, str], 
         for client in clients.values():
             await client.close()
     log_console.print(f"{kind}: traffic and drain took {time.time() - t0:.1f} s")
-    rec = reconcile(gen.records.values(), node_calls, gen.ledger, gen.run_id)
-    return gen, node_calls, rec
+    rec = reconcile(gen.records.values(), node_calls, gen.ledger, gen.run_id, partners)
+    return gen, node_calls, rec, partners, {name: sim.summary() for name, sim in sims.items()}
 
 
 def _node_logs(nodes: dict) -> str:
@@ -642,6 +743,8 @@ async def run_traffic(
     live_console: Console | None = None,
     log_console: Console | None = None,
     profile: TrafficProfile | None = None,
+    contracts: Mapping[str, PartnerContract] | None = None,
+    partner_sim: PartnerSimFactory | None = None,
 ) -> RunResult:
     """One run of the traffic ``profile`` (default: :func:`demo_profile` of ``load``) on
     the example sites, data under ``root/kind``.
@@ -649,7 +752,10 @@ async def run_traffic(
     ``kind``: "cluster" (one node per site, joined through etcd at ``etcd_endpoints``
     with ``policy``), "isolated" (one node per site, no etcd) or "pooled" (one node
     serving every agent and queue: :func:`pooled_site`). The same ``seed`` plays the same
-    arrivals in every kind. Raises :class:`NodeStartError` or :class:`RunFailed`."""
+    arrivals in every kind. ``contracts`` (partner -> contract; cluster runs only): BPO
+    partners on the partner API, each played by ``partner_sim(...)`` (a
+    ``router.partner.sim.PartnerSim``) in this process, with :data:`DEMO_PARTNERS`'
+    settings. Raises :class:`NodeStartError` or :class:`RunFailed`."""
     log_console = log_console or _console(sys.stderr)
     base = Path(root) / kind
     profile = profile if profile is not None else demo_profile(sites, load)
@@ -657,6 +763,7 @@ async def run_traffic(
     callers = profile.caller_pools(sites, streams, duration * scale)
     extra: list[str] = []
     tls_dir: Path | None = None
+    contracts = dict(contracts or {}) if kind == "cluster" and partner_sim is not None else {}
     if kind == "pooled":
         d = scaled_site(parse_site(pooled_site(sites), "<pooled>"), scale)
         (base / "sites").mkdir(parents=True, exist_ok=True)
@@ -671,7 +778,7 @@ async def run_traffic(
                      "--etcd-ttl", str(ETCD_TTL_S)]
             # The cluster runs over mTLS: a CA and every identity in its data dir (the
             # reference runs are plaintext: they only replay the traffic for comparison).
-            tls_dir = make_certs(sites, base / "tls")
+            tls_dir = make_certs(sites, base / "tls", partners=tuple(sorted(contracts)))
             extra += ["--tls-dir", str(tls_dir)]
     # The cluster run fills the history (each node: chdb in its data dir, read merged by
     # `tandem report kpi --data-dir DIR`; TANDEM_HISTORY=URL or off overrides); the
@@ -688,22 +795,25 @@ async def run_traffic(
         log_console.print(f"{kind}: nodes " + ", ".join(f"{k} {n.address}" for k, n in nodes.items()))
         try:
             if kind == "cluster":
-                await cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY)
+                await cluster_up(tuple(etcd_endpoints), etcd_prefix, list(nodes), policy or DEMO_POLICY,
+                                 contracts=contracts)
             t0 = time.time()
-            gen, node_calls, rec = await _drive(kind, addresses, listing, sites, streams, duration, scale,
-                                                seed, live_console, log_console, tls_dir, callers)
+            gen, node_calls, rec, partners, summaries = await _drive(
+                kind, addresses, listing, sites, streams, duration, scale, seed, live_console, log_console,
+                tls_dir, callers, partner_sim, contracts)
         except (grpc.RpcError, OSError, asyncio.TimeoutError) as e:
             raise RunFailed(f"the {kind} run failed: {describe(e)}\n{_node_logs(nodes)}") from None
         except RunFailed as e:
             raise RunFailed(f"{e}\n{_node_logs(nodes)}") from None
     by_site = {s.site.name: s for s in sites}
     origin = {r.call_id: r.site for r in gen.records.values()} if kind == "pooled" else None
-    kpis = queue_kpis(node_calls, by_site, scale, origin_site=origin)
+    kpis = queue_kpis(node_calls, by_site, scale, origin_site=origin, partners=partners)
     kpis = {s.site.name: kpis.get(s.site.name, {}) for s in sites}
     t_a, t_b = gen.started_at, gen.arrivals_ended_at
     occupancy = voice_occupancy(node_calls, running, t_a + 0.1 * (t_b - t_a), t_b)
-    flows = overflow_counts(node_calls) if kind == "cluster" else {}
-    return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0)
+    arrived = {r.call_id: r.site for r in gen.records.values()}
+    flows = overflow_counts(node_calls, partners, arrived) if kind == "cluster" else {}
+    return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0, summaries)
 
 
 def write_time_scale(root: Path, scale: float) -> Path:
@@ -715,13 +825,35 @@ def write_time_scale(root: Path, scale: float) -> Path:
     return path
 
 
-def make_certs(sites: list[SiteConfig], directory: Path) -> Path:
-    """``tandem certs init`` for the example sites (kept when already there)."""
-    from router.security import pki
+def make_certs(sites: list[SiteConfig], directory: Path, partners: tuple[str, ...] = ()) -> Path:
+    """``tandem certs init`` for the example sites (kept when already there), with a
+    ``partner-NAME`` identity bound to the partner role for each of ``partners``."""
+    from router.security import bindings, pki, spiffe
 
     if not (directory / "ca.key").exists():
-        pki.init(directory, [(s.site.name, s.site.kind) for s in sites])
+        pki.init(directory, [(s.site.name, s.site.kind) for s in sites], partners=partners)
+    missing = [p for p in partners if not (directory / f"partner-{p}.crt").exists()]
+    if missing:  # a directory made before the partner joined
+        doc = bindings.load_file(directory / "bindings.json")
+        td = pki.trust_domain_of(directory)
+        extra = [bindings.Binding(identity=spiffe.SpiffeId(td, "partner", p).uri, role="partner", sites=("*",))
+                 for p in missing]
+        for p in missing:
+            pki.issue(directory, "partner", p)
+        doc = bindings.Bindings(bindings=(*doc.bindings, *extra))
+        (directory / "bindings.json").write_text(bindings.dumps(doc))
     return directory
+
+
+def partner_contracts(sites_dir: Path) -> dict[str, PartnerContract]:
+    """The contracts of ``SITES/partners/*.yaml`` that :data:`DEMO_PARTNERS` plays (none
+    when the directory is missing). ContractError for an invalid one."""
+    out = {}
+    for f in sorted((Path(sites_dir) / "partners").glob("*.yaml")):
+        c = parse_contract(f.read_text(), source=str(f))
+        if c.partner in DEMO_PARTNERS:
+            out[c.partner] = c
+    return out
 
 
 def load_site_file(path: Path) -> SiteConfig:
@@ -761,6 +893,13 @@ def _report(out: Console, res: RunResult) -> None:
     over = len(gen.ledger.over_capacity)
     if over:
         out.print(f"[red]{res.kind}: {over} offers exceeded an agent's capacity on a channel[/red]")
+    for name, p in res.partners.items():
+        broken = p["cap_exceeded"] or p["fields_outside_contract"]
+        out.print(
+            f"{'[red]' if broken else ''}{res.kind}: partner {name} (partner API): offered {p['offered']}, accepted "
+            f"{p['accepted']}, declined {p['declined']}, handled {p['handled']}, handed back {p['handed_back']}, "
+            f"at most {p['max_concurrent']} at once; above its cap {p['cap_exceeded']} times, fields outside its "
+            f"contract {p['fields_outside_contract']}{'[/red]' if broken else ''}")
     for ex in rec.examples[:10]:
         out.print(f"  {ex}", markup=False)
     for e in gen.errors[:10]:
@@ -776,10 +915,13 @@ def run_demo(
     time_scale: float | None = None,
     reference: bool = True,
     traffic: Path | None = None,
+    partner_sim: PartnerSimFactory | None = None,
 ) -> int:
     """Run the demo; returns the process exit code (see the module docstring).
     ``traffic``: a traffic profile file (:mod:`router.sim.traffic`); ``time_scale``:
-    default the profile's, else :data:`DEMO_TIME_SCALE`."""
+    default the profile's, else :data:`DEMO_TIME_SCALE`. ``partner_sim``: builds the
+    simulated partners (``router.partner.sim.PartnerSim``, passed by the ``tandem`` command;
+    None: the BPO partners of ``SITES/partners`` stay out of the run)."""
     import uvloop
 
     from router.sim.traffic import ProfileError, load_profile
@@ -789,6 +931,11 @@ def run_demo(
     sites = load_sites(sites_or_example(sites_dir))
     if not sites:
         err.print(f"no site files (*.yaml) in {sites_dir}")
+        return 2
+    try:
+        contracts = partner_contracts(sites_or_example(sites_dir)) if partner_sim is not None else {}
+    except (ContractError, OSError) as e:
+        err.print(str(e), markup=False)
         return 2
     profile = None
     if traffic is not None:
@@ -809,7 +956,8 @@ def run_demo(
                       f"{ETCD_PREFIX}policy/overflow")
             cluster = await run_traffic("cluster", sites, root, duration=duration, scale=time_scale,
                                         seed=seed, etcd_endpoints=etcd.endpoints, live_console=live,
-                                        log_console=err, profile=profile)
+                                        log_console=err, profile=profile, contracts=contracts,
+                                        partner_sim=partner_sim)
         isolated = pooled = None
         if reference:
             err.print("reference runs on the same traffic: isolated sites (no overflow), then all "
@@ -862,7 +1010,8 @@ def run_demo(
             f"{_pct(total(isolated.kpis.get(s, {}).values()).service_level)}" for s in cluster.kpis))
     if json_out:
         doc = summary(cluster.kpis, cluster.rec, duration * time_scale, time_scale, cluster.occupancy,
-                      cluster.flows, isolated.kpis if isolated else None, pooled.kpis if pooled else None)
+                      cluster.flows, isolated.kpis if isolated else None, pooled.kpis if pooled else None,
+                      cluster.partners)
         if any(not r.clean for r in runs[1:]):
             doc["reference_lost"] = sum(r.rec.lost for r in runs[1:])
             doc["reference_duplicates"] = sum(r.rec.duplicates for r in runs[1:])

@@ -14,6 +14,15 @@ CALL_ANSWERED: taken by an agent meanwhile); when it answers TRANSFERRING, or TR
 on every node) and hangs up there, or sees it already ended by the forward. Agents: see :mod:`router.sim.agents`; they
 answer calls at whichever site routes them.
 
+Calls handed to a BPO partner's own ACD (the partner API): the partner simulated in the
+same process (``router.partner.sim.PartnerSim``) is given :attr:`LoadGen.partner_line`, the
+telephone line between these callers and its agents (:class:`PartnerLine`): the caller
+is answered when the partner's agent picks up (unless the caller hung up first — the
+partner then sees the line dead and does not answer), and the conversation ends when the
+partner's agent ends it. A caller who hangs up on a call the partner owns asks the origin
+(``AbandonCall``), which answers with its TRANSFERRED view and tells the partner's
+gateway; the caller is done then.
+
 Time compression: every duration in the configuration (rates per *simulated* hour, talk
 times, patience, ring and recovery times) is in simulated seconds; the generator runs
 ``time_scale`` simulated seconds per real second. The nodes must be given site files
@@ -124,6 +133,45 @@ class CallerPool:
         return f"{self.prefix}{1_000_000 + rng.randrange(self.size):07d}"
 
 
+class PartnerLine:
+    """The line between the generator's callers and a partner's agents in the same process
+    (``router.partner.sim.PartnerLine``). ``force``: the end of the run (the partner ends
+    its conversations at once, as the generator's agents do)."""
+
+    def __init__(self, gen: "LoadGen") -> None:
+        self.gen = gen
+        self.force: asyncio.Event | None = gen.force
+        self.owner: dict[str, str] = {}  # call id -> the partner that owns it now
+
+    def assigned(self, call_id: str, partner: str) -> None:
+        self.owner[call_id] = partner
+
+    def handed_back(self, call_id: str) -> None:
+        self.owner.pop(call_id, None)
+
+    def caller_gone(self, call_id: str) -> bool:
+        rec = self.gen.records.get(call_id)
+        if rec is None:
+            return False  # not one of our callers: the partner decides alone
+        return call_id in self.gen.hung_up or (rec.outcome != "pending" and not rec.answered_at)
+
+    def answered(self, call_id: str, at: float, partner: str, agent: str) -> bool:
+        rec = self.gen.records.get(call_id)
+        if rec is None:
+            return True
+        if self.caller_gone(call_id) or rec.answered_at:
+            return False
+        rec.answered_at, rec.owner = at, f"partner:{partner}"
+        rec.wake.set()
+        return True
+
+    def ended(self, call_id: str, at: float) -> None:
+        rec = self.gen.records.get(call_id)
+        if rec is not None and rec.outcome == "pending" and rec.answered_at:
+            rec.outcome, rec.ended_at = "completed", at
+            rec.wake.set()
+
+
 @dataclass
 class LoadGenConfig:
     addresses: dict[str, str]  # site -> host:port
@@ -179,6 +227,8 @@ class LoadGen:
         self.started_at = 0.0
         self.arrivals_ended_at = 0.0
         self.errors: list[str] = []
+        self.hung_up: set[str] = set()  # callers who decided to hang up (before an answer)
+        self.partner_line = PartnerLine(self)
 
     @property
     def records(self) -> dict[str, CallRecord]:
@@ -333,6 +383,7 @@ class LoadGen:
             finally:
                 c.waiting -= 1
             if not rec.answered_at and rec.outcome == "pending":
+                self.hung_up.add(rec.call_id)  # from now on no partner's agent answers it
                 await self._abandon(rec, "end_of_run" if self.force.is_set() else "hangup")
             if rec.outcome == "abandoned":
                 c.abandoned += 1
@@ -388,7 +439,7 @@ class LoadGen:
         if state in _MOVING:
             # Overflowed (or on its way): the origin recorded the hang-up and hands it on
             # to the site that owns the call now; follow it there.
-            await self._abandon_moved(rec, reason)
+            await self._abandon_moved(rec, reason, resp.call)
             return
         if state == types_pb2.CALL_STATE_ABANDONED:
             self._abandoned(rec, resp.call, reason)
@@ -420,7 +471,7 @@ class LoadGen:
                 best = (site, c)
         return best
 
-    async def _abandon_moved(self, rec: CallRecord, reason: str) -> None:
+    async def _abandon_moved(self, rec: CallRecord, reason: str, origin_view: types_pb2.Call) -> None:
         """Hang up a call that overflowed: find the site that owns it (the origin's
         forward may have ended it there already) and abandon it there. Bounded; a call
         it cannot settle stays "pending" for the reconciliation to report."""
@@ -428,6 +479,13 @@ class LoadGen:
         deadline = loop.time() + self.cfg.rpc_timeout_s * 3
         while loop.time() < deadline:
             found = await self._locate(rec.call_id)
+            partner = self.partner_line.owner.get(rec.call_id)
+            if found is None and partner is not None:
+                # A partner's ACD has it (no node holds it live): the origin told its
+                # gateway, and the partner saw the line drop. The caller is gone.
+                rec.owner = f"partner:{partner}"
+                self._abandoned(rec, origin_view, reason)
+                return
             if found is not None:
                 site, call = found
                 rec.owner = site

@@ -13,6 +13,14 @@ say (``Admin.ListCalls``):
 * ``unfinished`` — calls the generator could not take to an end itself (an RPC of its own
   failed); not a node fault, listed for the curious.
 
+Calls handed to a BPO partner on the partner API (its own ACD, not a node: the origin's
+copy is TRANSFERRED to ``partner:<name>`` and no node has the call after that) are owned
+by the partner. The partner's own records (:class:`PartnerCall`, from the simulated
+partner of the demo) say what it did: such a call must have been served there exactly
+once (twice is a duplicate; never, or no record at all, is lost), the origin must have
+recorded the partner's outcome (the same answer time), and the generator's caller must
+agree (answered when the partner answered, abandoned when it did not).
+
 :func:`queue_kpis` computes per site and queue (where the call arrived; an overflowed
 call keeps counting for its origin queue, with the outcome it got at the other site): offered, answered, abandoned, rejected,
 service level by the queue's own definition (``ServiceLevelDefinition``), ASA, AHT (talk
@@ -24,7 +32,7 @@ simulated seconds and compared with the *unscaled* site configuration.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from router.config import Channel, SiteConfig
 from router.sim.ledger import CallRecord, Ledger
@@ -54,6 +62,47 @@ class Reconciliation:
 
 _MOVED = types_pb2.CALL_STATE_TRANSFERRED
 _MOVING = types_pb2.CALL_STATE_TRANSFERRING
+PARTNER_PREFIX = "partner:"  # the transfer target of a call handed to a partner's gateway
+
+
+@dataclass(frozen=True)
+class PartnerCall:
+    """One call as a partner's own ACD saw it (the simulated partner's record:
+    ``router.partner.sim.SimCall``; see :func:`partner_calls`).
+
+    ``site``: the origin that offered or assigned it; ``offers``: offers received;
+    ``handled``: times it served the call to an outcome after an Assign (1 for a call it
+    owned); ``handed_back``: times it gave it back; ``in_hand``: assigned and not yet
+    ended; ``reported``: the origin recorded its outcome; ``answered_at``: its answer
+    time (0: the caller hung up first); ``ended_at``: when the call ended there."""
+
+    partner: str
+    site: str
+    offers: int = 0
+    handled: int = 0
+    handed_back: int = 0
+    in_hand: bool = False
+    reported: bool = False
+    answered_at: float = 0.0
+    ended_at: float = 0.0
+
+
+_IN_HAND = frozenset({"assigned", "waiting", "ringing", "talking", "wrap", "reporting"})
+
+
+def partner_calls(partner: str, records: Mapping[str, Any]) -> dict[str, PartnerCall]:
+    """:class:`PartnerCall` of every call a simulated partner recorded (``records``: call
+    id -> its record, with the attributes of ``router.partner.sim.SimCall``)."""
+    return {
+        cid: PartnerCall(partner, r.site, r.offers, r.handled, r.handed_back, r.state in _IN_HAND,
+                         r.reported, r.answered_at, r.ended_at)
+        for cid, r in records.items()
+    }  # fmt: skip
+
+
+def transfer_target(call: Any) -> str:
+    """The transfer target a Call message carries ("" when its message has no such field)."""
+    return str(getattr(call, "transfer_target", "") or "")
 
 
 @dataclass
@@ -68,13 +117,18 @@ class Owned:
     origin_start: float  # when it joined the origin's queue (Unix seconds)
     copies: list = field(default_factory=list)  # (site, Call), in node order
     problem: str = ""  # "" | "lost" | "duplicate": how the copies break invariant 1
+    partner: str = ""  # the partner (partner API) that owns it; ``site`` is then "partner:<name>"
 
     @property
     def moved(self) -> bool:
         return self.site != self.origin_site
 
 
-def ownership(node_calls: dict[str, list]) -> dict[str, Owned]:
+def ownership(
+    node_calls: dict[str, list],
+    partners: Mapping[str, PartnerCall] | None = None,
+    origins: Mapping[str, str] | None = None,
+) -> dict[str, Owned]:
     """Every call the nodes list, with the copy that owns it (invariant 1).
 
     A call that moved between sites has a TRANSFERRED copy at each site it left (with
@@ -87,7 +141,17 @@ def ownership(node_calls: dict[str, list]) -> dict[str, Owned]:
     owns it. ``problem``: "lost" when no copy owns the call, "duplicate" when two
     copies do, or when the TRANSFERRED and live copies disagree (a live copy older
     than a committed hand-over, a site listing the call twice).
+
+    ``partners`` (call id -> :class:`PartnerCall`): a call whose last hand-over went to a
+    partner's gateway and that no node holds live is the partner's (``site`` is then
+    "partner:<name>", ``call`` the origin's TRANSFERRED copy); served there twice, or
+    also live at a site, it is a duplicate. ``origins`` (call id -> the site where it
+    arrived): a live copy with transfer attempts but no TRANSFERRED copy is fine at its
+    origin (every attempt was aborted, e.g. declined by a partner), and so is one whose
+    attempts the partner's records explain.
     """
+    partners = partners or {}
+    origins = origins or {}
     where: dict[str, list[tuple[str, object]]] = {}
     twice: set[str] = set()
     for site, calls in node_calls.items():
@@ -110,21 +174,36 @@ def ownership(node_calls: dict[str, list]) -> dict[str, Owned]:
                 live = landed
             else:
                 problem = "duplicate"
+        p = partners.get(call_id)
+        partner = ""
         if live:
             site, call = max(live, key=lambda sc: sc[1].transfer_count)
             if moved and call.transfer_count < moved[-1][1].transfer_count:
                 problem = "duplicate"  # a live copy older than a committed hand-over
-            if call.transfer_count and not moved and len(node_calls) > 1:
+            explained = origins.get(call_id) == site or (p is not None and p.site == site and p.offers > 0)
+            if call.transfer_count and not moved and len(node_calls) > 1 and not explained:
                 # Arrived by a transfer whose origin has no record of it: the origin
                 # might still think it owns it. (A single node listed: nothing to check.)
                 problem = problem or "duplicate"
+            if p is not None and p.handled:
+                problem = "duplicate"  # served by the partner, and live at a site too
         else:
             site, call = moved[-1]
-            problem = "lost"
+            named = transfer_target(call)
+            if named.startswith(PARTNER_PREFIX):
+                partner = named[len(PARTNER_PREFIX):]
+            elif not named and p is not None and p.site == site and (p.handled or p.in_hand):
+                partner = p.partner
+            if partner:
+                site = PARTNER_PREFIX + partner
+                if p is not None and p.handled > 1:
+                    problem = "duplicate"  # served twice by the partner
+            else:
+                problem = "lost"
         first_site, first = moved[0] if moved else (site, call)
         out[call_id] = Owned(
             call_id, site, call, first_site, first.queue,
-            first.queued_at or first.offered_at, copies, problem,
+            first.queued_at or first.offered_at, copies, problem, partner,
         )
     return out
 
@@ -134,13 +213,17 @@ def reconcile(
     node_calls: dict[str, list],
     ledger: Ledger,
     run_id: str,
+    partners: Mapping[str, PartnerCall] | None = None,
 ) -> Reconciliation:
     """The generator's records against every site's (see the module docstring). Each
     call is checked against the copy that owns it over all sites (:func:`ownership`),
     wherever it was offered: after an overflow the site that took the offer holds only
-    a TRANSFERRED record."""
+    a TRANSFERRED record. ``partners``: the records of the partners on the partner API
+    (call id -> :class:`PartnerCall`)."""
     r = Reconciliation()
-    owned = ownership(node_calls)
+    records = list(records)
+    partners = partners or {}
+    owned = ownership(node_calls, partners, {rec.call_id: rec.site for rec in records})
     dup: set[str] = set()
     for call_id, o in owned.items():
         if o.problem == "duplicate":
@@ -168,6 +251,9 @@ def reconcile(
         call = o.call
         if o.site != rec.site and rec.site in node_calls:
             r.transferred += 1
+        if o.partner:
+            _reconcile_partner(r, rec, o, partners.get(rec.call_id))
+            continue
         if rec.outcome in _STATE_OF_OUTCOME:
             if call.state != _STATE_OF_OUTCOME[rec.outcome]:
                 r.lost += 1
@@ -193,24 +279,61 @@ def reconcile(
     return r
 
 
+def _reconcile_partner(r: Reconciliation, rec: CallRecord, o: Owned, p: PartnerCall | None) -> None:
+    """A call the partner owns: served there once, its outcome recorded by the origin, and
+    the caller's account agreeing with the partner's."""
+    cid, where = rec.call_id, f"partner {o.partner}"
+    if p is None or not p.handled:
+        if p is not None and p.in_hand:
+            r.unfinished += 1
+            r.note(f"{cid}: still in hand at {where}")
+        else:
+            r.lost += 1
+            r.note(f"{cid}: TRANSFERRED to {where} by {o.origin_site}, never served there")
+        return
+    if not p.reported:
+        r.unfinished += 1
+        r.note(f"{cid}: {where} served it but its outcome was not recorded")
+        return
+    if o.call.answered_at != p.answered_at:
+        r.lost += 1
+        r.note(f"{cid}: {where} answered it at {p.answered_at}, the origin says {o.call.answered_at}")
+        return
+    said = "completed" if p.answered_at else "abandoned"
+    if rec.outcome == "pending":
+        r.unfinished += 1
+        r.note(f"{cid}: unfinished by the generator; {where} says {said}")
+    elif rec.outcome != said or (rec.answered_at and rec.answered_at != p.answered_at):
+        r.lost += 1
+        r.note(f"{cid}: generator saw {rec.outcome} (answered at {rec.answered_at}), {where} says {said} "
+               f"(answered at {p.answered_at})")
+
+
 @dataclass
 class Overflow:
-    """Transfers of one site: calls it handed on (``out``: its TRANSFERRED copies) and
-    calls it took from another site (``in_``: its copies that arrived by a transfer).
-    Over all sites the two sums are equal."""
+    """Transfers of one site: calls it handed on to another site (``out``: its TRANSFERRED
+    copies) and calls it took from another site (``in_``: its copies that arrived by a
+    transfer). Over all sites the two sums are equal. Calls it handed to a partner on the
+    partner API (not a site) count apart, in ``to_partners``."""
 
     out: int = 0
     in_: int = 0
+    to_partners: int = 0
 
 
-def overflow_counts(node_calls: dict[str, list]) -> dict[str, Overflow]:
+def overflow_counts(node_calls: dict[str, list], partners: Mapping[str, PartnerCall] | None = None,
+                    origins: Mapping[str, str] | None = None) -> dict[str, Overflow]:
     out = {site: Overflow() for site in node_calls}
-    for o in ownership(node_calls).values():
+    for o in ownership(node_calls, partners, origins).values():
         if o.problem:  # counted by reconcile(); its copies tell no consistent story
             continue
+        last = max((c.transfer_count for _, c in o.copies if c.state == _MOVED), default=-1)
         for site, c in o.copies:
             if c.state == _MOVED:
-                out[site].out += 1
+                if o.partner and c.transfer_count == last:
+                    out[site].to_partners += 1  # the hand-over to the partner
+                else:
+                    out[site].out += 1
             if site != o.origin_site:
                 out[site].in_ += 1
     return out
@@ -282,6 +405,7 @@ class QueueKpi:
 def queue_kpis(
     node_calls: dict[str, list], sites: dict[str, SiteConfig], time_scale: float,
     origin_site: dict[str, str] | None = None,
+    partners: Mapping[str, PartnerCall] | None = None,
 ) -> dict[str, dict[str, QueueKpi]]:
     """site -> queue -> KPIs (rejected calls, which have no queue, under "(rejected)").
 
@@ -290,9 +414,12 @@ def queue_kpis(
     its wait from its arrival there to its answer at the other site, against the origin
     queue's service-level definition. ``origin_site`` (call id -> site) overrides the
     arrival site, for runs where several sites' traffic went to one node (the pooled
-    reference of the demo)."""
+    reference of the demo). A call a partner owns (``partners``, see :func:`ownership`)
+    counts with the partner's outcome as its origin recorded it: answered at the
+    partner's answer time, or abandoned when the partner reported no answer."""
+    partners = partners or {}
     out: dict[str, dict[str, QueueKpi]] = {}
-    for o in ownership(node_calls).values():
+    for o in ownership(node_calls, partners, origin_site).values():
         call = o.call
         site = (origin_site or {}).get(o.call_id, o.origin_site)
         cfg = sites.get(site)
@@ -317,15 +444,18 @@ def queue_kpis(
             wait = max(0.0, call.answered_at - start) * time_scale
             k.wait_sum += wait
             k.answered_in_t += wait <= k.threshold_s
-            if call.state == types_pb2.CALL_STATE_COMPLETED and call.ended_at:
-                k.talk_sum += (call.ended_at - call.answered_at) * time_scale + k.wrap_up_s
+            if (call.state == types_pb2.CALL_STATE_COMPLETED or o.partner) and call.ended_at:
+                k.talk_sum += max(0.0, call.ended_at - call.answered_at) * time_scale + k.wrap_up_s
                 k.talk_n += 1
                 if call.disposition.csat:
                     k.csat_sum += call.disposition.csat
                     k.csat_n += 1
-        elif call.state == types_pb2.CALL_STATE_ABANDONED:
+        elif call.state == types_pb2.CALL_STATE_ABANDONED or (
+                o.partner and o.call_id in partners and partners[o.call_id].reported):
             k.abandoned += 1
-            waited = max(0.0, (call.ended_at or start) - start) * time_scale
+            p = partners.get(o.call_id) if o.partner else None
+            ended = (p.ended_at if p is not None and p.ended_at else call.ended_at) or start
+            waited = max(0.0, ended - start) * time_scale
             k.abandoned_after_t += waited > k.threshold_s
         else:
             k.active += 1
@@ -360,8 +490,8 @@ def voice_occupancy(
         wrap = {q.name: q.wrap_up_s for q in cfg.queues}
         busy = 0.0
         for c in calls:
-            if c.channel != types_pb2.CHANNEL_VOICE or not c.answered_at:
-                continue
+            if c.channel != types_pb2.CHANNEL_VOICE or not c.answered_at or c.state == _MOVED:
+                continue  # a TRANSFERRED copy was answered elsewhere (at a partner) if at all
             end = (c.ended_at or t1) + wrap.get(c.queue, 0.0)
             busy += max(0.0, min(end, t1) - max(c.answered_at, t0))
         out[site] = busy / (agents * (t1 - t0)) if agents else None
