@@ -51,7 +51,7 @@ def minimal(**over) -> dict:
 def test_the_example_contract_parses_with_what_it_says():
     c = blueline()
     assert c.partner == "blueline" and c.version == 1
-    assert c.skills == ["billing", "support"] and c.queues == []
+    assert c.skills == ["billing", "support"] and c.queues == ["billing-en-voice", "support-en-voice", "support-chat"]
     assert c.hours is not None and c.hours.tz == "Europe/Dublin"
     assert c.hours.holidays == [date(2026, 12, 25), date(2027, 1, 1)]
     assert (c.caps.concurrent, c.caps.per_second, c.caps.per_hour, c.caps.per_day) == (6, 2, 600, 5000)

@@ -178,3 +178,33 @@ def test_snapshot_restore_in_every_phase(phase):
     assert json.dumps(r.snapshot(), sort_keys=True) == json.dumps(e.snapshot(), sort_keys=True)
     assert r.partner_owned("blueline") == e.partner_owned("blueline")
     assert r.partner_record("c1") == e.partner_record("c1")
+
+
+def test_abandon_after_the_partners_outcome_ends_nothing():
+    e = busy_engine()
+    assigned(e, "c1", 1005.0)
+    outcome(e, "c1", 1300.0)
+    before = json.dumps(e.snapshot(), sort_keys=True)
+    with pytest.raises(RoutingError) as ei:
+        e.apply({"op": "abandon", "t": 1301.0, "call_id": "c1", "reason": "hangup"})
+    assert ei.value.reason == "CALL_ANSWERED"
+    assigned(e, "c2", 1005.0)
+    outcome(e, "c2", 1300.0, answered_at=0.0)
+    before = json.dumps(e.snapshot(), sort_keys=True)
+    assert not e.apply({"op": "abandon", "t": 1302.0, "call_id": "c2"}).changed
+    assert json.dumps(e.snapshot(), sort_keys=True) == before
+    assert e.transfers_pending() == []
+
+
+def test_assign_keeps_the_offers_value_and_wait():
+    e = busy_engine()
+    no = begun(e, "c0", 1005.0)
+    e.apply({"op": "partner_assign", "t": 1006.0, "call_id": "c0", "transfer_no": no, "partner": "blueline",
+             "agent": "a", "value": "low", "wait_s": 6.0})
+    rec = e.partner_record("c0")
+    assert (rec["value"], rec["wait_s"]) == ("low", 6.0)
+    no = begun(e, "c1", 1007.0)
+    for bad in ({"value": "high"}, {"wait_s": -1.0}, {"wait_s": float("nan")}):
+        with pytest.raises(RoutingError):
+            e.apply({"op": "partner_assign", "t": 1008.0, "call_id": "c1", "transfer_no": no,
+                     "partner": "blueline", **bad})

@@ -264,6 +264,9 @@ class Engine(ViewsMixin, SnapshotMixin, PartnerMixin, TransferMixin, StaffingMix
         if call.state == "abandoned":
             return Outcome(False, call.view(self._site_name))
         if call.state in ("transferring", "transferred"):
+            done = self._partner_abandon(call)
+            if done is not None:
+                return done
             return self._abandon_transferring(call, reason, now)
         if call.state not in ("queued", "assigned"):
             raise self._wrong_state(call, "abandon", "queued or assigned")

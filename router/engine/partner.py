@@ -11,7 +11,8 @@ the call back.
 ==================== ==================================================================
 op                   fields besides ``op`` and ``t``
 ==================== ==================================================================
-partner_assign       call_id, transfer_no, partner, agent
+partner_assign       call_id, transfer_no, partner, agent, value (low | standard),
+                     wait_s (at the offer)
 partner_outcome      call_id, partner, answered_at, talk_s, wrap_s, disposition,
                      resolved, csat, transferred_back
 partner_handback     call_id, partner, reason
@@ -19,7 +20,8 @@ partner_handback     call_id, partner, reason
 
 * ``partner_assign``: a call "transferring" to ``partner:<partner>`` (transfer
   ``transfer_no``, not yet decided) becomes "transferred" there, owned by the partner;
-  the record keeps the partner's ``agent`` (its agent id or label). Repeating it
+  the record keeps the partner's ``agent`` (its agent id or label), and the offer's
+  value tier and wait (an Assign sent again says what the first one said). Repeating it
   answers the call unchanged. A transfer to a node, another partner or an older
   attempt: FAILED_PRECONDITION WRONG_STATE / TRANSFER_NO_MISMATCH.
 * ``partner_outcome``: the partner's report of a call it owns. The call takes
@@ -138,6 +140,10 @@ class PartnerMixin:
         cid, no = v.call_id(cmd), parse_transfer_no(cmd)
         partner = v.text(cmd, "partner", MAX_PARTNER, required=True)
         agent = v.text(cmd, "agent", MAX_AGENT)
+        value = cmd.get("value", "standard")
+        if value not in ("low", "standard"):
+            raise v.invalid("INVALID_FIELD", "value must be low or standard", field="value")
+        wait_s = _seconds(cmd, "wait_s", unix=True)
         call = self._call(cid)
         rec = self._prec.get(cid)
         if call.state == "transferred" and rec is not None and rec["no"] == no and rec["partner"] == partner:
@@ -163,7 +169,7 @@ class PartnerMixin:
             except ValueError:
                 pass
         self._prec[cid] = {
-            "partner": partner, "no": no, "agent": agent, "assigned_at": now,
+            "partner": partner, "no": no, "agent": agent, "assigned_at": now, "value": value, "wait_s": wait_s,
             "outcome": None, "handed_back": False, "reason": "",
         }  # fmt: skip
         self._fx.append(CallChanged(cid))
@@ -212,6 +218,22 @@ class PartnerMixin:
             self._dispatch()
         self._fx.append(CallChanged(call.call_id))
         return self._commit(call.view(self._site_name))
+
+    def _partner_abandon(self, call: Call) -> Outcome | None:
+        """``abandon`` of a call a partner reported on: it ended there. Answered:
+        FAILED_PRECONDITION CALL_ANSWERED; not answered: the call as it is (nothing to
+        do). None when the partner still has the call (the abandon is recorded and passed
+        on to its gateway as for any transferred call)."""
+        rec = self._prec.get(call.call_id)
+        if rec is None or rec["outcome"] is None or call.state != "transferred":
+            return None
+        if rec["outcome"]["answered_at"] > 0:
+            raise RoutingError(
+                "FAILED_PRECONDITION", "CALL_ANSWERED",
+                f"call {call.call_id} was answered by partner {rec['partner']}: not abandoned",
+                call_id=call.call_id, state="completed",
+            )  # fmt: skip
+        return Outcome(False, call.view(self._site_name))
 
     def _retire_partner(self, cid: str) -> None:
         self._prec_done.append(cid)

@@ -182,7 +182,8 @@ class PartnerLink:
         except Exception:  # noqa: BLE001 - history must never hurt routing
             log.exception("history row of %s %s failed", event, call_id)
 
-    async def _offer_msg(self, call_id: str, no: int, c: PartnerContract, value: str) -> pb.PartnerOffer:
+    async def _offer_msg(self, call_id: str, no: int, c: PartnerContract, value: str,
+                         wait_s: float | None = None) -> pb.PartnerOffer:
         node = self.node
         view = node.engine.call(call_id)
         key = await self.book.token_key(c.partner)
@@ -200,7 +201,9 @@ class PartnerLink:
             "call_id": view.call_id, "skill": view.skill, "channel": view.channel, "language": view.language,
             "caller": view.caller, "customer_id": view.customer_id, "context": view.context,
         }  # fmt: skip
-        d = offer_fields(call, c, token_key=key, offer_no=no, wait_s=max(0.0, time.time() - view.offered_at),
+        if wait_s is None:
+            wait_s = max(0.0, time.time() - view.offered_at)
+        d = offer_fields(call, c, token_key=key, offer_no=no, wait_s=wait_s,
                          value_tier=value, past_contacts=pop)
         return offer_msg(d)
 
@@ -258,6 +261,8 @@ class PartnerLink:
         self._history("offered", partner, call_id, no, at=time.time(), **fig)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         gw.offers[(call_id, no)] = fut
+        if gw.closed:  # it went while we were taking the slot: nobody will answer
+            fut.set_result(("gateway_lost", ""))
         gw.send(pb.PartnerNodeMessage(offer=msg))
         if _FAULT == "partner:after_offer_sent":
             await asyncio.sleep(0.3)
@@ -272,7 +277,8 @@ class PartnerLink:
             fault("after_accept")
             try:
                 await self._exec({"op": "partner_assign", "call_id": call_id, "transfer_no": no,
-                                  "partner": partner, "agent": detail[:64]})
+                                  "partner": partner, "agent": detail[:64], "value": value,
+                                  "wait_s": msg.wait_s})
             except RoutingError as e:  # the call changed meanwhile (cannot happen: it is out of dispatch)
                 log.error("assign of %s to %s refused: %s", call_id, partner, e)
                 return await self._abort(gw, partner, call_id, no, "refused", fig)
@@ -427,7 +433,9 @@ class PartnerLink:
             if rec is None or c is None:
                 continue
             try:
-                msg = await self._offer_msg(cid, rec["no"], c, "standard")
+                # the same offer as the first Assign: its value tier and the wait at the offer
+                msg = await self._offer_msg(cid, rec["no"], c, rec.get("value") or "standard",
+                                            wait_s=rec.get("wait_s"))
             except Exception:  # noqa: BLE001 - etcd down: the next reconnect tries again
                 log.warning("could not re-send the assignment of %s to %s", cid, gw.partner)
                 continue

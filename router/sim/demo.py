@@ -195,10 +195,6 @@ DEMO_POLICY = {
     "queues": {
         "billing-email": {"enabled": False},  # only Lyon answers e-mail
         "screening-voice": {"enabled": False},  # blacklisted callers stay with the fraud team
-        # French work never goes to the BPO partner blueline (its agents speak English;
-        # its contract takes any origin queue of its skills): the default, blueline excluded.
-        "billing-fr-voice": {"wait_threshold": {"factor": 0.5}, "margin": {"ratio": 0.33}, "exclude": ["blueline"]},
-        "support-fr-voice": {"wait_threshold": {"factor": 0.5}, "margin": {"ratio": 0.33}, "exclude": ["blueline"]},
     },
     "partners": {"callpro": {"max_value": "standard", "max_concurrent": 14}},
 }
