@@ -100,7 +100,7 @@ async def _example(etcd, keys: Keys, address: str, n: int, sc: dict) -> None:
                 customer_id=secrets["customer"], context=ctx), timeout=5)
             m = await gw.next("offer", timeout=10)
             gw.accept(m.offer)
-            a = await gw.next("assign", timeout=10)
+            await gw.next("assign", timeout=10)
             await gw.report(cid, answered_at=1.0)
         # errors a partner can provoke
         errors = []
