@@ -153,17 +153,29 @@ async def state_of(stubs: Stubs, cid: str):
     return (await stubs.routing.GetCall(routing_pb2.GetCallRequest(call_id=cid), timeout=5)).call
 
 
+async def retried(fn, tries: int = 6):
+    """The observer's etcd operations, retried: its link (1 s operation timeout) is reset
+    when etcd is slow to answer while node processes start on a loaded machine."""
+    for i in range(tries):
+        try:
+            return await fn()
+        except CoordinationUnavailable:
+            if i == tries - 1:
+                raise
+            await asyncio.sleep(0.3)
+
+
 async def slots(obs, prefix: str) -> list[dict]:
     k = Keys(prefix).partner_slots(PARTNER).encode()
-    rng = await obs.link.run("test slots", lambda c: c.get_prefix(k))
+    rng = await retried(lambda: obs.link.run("test slots", lambda c: c.get_prefix(k)))
     return [json.loads(kv.value) for kv in rng]
 
 
 @contextlib.asynccontextmanager
 async def setup(tmp_path: Path, etcd, prefix: str, *, fault: dict[str, str] | None = None):
     async with observer(etcd.endpoints, prefix) as obs:
-        await obs.put_policy(POLICY)
-        await obs.put_document(Keys(prefix).partner_contract(PARTNER), contract())
+        await retried(lambda: obs.put_policy(POLICY))
+        await retried(lambda: obs.put_document(Keys(prefix).partner_contract(PARTNER), contract()))
         files = write_sites(tmp_path)
         env = node_env(etcd.endpoints, prefix)
         fault = fault or {}
@@ -317,18 +329,14 @@ async def test_contracts_are_validated_and_hot_reloaded(etcd, etcd_prefix, tmp_p
         raw = etcd.etcdctl("get", Keys(etcd_prefix).partner_contract(PARTNER), "--print-value-only")
         assert json.loads(raw)["value_tiers"] == ["low", "standard"]
         # a bad value written behind the validator's back: the previous contract stays
-        await obs.put_document(Keys(etcd_prefix).partner_contract(PARTNER), '{"partner": "blueline", "caps": {"concurrent": 0}}')
+        await retried(lambda: obs.put_document(Keys(etcd_prefix).partner_contract(PARTNER),
+                                               '{"partner": "blueline", "caps": {"concurrent": 0}}'))
         await until(lambda: "ignoring the stored contract of blueline" in alpha.log(), 10, "alpha to refuse it")
         gw, w = await welcome(alpha.address)
         assert w.offer_timeout_s == 2.0
         await gw.close()
         # a valid change is in force at once (hot reload)
-        for attempt in range(3):  # the observer's connection may be reset under it: retry
-            try:
-                await book.put_contract(contract(offer_timeout_s=3.5))
-                break
-            except CoordinationUnavailable:
-                await asyncio.sleep(0.5)
+        await retried(lambda: book.put_contract(contract(offer_timeout_s=3.5)))
         deadline = time.monotonic() + 10
         while True:
             gw, w = await welcome(alpha.address)
