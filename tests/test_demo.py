@@ -194,8 +194,8 @@ def test_demo_json(tmp_path):
     bl = s["partners"]["blueline"]
     assert bl["cap_exceeded"] == 0 and bl["fields_outside_contract"] == 0, bl
     assert bl["accepted"] > 0 and bl["offered"] == bl["accepted"] + bl["declined"], bl
-    assert bl["handled"] + bl["handed_back"] <= bl["accepted"] and 1 <= bl["max_concurrent"] <= 6, bl
-    assert sum(site["partner_out"] for site in s["sites"].values()) == bl["handled"], (bl, s["sites"])
+    assert bl["handled"] + bl["abandoned"] + bl["handed_back"] <= bl["accepted"] and 1 <= bl["max_concurrent"] <= 6, bl
+    assert sum(site["partner_out"] for site in s["sites"].values()) == bl["handled"] + bl["abandoned"], (bl, s["sites"])
     # The reference figures on the same traffic.
     for key in ("isolated_service_level", "pooled_service_level"):
         assert 0 <= s[key] <= 1, key

@@ -169,7 +169,8 @@ class Counters:
     offered: int = 0  # Offers received
     accepted: int = 0
     declined: int = 0
-    handled: int = 0  # calls served to an outcome after an Assign (answered or abandoned)
+    handled: int = 0  # assigned calls an agent answered and finished (as statements count them)
+    abandoned: int = 0  # assigned calls whose caller hung up before an agent answered
     handed_back: int = 0
     cap_exceeded: int = 0
     fields_outside_contract: int = 0
@@ -584,7 +585,10 @@ class PartnerSim:
             self._release(agent, cid)
             agent = None
             rec.handled += 1
-            self.counts.handled += 1
+            if rec.abandoned:
+                self.counts.abandoned += 1
+            else:
+                self.counts.handled += 1
             await self._report(rec, session, self._outcome_request(rec))
         finally:
             self._release(agent, cid)

@@ -47,10 +47,10 @@ and without ``json_out``. JSON keys: ``duration_s``, ``offered``, ``answered``,
 {``offered``, ``answered``, ``abandoned``, ``rejected``, ``service_level``, ``asa_s``,
 ``aht_s``, ``abandon_rate``, ``csat``, ``occupancy``, ``overflow_out``, ``overflow_in``,
 ``isolated_service_level``, ``partner_out``}}, ``partners`` {name: {``offered``,
-``accepted``, ``declined``, ``handled``, ``handed_back``, ``cap_exceeded``,
+``accepted``, ``declined``, ``handled``, ``abandoned``, ``handed_back``, ``cap_exceeded``,
 ``fields_outside_contract``, ``max_concurrent``}} (the partners on the partner API, as
-their simulated ACD counted: offers received, accepted, declined, calls served to an
-outcome, handed back; how often it held more calls at once than its contract's cap, how
+their simulated ACD counted: offers received, accepted, declined, calls its agents
+answered and finished, calls whose caller hung up before an answer, handed back; how often it held more calls at once than its contract's cap, how
 many fields outside its contract's data scopes it received, the most it held at once; {}
 without one), plus ``time_scale``. A site's calls are those that
 *arrived* there (an overflowed call counts for its origin, with the outcome it got where
@@ -488,7 +488,7 @@ def service_level(kpis: dict[str, dict[str, QueueKpi]]) -> float | None:
     return total([total(per.values()) for per in kpis.values()]).service_level
 
 
-PARTNER_KEYS = ("offered", "accepted", "declined", "handled", "handed_back", "cap_exceeded",
+PARTNER_KEYS = ("offered", "accepted", "declined", "handled", "abandoned", "handed_back", "cap_exceeded",
                 "fields_outside_contract", "max_concurrent")
 
 
@@ -893,7 +893,8 @@ def _report(out: Console, res: RunResult) -> None:
         broken = p["cap_exceeded"] or p["fields_outside_contract"]
         out.print(
             f"{'[red]' if broken else ''}{res.kind}: partner {name} (partner API): offered {p['offered']}, accepted "
-            f"{p['accepted']}, declined {p['declined']}, handled {p['handled']}, handed back {p['handed_back']}, "
+            f"{p['accepted']}, declined {p['declined']}, handled {p['handled']}, abandoned {p['abandoned']}, "
+            f"handed back {p['handed_back']}, "
             f"at most {p['max_concurrent']} at once; above its cap {p['cap_exceeded']} times, fields outside its "
             f"contract {p['fields_outside_contract']}{'[/red]' if broken else ''}")
     for ex in rec.examples[:10]:
