@@ -19,6 +19,8 @@ from router.ctl.up import register as _register_up  # noqa: E402
 _register_up(app)  # tandem up, tandem down
 from router.partner.cli import register as _register_partner  # noqa: E402
 _register_partner(app)  # tandem partner-sim
+from router.capacity.cli import register as _register_capacity  # noqa: E402
+_register_capacity(app)  # tandem capacity staff
 
 
 @app.command()

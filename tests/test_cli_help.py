@@ -11,7 +11,8 @@ from router.cli import app
 COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"], ["up"], ["down"], ["top"], ["ctl"],
             ["ctl", "get"], ["ctl", "describe"], ["ctl", "drain"], ["ctl", "mode"], ["ctl", "agent"],
             ["ctl", "agent", "move"], ["ctl", "policy"], ["ctl", "policy", "apply"], ["ctl", "audit"],
-            ["ctl", "partner"], ["ctl", "partner", "apply"], ["report", "partner"]]
+            ["ctl", "partner"], ["ctl", "partner", "apply"], ["report", "partner"],
+            ["partner-sim"], ["capacity"], ["capacity", "staff"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "tandem")

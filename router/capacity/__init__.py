@@ -1,0 +1,8 @@
+"""Capacity planning (issue 12): how many calls come, and how many agents a queue needs,
+interval by interval. ``forecast.py``: arrivals and handle times per queue and 15-minute
+interval (seasonal naive, 4-week same-weekday average, a trend x weekday x intraday
+decomposition that knows holidays, the intraday re-forecast; ``interval_counts`` from
+history rows); ``synth.py``: the seeded synthetic history the backtest
+(``bench/forecast.py``) runs on; ``staffing.py``: exact Erlang C and Erlang A staffing
+with a square-root cross-check, occupancy cap and shrinkage (``tandem capacity staff``,
+``cli.py``). Pure but for ``cli.py``."""
