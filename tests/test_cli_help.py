@@ -12,7 +12,7 @@ COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"], ["up"], 
             ["ctl", "get"], ["ctl", "describe"], ["ctl", "drain"], ["ctl", "mode"], ["ctl", "agent"],
             ["ctl", "agent", "move"], ["ctl", "policy"], ["ctl", "policy", "apply"], ["ctl", "audit"],
             ["ctl", "partner"], ["ctl", "partner", "apply"], ["report", "partner"],
-            ["partner-sim"], ["capacity"], ["capacity", "staff"]]
+            ["partner-sim"], ["capacity"], ["capacity", "staff"], ["capacity", "forecast"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "tandem")

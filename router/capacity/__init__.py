@@ -4,5 +4,7 @@ interval (seasonal naive, 4-week same-weekday average, a trend x weekday x intra
 decomposition that knows holidays, the intraday re-forecast; ``interval_counts`` from
 history rows); ``synth.py``: the seeded synthetic history the backtest
 (``bench/forecast.py``) runs on; ``staffing.py``: exact Erlang C and Erlang A staffing
-with a square-root cross-check, occupancy cap and shrinkage (``tandem capacity staff``,
-``cli.py``). Pure but for ``cli.py``."""
+with a square-root cross-check, occupancy cap and shrinkage (``tandem capacity staff``);
+``plan.py``: a day's staffing table per queue from history rows (forecast, patience,
+staffing per interval); ``history.py``: the query that reads those rows from the store
+(``tandem capacity forecast``, ``cli.py``). Pure but for ``history.py`` and ``cli.py``."""

@@ -1,10 +1,15 @@
 """``tandem capacity staff``: the agents one queue needs for one interval (Erlang C, or
-Erlang A with the callers' patience), see :mod:`router.capacity.staffing`."""
+Erlang A with the callers' patience), see :mod:`router.capacity.staffing`;
+``tandem capacity forecast``: a day's staffing table per queue from the history, see
+:mod:`router.capacity.plan`."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import sys
+from pathlib import Path
 
 import typer
 
@@ -86,6 +91,143 @@ def staff_command(
     typer.echo(f"occupancy       {d['occupancy']:.2%}")
     typer.echo(f"scheduled       {d['scheduled']} (shrinkage {shrinkage:.0%})")
     typer.echo(f"sqrt staffing   {d['sqrt_staffing_agents']} (beta {d['sqrt_staffing_beta']:.3f})")
+
+
+_DATA_DIR = typer.Option(None, "--data-dir", help="data dir whose history/ holds the embedded (chdb) history; "
+                         "without one, the node histories below it are read merged")
+FORECAST_CSV_FIELDS = ("site", "queue", "start", "calls", "aht_s", "agents", "scheduled", "service_level")
+
+
+@app.command("forecast")
+def forecast_command(
+    clickhouse: str | None = typer.Option(None, "--clickhouse", help="clickhouse://host:port/database"),
+    data_dir: Path | None = _DATA_DIR,
+    site: str | None = typer.Option(None, "--site", help="only this site's queues"),
+    queue: str | None = typer.Option(None, "--queue", help="only queues of this name"),
+    day: str | None = typer.Option(
+        None, "--day", metavar="YYYY-MM-DD", help="the day to staff, UTC (default: the day after the history's "
+        "last; a day inside the history is forecast from the days before it)"),
+    sl: str = typer.Option("20:0.8", "--sl", metavar="T:GOAL",
+                           help="service-level goal: GOAL (0-1) of all calls answered within T seconds"),
+    max_occupancy: float | None = typer.Option(
+        None, "--max-occupancy", help="cap on occupancy (0-1]; more agents until it holds"),
+    shrinkage: float = typer.Option(0.0, "--shrinkage", help="share of paid time off the phones [0-1)"),
+    method: str = typer.Option("decomposition", "--method",
+                               help="decomposition | seasonal_naive | weekday_average (with under 7 days of "
+                               "history: the mean profile of the days there are)"),
+    interval: str = typer.Option("15m", "--interval", help="interval length, e.g. 15m, 30m, 1h"),
+    time_scale: float | None = typer.Option(
+        None, "--time-scale", help="the history is of a run compressed N times (default: the scale `tandem "
+        "demo` recorded in --data-dir, else 1); only 1 can be forecast"),
+    output: str = typer.Option("table", "-o", "--output", help="table | json | csv"),
+) -> None:
+    """A day's staffing table per queue from the history: calls forecast per interval,
+    their handle time, the agents to meet the service-level goal (Erlang A with the
+    patience the history shows, Erlang C when nobody hung up), the agents to schedule
+    after shrinkage, and the service level they give; day totals per queue.
+
+    Times are UTC. A compressed `tandem demo` history is refused: its days are minutes.
+
+    Exit codes: 0 ok; 1 the store failed or holds no calls; 2 bad options."""
+    from router.capacity.history import arrival_rows
+    from router.capacity.plan import METHODS, build_plan
+    from router.history.cli import (
+        _fail,
+        _open,
+        parse_interval,
+        parse_time,
+        recorded_time_scale,
+    )
+    from router.history.store import StoreError
+
+    if output not in ("table", "json", "csv"):
+        _fail(f"-o must be table, json or csv, not {output!r}")
+    if method not in METHODS:
+        _fail(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    threshold, goal = _parse_sl(sl)
+    if max_occupancy is not None and not 0 < max_occupancy <= 1:
+        _fail(f"--max-occupancy must be in (0, 1], got {max_occupancy}")
+    if not 0 <= shrinkage < 1:
+        _fail(f"--shrinkage must be in [0, 1), got {shrinkage}")
+    try:
+        interval_s = parse_interval(interval)
+        day_s = parse_time(day) if day else None
+    except typer.BadParameter as e:
+        _fail(str(e))
+    if not (60 <= interval_s <= 86_400 and 86_400 % interval_s == 0):
+        _fail(f"--interval must divide a day and be at least a minute, got {interval!r}")
+    recorded = None
+    if time_scale is None:
+        time_scale, recorded = recorded_time_scale(data_dir)
+    elif not (0 < time_scale < float("inf")):
+        _fail("--time-scale must be a positive number")
+    if time_scale != 1.0:
+        # Its offered_at are clock times of a run that lasted minutes: its "days" and
+        # "intervals" are not the ones agents are staffed for.
+        where = f" (recorded in {recorded})" if recorded else ""
+        _fail(f"the history is compressed x{time_scale:g}{where}: interval forecasts need a real-time history "
+              "(e.g. `tandem history synth --data-dir DIR --days 28`)")
+    store = _open(clickhouse, data_dir)
+    try:
+        rows = arrival_rows(store, site=site, queue=queue)
+    except StoreError as e:
+        _fail(f"{store.url}: {e}", 1)
+    finally:
+        store.close()
+    if not rows:
+        which = " ".join(f"{k} {v}" for k, v in (("site", site), ("queue", queue)) if v)
+        _fail(f"no calls in the history{' for ' + which if which else ''}: nothing to forecast", 1)
+    try:
+        plan = build_plan(rows, day_s, method=method, interval_s=interval_s, sl_threshold_s=threshold,
+                          sl_goal=goal, max_occupancy=max_occupancy, shrinkage=shrinkage)
+    except ValueError as e:
+        _fail(str(e))
+    doc = plan.to_dict()
+    if output == "json":
+        typer.echo(json.dumps(doc))
+    elif output == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(FORECAST_CSV_FIELDS)
+        for q in doc["queues"]:
+            for i in q["intervals"]:
+                row = dict(i, site=q["site"], queue=q["queue"])
+                w.writerow(["" if row[f] is None else row[f] for f in FORECAST_CSV_FIELDS])
+    else:
+        _print_plan(doc, method)
+
+
+def _print_plan(doc: dict, asked: str) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    ran = doc["method"]
+    how = ran if ran == asked else f"{ran} ({asked} needs 7 days of history)"
+    typer.echo(f"Staffing for {doc['day']} (UTC): {how}, from {doc['history_days']} day(s) of history; "
+               f"goal {doc['sl_goal']:.0%} of calls answered within {doc['sl_threshold_s']:g} s")
+    hours = doc["interval_s"] / 3600
+    for q in doc["queues"]:
+        model = "Erlang C: nobody hung up" if q["patience_s"] is None else f"patience {q['patience_s']:.0f} s, Erlang A"
+        t = Table(box=box.SIMPLE_HEAD, title=Text(f"{q['site']}/{q['queue']} — {model}"))
+        for c in ("interval", "calls", "AHT", "agents", "scheduled", "SL"):
+            t.add_column(c, justify="left" if c == "interval" else "right")
+        quiet = 0
+        for i in q["intervals"]:
+            if i["calls"] < 0.005 and not i["agents"]:
+                quiet += 1
+                continue
+            t.add_row(i["start"][11:16], f"{i['calls']:.1f}", "-" if i["aht_s"] is None else f"{i['aht_s']:.0f}s",
+                      "-" if i["agents"] is None else str(i["agents"]),
+                      "-" if i["scheduled"] is None else str(i["scheduled"]),
+                      "-" if i["service_level"] is None else f"{100 * i['service_level']:.1f}%")
+        console.print(t)
+        typer.echo(f"  {q['site']}/{q['queue']} day total: {q['calls']:.0f} calls, {q['agent_hours']:g} agent-hours "
+                   f"on the phones, {q['scheduled_hours']:g} scheduled ({hours:g} h intervals"
+                   f"{f'; {quiet} without calls not shown' if quiet else ''})")
 
 
 def register(root: typer.Typer) -> None:
