@@ -7,4 +7,7 @@ history rows); ``synth.py``: the seeded synthetic history the backtest
 with a square-root cross-check, occupancy cap and shrinkage (``tandem capacity staff``);
 ``plan.py``: a day's staffing table per queue from history rows (forecast, patience,
 staffing per interval); ``history.py``: the query that reads those rows from the store
-(``tandem capacity forecast``, ``cli.py``). Pure but for ``history.py`` and ``cli.py``."""
+(``tandem capacity forecast``, ``cli.py``); ``simulate.py``: one queue played through the
+real engine on simulated time (the what-if simulator's single-site path, every call's
+wait recorded) and measured against exact Erlang A (``bench/simulate.py``). Pure but for
+``history.py`` and ``cli.py``."""
