@@ -7,6 +7,7 @@ cluster ones (members, policy diff/apply with compare-and-set, the mode stored i
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -147,7 +148,13 @@ async def test_members_policy_diff_apply_and_mode_through_the_node(etcd, etcd_pr
             s = Stubs.connect(node.address)
             try:
                 await until(lambda: "alpha" in obs.members(), 10, "alpha to register")
-                m = await s.admin.ListMembers(admin_pb2.ListMembersRequest(), timeout=5)
+                # the node's own members watch may see its registration a moment after ours
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:
+                    m = await s.admin.ListMembers(admin_pb2.ListMembersRequest(), timeout=5)
+                    if m.members or asyncio.get_running_loop().time() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
                 assert [x.site for x in m.members] == ["alpha"] and m.etcd_connected
                 pol = await s.admin.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=5)
                 new = json.loads(pol.policy_json)

@@ -111,10 +111,13 @@ def test_short_history_falls_back_to_the_mean_profile_and_days_inside_are_backte
         pl.build_plan([])
 
 
-# --- the query, on 18.16 and chdb ------------------------------------------------------------------
+# --- the query, on 18.16 (chdb: test_forecast_on_a_chdb_data_dir, in a child process) -------------
+# The session's embedded chdb store is not used here: chdb holds one path per process, and
+# tests that run later open other paths in-process (tests/test_edges.py).
 
 
-def test_arrival_rows_read_each_call_once(history_store):
+def test_arrival_rows_read_each_call_once(server_store):
+    history_store = server_store
     rows = synth.interactions(300, seed=5, start=START, span_s=2 * DAY)
     insert(history_store, "interactions", rows)
     # A replayed copy and a correction (higher ver: abandoned after all) change nothing
