@@ -303,16 +303,6 @@ class PartnerBook:
                 freed += 1
         return freed
 
-    def slot_holders(self, partner: str) -> list[dict]:
-        """The holders of ``partner``'s slots now (from the watch), for status pages."""
-        out = []
-        for raw in self._slots.get(partner, {}).values():
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                pass
-        return out
-
 
 def _kvs(rng: Any) -> Iterable[tuple[Any]]:
     """aetcd range results iterate as KeyValue objects; tuples keep ``for kv, *_`` uniform."""

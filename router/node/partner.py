@@ -49,6 +49,8 @@ from typing import Any
 import grpc
 
 from router.contracts import PartnerContract, offer_fields
+from router.coord.base import CoordinationUnavailable
+from router.coord.partners import CapReached
 from router.engine.partner import partner_of_target, partner_target
 from router.model import RoutingError
 from router.node import metrics
@@ -221,9 +223,6 @@ class PartnerLink:
         """Offer a queued call to ``partner`` (see the module docstring). Returns
         "assigned", or why not: "declined", "timeout", "gateway_lost", "cap: ...",
         "not_connected", "no_contract", "not_allowed: ...", "etcd", "not_queued"."""
-        from router.coord.base import CoordinationUnavailable
-        from router.coord.partners import CapReached
-
         node = self.node
         gw = self.gateways.get(partner)
         c = self.contract(partner)
@@ -514,14 +513,6 @@ class PartnerLink:
                 cluster._stay_again(call_id)  # decided again by the sweeps, like a declined overflow
         await self._release(partner, call_id)
         return view.queue
-
-    async def close(self) -> None:
-        for gw in list(self.gateways.values()):
-            gw.send(None)  # type: ignore[arg-type]
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def price_fields(c: PartnerContract) -> dict[str, Any]:
