@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("router._queue_core", "router.model", "router.config", "router.erlang", "router.v1"),
     ("router.contracts",),
     ("router.pqueue", "router.policy", "router.overflow", "router.journal", "router.status", "router.alerts"),
-    ("router.engine",),
+    ("router.engine", "router.plans"),
     ("router.coord", "router.history", "router.whatif"),
     ("router.security",),
     ("router.node", "router.local"),
@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 PURE = {"router.model", "router.config", "router.erlang", "router.pqueue", "router.policy",
-        "router.overflow", "router.engine", "router.alerts", "router.whatif", "router.contracts"}
+        "router.overflow", "router.engine", "router.alerts", "router.whatif", "router.contracts",
+        "router.plans"}
 # Modules a pure unit must not import (prefix match on the dotted name).
 IMPURE = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google.rpc", "aetcd", "chdb",
           "clickhouse_driver", "asyncio", "socket", "subprocess", "uvloop", "router.v1")

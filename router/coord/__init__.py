@@ -11,6 +11,7 @@ from router.coord.base import (
     NotLeader,
     PolicyRejected,
     Session,
+    StalePlan,
     Targets,
 )
 from router.coord.etcd import EtcdCoordinator
@@ -29,5 +30,6 @@ __all__ = [
     "NotLeader",
     "PolicyRejected",
     "Session",
+    "StalePlan",
     "Targets",
 ]

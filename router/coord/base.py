@@ -25,7 +25,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +51,12 @@ class CoordinationUnavailable(CoordinationError):
 class NotLeader(CoordinationError):
     """A fenced write was refused: the fencing token is no longer the leader key's
     create revision (another candidate was elected since)."""
+
+
+class StalePlan(CoordinationError):
+    """A plan's apply was refused because what it was computed from moved: the targets,
+    the generation, the overflow policy or a contingency mode changed after the plan's
+    base revision. Re-plan from the current state."""
 
 
 class PolicyRejected(PolicyError):
@@ -318,3 +324,21 @@ class Coordinator(abc.ABC):
     @abc.abstractmethod
     async def get_targets(self, site: str) -> Targets | None:
         """The targets stored for ``site`` with their fencing token, or None."""
+
+    @abc.abstractmethod
+    async def apply_plan(self, targets: Mapping[str, Mapping[str, Any]], leadership: Leadership, *,
+                         base_revision: int, plan: str, sites: Iterable[str] = ()) -> tuple[int, int]:
+        """Apply a plan in one transaction: the targets of every site in ``targets``
+        (:class:`router.plans.TargetDoc` bodies: ``{"groups", "wait_factor",
+        "partners"}``) and the next generation, written with ``leadership.token`` as the
+        fencing epoch — only while the leader key still has that create revision and
+        nothing the plan was computed from moved past ``base_revision`` (the generation
+        key, the targets of every site of ``targets`` and ``sites``, the overflow policy,
+        their contingency modes). Returns (generation, revision). Raises
+        :class:`NotLeader` (the leadership is lost too) or :class:`StalePlan`."""
+
+    @abc.abstractmethod
+    async def rebalance_state(self) -> dict[str, Any]:
+        """One consistent read (a single revision) of what a plan is computed from and
+        applied against: ``{"revision", "generation": {...} | None, "targets": {site:
+        raw dict}, "applied": {site: raw dict}}``."""

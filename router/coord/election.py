@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aetcd
 from aetcd import transactions
 
-from router.coord.base import CoordinationUnavailable, Leadership, NotLeader, Targets, _dumps
+from router.coord.base import CoordinationUnavailable, Leadership, NotLeader, StalePlan, Targets, _dumps
 from router.coord.link import Backoff, LeaseGone, WatchEnded, cancel_all
 from router.coord.session import CoordinatorParts, EtcdSession, to_bytes as _b
 
@@ -226,3 +226,74 @@ class ElectionMixin:
             log.warning("ignoring unreadable targets %s: %s", key.decode(), e)
             return None
 
+
+    # --- plans ---------------------------------------------------------------------------
+
+    async def rebalance_state(self) -> dict[str, Any]:
+        k = self.keys
+        # The first read's revision is the base: anything a later read sees that changed
+        # after it has a greater mod revision, so a plan computed from this state can only
+        # be refused as stale for it, never applied over it.
+        gen = await self.link.run("get generation", lambda c: c.get_range(_b(k.rebalancer_generation),
+                                                                            _b(k.rebalancer_generation) + b"\x00"))
+        revision = gen.header.revision
+        generation = None
+        for kv in gen:
+            try:
+                generation = json.loads(kv.value)
+            except ValueError:
+                generation = None
+        out: dict[str, Any] = {"revision": revision, "generation": generation, "targets": {}, "applied": {}}
+        for what, prefix in (("targets", k.targets_prefix), ("applied", k.applied_prefix)):
+            rng = await self.link.run(f"get {what}", lambda c, p=prefix: c.get_prefix(_b(p)))
+            for kv in rng:
+                site = k.site_of(kv.key, prefix)
+                if site is None:
+                    continue
+                try:
+                    doc = json.loads(kv.value)
+                except ValueError:
+                    continue
+                if isinstance(doc, dict):
+                    doc["mod_revision"] = kv.mod_revision
+                    out[what][site] = doc
+        return out
+
+    async def apply_plan(self, targets: Mapping[str, Mapping[str, Any]], leadership: Leadership, *,
+                         base_revision: int, plan: str, sites: Iterable[str] = ()) -> tuple[int, int]:
+        tx = transactions
+        k = self.keys
+        lkey, gkey = _b(k.leader(leadership.election)), _b(k.rebalancer_generation)
+        fence = base_revision + 1
+        watched = sorted(set(targets) | set(sites))
+        # Read the generation to number the next one; the transaction compares it again.
+        got = await self.link.run("get generation", lambda c: c.get(gkey))
+        current = 0
+        if got is not None:
+            try:
+                current = int(json.loads(got.value).get("generation", 0))
+            except (ValueError, AttributeError, TypeError):
+                current = 0
+        generation = current + 1
+        now = time.time()
+        compare = [tx.Create(lkey) == leadership.token, tx.Mod(gkey) < fence, tx.Mod(_b(k.policy_overflow)) < fence]
+        for site in watched:
+            compare.append(tx.Mod(_b(k.targets(site))) < fence)
+            compare.append(tx.Mod(_b(k.contingency(site))) < fence)
+        success = [tx.Put(gkey, _b(_dumps({"generation": generation, "plan": plan, "fencing": leadership.token,
+                                              "leader": leadership.value, "ts": now, "sites": watched})))]
+        for site in sorted(targets):
+            success.append(tx.Put(_b(k.targets(site)), _b(_dumps({
+                "fencing": leadership.token, "generation": generation, "plan": plan, "base_revision": base_revision,
+                "leader": leadership.value, "ts": now, "targets": dict(targets[site])}))))
+        ok, resp = await self.link.run(
+            "apply plan", lambda c: c.transaction(compare=compare, success=success, failure=[tx.Get(lkey)]))
+        if ok:
+            return generation, resp[0].response_put.header.revision
+        held = resp[0][0][1] if resp and resp[0] else None
+        if held is None or held.create_revision != leadership.token:
+            now_s = f"created at revision {held.create_revision}" if held else "absent"
+            leadership.lost.set()
+            raise NotLeader(f"fencing token {leadership.token} is stale: the leader key is {now_s}")
+        raise StalePlan(f"plan {plan or '?'} was computed at revision {base_revision}; the targets, the "
+                        "generation, the overflow policy or a contingency mode changed since: plan again")

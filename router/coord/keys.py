@@ -53,10 +53,22 @@ Key layout::
     /tandem/rebalancer/leader     lease  {"candidate", "pid", "since"}: the elected
                                           rebalancer; the key's create revision is
                                           the fencing token
-    /tandem/targets/<site>        -      {"fencing", "leader", "ts", "targets": {...}}:
-                                          the rebalancer's targets for <site>, written
+    /tandem/targets/<site>        -      TargetDoc (router.plans): {"fencing",
+                                          "generation", "plan", "base_revision",
+                                          "leader", "ts", "targets": {"groups",
+                                          "wait_factor", "partners"}}: the
+                                          rebalancer's targets for <site>, written
                                           only while the writer's fencing token is
-                                          the leader key's create revision
+                                          the leader key's create revision; nodes
+                                          refuse a fencing epoch lower than the
+                                          highest they have applied
+    /tandem/rebalancer/generation -      {"generation", "plan", "fencing", "leader",
+                                          "ts"}: the plan generation last applied
+                                          (written in the same transaction as its
+                                          targets)
+    /tandem/rebalancer/applied/<site> -  {"generation", "fencing", "plan",
+                                          "pending_moves", "refused", "ts"}: what
+                                          the node of <site> applied (written by it)
 
 ``/tandem/`` stands for the configured prefix (``TANDEM_ETCD_PREFIX``). Other
 elections use ``<prefix><name>/leader`` the same way.
@@ -95,6 +107,8 @@ class Keys:
         self.targets_prefix = prefix + "targets/"
         self.partner_contracts_prefix = prefix + "partners/contracts/"
         self.partner_slots_prefix = prefix + "partners/slots/"
+        self.rebalancer_generation = prefix + "rebalancer/generation"
+        self.applied_prefix = prefix + "rebalancer/applied/"
 
     def __repr__(self) -> str:
         return f"Keys({self.prefix!r})"
@@ -113,6 +127,9 @@ class Keys:
 
     def targets(self, site: str) -> str:
         return self.targets_prefix + _check_name("site", site)
+
+    def applied(self, site: str) -> str:
+        return self.applied_prefix + _check_name("site", site)
 
     def partner_contract(self, partner: str) -> str:
         return self.partner_contracts_prefix + _check_name("partner", partner)
