@@ -21,6 +21,10 @@ from router.partner.cli import register as _register_partner  # noqa: E402
 _register_partner(app)  # tandem partner-sim
 from router.capacity.cli import register as _register_capacity  # noqa: E402
 _register_capacity(app)  # tandem capacity staff
+from router.capacity.rebalancer_cli import register as _register_rebalancer  # noqa: E402
+_register_rebalancer(app)  # tandem rebalancer
+from router.ctl.plan import register as _register_plan  # noqa: E402
+_register_plan()  # tandem ctl plan, tandem ctl apply, tandem ctl get rebalancer
 
 
 @app.command()

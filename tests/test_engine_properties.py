@@ -87,10 +87,10 @@ FIELDS = ["call_id", "channel", "skill", "language", "caller", "customer_id", "p
           "context", "reason", "resolved", "csat", "wrap_up_code", "agent_id", "state",
           "timeout_s", "assignment_id", "mode", "backoffice", "announcement", "group", "draining",
           "transfer_no", "target", "partner", "agent", "answered_at", "talk_s", "wrap_s", "disposition",
-          "transferred_back"]  # fmt: skip
+          "transferred_back", "fencing", "generation", "plan", "moved"]  # fmt: skip
 OPS = ["offer", "abandon", "complete", "sign_in", "sign_out", "set_state", "accept", "reject",
        "disconnect", "tick", "set_mode", "move_agent", "set_drain", "launch", "transfer_begin",
-       "transfer_abort", "partner_assign", "partner_outcome", "partner_handback"]  # fmt: skip
+       "transfer_abort", "partner_assign", "partner_outcome", "partner_handback", "targets_applied"]  # fmt: skip
 
 
 def dump(snapshot: dict) -> str:
@@ -217,6 +217,13 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(draining=st.sampled_from([True, False, "yes"]), dt=dts)
     def set_drain(self, draining, dt):
         self.run({"op": "set_drain", "t": self.advance(dt), "draining": draining})
+
+    @rule(fencing=st.sampled_from([0, 1, 2, 2, 3, -1]), generation=st.sampled_from([0, 1, 2, 5]),
+          moved=st.lists(st.sampled_from([*AGENT_IDS, "nobody"]), max_size=3), dt=dts)  # fmt: skip
+    def targets_applied(self, fencing, generation, moved, dt):
+        """The rebalancer's targets applied (a lower fencing epoch is refused)."""
+        self.run({"op": "targets_applied", "t": self.advance(dt), "fencing": fencing, "generation": generation,
+                  "plan": f"p{generation}", "moved": moved})
 
     @rule(data=st.data(), step=st.sampled_from(["begin", "begin", "assign", "assign", "abort", "outcome",
                                                  "outcome", "handback"]),

@@ -341,4 +341,5 @@ class Coordinator(abc.ABC):
     async def rebalance_state(self) -> dict[str, Any]:
         """One consistent read (a single revision) of what a plan is computed from and
         applied against: ``{"revision", "generation": {...} | None, "targets": {site:
-        raw dict}, "applied": {site: raw dict}}``."""
+        raw dict}, "applied": {site: raw dict}, "mod_revisions": {"targets/<site>" |
+        "applied/<site>": revision}}``. The revision is the base of a plan computed from it."""

@@ -243,7 +243,8 @@ class ElectionMixin:
                 generation = json.loads(kv.value)
             except ValueError:
                 generation = None
-        out: dict[str, Any] = {"revision": revision, "generation": generation, "targets": {}, "applied": {}}
+        out: dict[str, Any] = {"revision": revision, "generation": generation, "targets": {}, "applied": {},
+                               "mod_revisions": {}}
         for what, prefix in (("targets", k.targets_prefix), ("applied", k.applied_prefix)):
             rng = await self.link.run(f"get {what}", lambda c, p=prefix: c.get_prefix(_b(p)))
             for kv in rng:
@@ -255,8 +256,8 @@ class ElectionMixin:
                 except ValueError:
                     continue
                 if isinstance(doc, dict):
-                    doc["mod_revision"] = kv.mod_revision
                     out[what][site] = doc
+                    out["mod_revisions"][f"{what}/{site}"] = kv.mod_revision
         return out
 
     async def apply_plan(self, targets: Mapping[str, Mapping[str, Any]], leadership: Leadership, *,

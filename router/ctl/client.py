@@ -32,7 +32,7 @@ import grpc
 from router.ctl.context import Context
 from router.security.tls import ChannelFactory, TlsConfigError, TlsFiles
 from router.status import error_info
-from router.v1 import admin_pb2, admin_pb2_grpc, agents_pb2_grpc
+from router.v1 import admin_pb2, admin_pb2_grpc, agents_pb2_grpc, rebalancer_pb2_grpc
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -180,6 +180,19 @@ class ClusterClient:
         if key not in self._stubs:
             ch = self.factory.channel(self.sites[site], self.factory.expect("site", site))
             self._stubs[key] = _SERVICES[service](ch)
+        return self._stubs[key]
+
+    def rebalancer(self, address: str | None = None) -> Any:
+        """A Rebalancer stub to ``address`` (default: the context's ``rebalancer``); the
+        server must prove the context's rebalancer operator identity."""
+        address = address or self.ctx.rebalancer
+        if not address:
+            raise CtlError(EXIT_USAGE, "no rebalancer address: give --rebalancer HOST:PORT or set "
+                                       "rebalancer: in the context")
+        key = (address, "rebalancer")
+        if key not in self._stubs:
+            ch = self.factory.channel(address, self.factory.expect("operator", self.ctx.rebalancer_identity))
+            self._stubs[key] = rebalancer_pb2_grpc.RebalancerStub(ch)
         return self._stubs[key]
 
     async def call(self, site: str, method: str, request: Any, service: str = "admin",

@@ -5,7 +5,9 @@ as before: calls (rows of :attr:`Call.FIELDS`, offer order), queue order (call i
 service order), per-queue counters, AHT, abandonment statistics (``patience``; absent
 in older snapshots, which restore with none learned yet) and service-level window,
 agents, repeat-caller memory, pending deadlines, the ended-call retention order, id
-counters and the contingency mode (``set_mode``; absent in older snapshots, which restore as normal). Derived
+counters, the contingency mode (``set_mode``; absent in older snapshots, which restore as normal)
+and the rebalancer's targets last applied (``targets_applied``; absent in older snapshots,
+which restore with none applied). Derived
 indexes (heaps, free-agent sets, staffed slots) are rebuilt on restore. Restoring a
 snapshot and applying the same commands gives the same states as the original engine.
 """
@@ -45,6 +47,8 @@ class SnapshotMixin:
             # operator actions (router.engine.staffing); absent in old snapshots: none
             "groups": self.moved_groups(),
             "drained": self._drained,
+            # rebalancer targets applied (router.engine.staffing); absent in old snapshots: none
+            "targets": self.targets_applied(),
             # Derived from calls and agents, listed for readers (and checked on restore).
             "deadlines": [
                 list(e) for e in sorted({e for e in self._deadlines if self._deadline_live(e)})
@@ -70,6 +74,7 @@ class SnapshotMixin:
         for aid, group in (snapshot.get("groups") or {}).items():  # before states: counters
             e._regroup(e._agents[aid], group)
         e._drained = bool(snapshot.get("drained", False))
+        e._load_targets(snapshot.get("targets"))
         e._dirty_agents = {}
         e._next_handle = int(snapshot["next_handle"])
         for row in snapshot["calls"]:

@@ -14,6 +14,17 @@ differs from the site file is in the snapshot (``"groups"``).
 refuses new offers and transfers in while it is set, and hands its queued calls out). The
 engine itself only stores the flag: it is in the snapshot (``"drained"``) so a drained
 site stays drained after a restart. Result: ``{"draining": bool}``.
+
+``targets_applied`` {"fencing", "generation", "plan", "moved"}: records that the node
+applied a rebalancer's targets document (:mod:`router.plans`): the fencing epoch of the
+leader that wrote it, the plan generation and id, and ``moved`` — the agents those targets
+place (their ``groups``; the next targets send back home the ones they no longer name).
+Refused with FAILED_PRECONDITION STALE_FENCING when ``fencing`` is lower than the highest
+one applied (a deposed leader's late write): nothing changes. The same document again is a
+no-op (changed False). The engine only stores the record — the node runs the
+``move_agent`` commands and lays the overflow targets over its policy — and keeps it in
+the snapshot (``"targets"``; absent in older snapshots: none applied, fencing 0), so a
+restarted node still refuses the lower epoch. Result: :meth:`targets_applied` (the view).
 """
 
 from __future__ import annotations
@@ -26,6 +37,17 @@ from router.engine.records import Agent
 from router.model import AgentChanged, Outcome, RoutingError
 
 _STAFFED = ("ready", "wrap_up")
+MAX_PLAN_ID = 64
+#: Fencing epochs and generations are etcd revisions and counters: int64 in etcd.
+MAX_EPOCH = 2**63 - 1
+
+
+def _count(cmd: dict, name: str) -> int:
+    """A non-negative integer field (absent: 0)."""
+    x = cmd.get(name, 0)
+    if isinstance(x, bool) or not isinstance(x, int) or not (0 <= x <= MAX_EPOCH):
+        raise v.invalid("INVALID_FIELD", f"{name} must be an integer within 0..{MAX_EPOCH}", field=name)
+    return x
 
 
 class StaffingMixin:
@@ -35,8 +57,15 @@ class StaffingMixin:
         self._home_group: dict[str, str] = {aid: g.id for aid, g in profiles.items()}
         self._group_of: dict[str, str] = dict(self._home_group)
         self._drained = False
+        # The rebalancer's targets last applied (targets_applied): the highest fencing
+        # epoch, its generation and plan, the agents those targets place (sorted).
+        self._targets_fencing = 0
+        self._targets_generation = 0
+        self._targets_plan = ""
+        self._targets_moved: tuple[str, ...] = ()
         self._ops["move_agent"] = self._op_move_agent
         self._ops["set_drain"] = self._op_set_drain
+        self._ops["targets_applied"] = self._op_targets_applied
 
     # -- views ---------------------------------------------------------------------------
 
@@ -59,7 +88,58 @@ class StaffingMixin:
         """agent id -> group, for agents not in their site-file group (snapshot)."""
         return {aid: g for aid, g in self._group_of.items() if g != self._home_group[aid]}
 
+    def home_groups(self) -> dict[str, str]:
+        """agent id -> its group in the site file."""
+        return dict(self._home_group)
+
+    def current_groups(self) -> dict[str, str]:
+        """agent id -> its group now."""
+        return dict(self._group_of)
+
+    def targets_applied(self) -> dict:
+        """The rebalancer's targets last applied: ``{"fencing", "generation", "plan",
+        "moved"}`` (fencing 0, generation 0, plan "", moved [] when none was; moved
+        sorted). JSON-able; also the snapshot's ``"targets"``."""
+        return {"fencing": self._targets_fencing, "generation": self._targets_generation,
+                "plan": self._targets_plan, "moved": list(self._targets_moved)}
+
+    @property
+    def targets_fencing(self) -> int:
+        """The highest fencing epoch of targets applied (0: none)."""
+        return self._targets_fencing
+
+    def _load_targets(self, d: dict | None) -> None:
+        """Restore :meth:`targets_applied` from a snapshot (None: an older snapshot)."""
+        d = d or {}
+        self._targets_fencing = int(d.get("fencing", 0))
+        self._targets_generation = int(d.get("generation", 0))
+        self._targets_plan = str(d.get("plan", ""))
+        self._targets_moved = tuple(sorted(d.get("moved", ())))
+
     # -- commands ------------------------------------------------------------------------
+
+    def _op_targets_applied(self, cmd: dict, now: float) -> Outcome:
+        fencing, generation = _count(cmd, "fencing"), _count(cmd, "generation")
+        plan = v.text(cmd, "plan", MAX_PLAN_ID)
+        moved = cmd.get("moved", [])
+        if not isinstance(moved, list) or not all(isinstance(a, str) for a in moved):
+            raise v.invalid("INVALID_FIELD", "moved must be a list of agent ids", field="moved")
+        for aid in moved:
+            self._agent(aid)  # NOT_FOUND UNKNOWN_AGENT
+        if fencing < self._targets_fencing:
+            raise RoutingError(
+                "FAILED_PRECONDITION", "STALE_FENCING",
+                f"targets of fencing epoch {fencing} are older than the applied epoch {self._targets_fencing}",
+                fencing=fencing, applied=self._targets_fencing,
+            )  # fmt: skip
+        placed = tuple(sorted(set(moved)))
+        new = (fencing, generation, plan, placed)
+        if new == (self._targets_fencing, self._targets_generation, self._targets_plan, self._targets_moved):
+            return Outcome(False, self.targets_applied())
+        self._begin(now)
+        self._targets_fencing, self._targets_generation, self._targets_plan, self._targets_moved = new
+        return self._commit(self.targets_applied())
+
 
     def _op_set_drain(self, cmd: dict, now: float) -> Outcome:
         draining = cmd.get("draining")

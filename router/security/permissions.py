@@ -19,6 +19,10 @@ Roles:
   sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
 * ``agent-gateway`` — a site's peripheral gateway (PBX/IVR adapter and agent desktops):
   the Routing and Agents services of its own site.
+* ``operator``, ``supervisor``, ``viewer`` also on the rebalancer (``tandem rebalancer``,
+  which acts on the whole cluster, so only bindings with scope ``*`` count there): its
+  status for every reader, a plan computed for supervisors and operators, a plan applied
+  for operators.
 * ``partner`` — a BPO partner's gateway: the Partner service (offers within its
   contract, outcomes, hand-backs), as the partner its certificate names; nothing of the
   node's other services.
@@ -60,6 +64,7 @@ A = "/router.v1.Agents/"
 ADM = "/router.v1.Admin/"
 IC = "/router.v1.Interconnect/"
 PT = "/router.v1.Partner/"
+RB = "/router.v1.Rebalancer/"
 
 #: full gRPC method name -> rule. Default deny for anything not listed.
 TABLE: dict[str, Rule] = {
@@ -103,6 +108,10 @@ TABLE: dict[str, Rule] = {
     PT + "Connect": _r("partner", mutates=True),
     PT + "ReportOutcome": _r("partner", mutates=True),
     PT + "HandBack": _r("partner", mutates=True),
+    # The rebalancer (``tandem rebalancer``) acts on the whole cluster: scope '*' for all.
+    RB + "GetRebalancerStatus": _r(_READ),
+    RB + "PlanCapacity": _r("supervisor", "operator"),
+    RB + "ApplyPlan": _r("operator", mutates=True, cluster_wide=True),
     "/grpc.health.v1.Health/Check": _r(ROLES),
     "/grpc.health.v1.Health/Watch": _r(ROLES),
     "/grpc.health.v1.Health/List": _r(ROLES),

@@ -102,7 +102,8 @@ class ReplayResult:
     """Per origin site and for the whole cluster; ``decisions`` counts the overflow
     decisions by rule (as the live node's ``stats.by_rule``: every decision at an offer,
     and the sweeps' decisions that moved a call); ``transfers_aborted`` the overflows the
-    target refused (e.g. QUEUE_FULL)."""
+    target refused (e.g. QUEUE_FULL); ``targets_applied`` the target sets applied (the
+    initial targets and a controller's, see :func:`router.whatif.simulator.replay`)."""
 
     sites: dict[str, SiteResult]
     total: Tally
@@ -111,6 +112,7 @@ class ReplayResult:
     transfers_aborted: int = 0
     seed: int = 1
     span_s: float = 0.0  # from the first arrival to the last event
+    targets_applied: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,4 +123,5 @@ class ReplayResult:
             "total": self.total.to_dict(),
             "decisions": dict(sorted(self.decisions.items())),
             "transfers_aborted": self.transfers_aborted,
+            "targets_applied": self.targets_applied,
         }

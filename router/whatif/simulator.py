@@ -52,6 +52,29 @@ Unknown figures of an arrival are drawn before the simulation, from ``random.Ran
   never hang up: optimistic where the replay makes them wait longer than they did).
   Both are simple, Kaplan-Meier-free choices; the first keeps abandonment in an
   overloaded replay, the second is an upper bound of the service level.
+
+**Targets** (a rebalancing plan, :class:`router.plans.SiteTargets` per site) are applied
+the way a node applies them, with the functions the nodes use (:mod:`router.plans.apply`):
+
+* ``targets`` are applied at the start, after the contingency mode and the sign-ins;
+* the agents' groups by ``move_agent`` commands (:func:`router.plans.move_commands`: an
+  agent named goes to its group, one the previous targets of the site placed and these do
+  not name goes home); an agent holding a contact (AGENT_BUSY) has its move pending until
+  the contact it holds completes, when the move is tried again (a newer target set
+  replaces what is pending);
+* wait factors and partners closed at once, as the overflow policy of every decision
+  from then on (:func:`router.plans.policy_with_targets` over the replay's policy); calls
+  of a queue that had no enabled rule when they queued are not swept later;
+* a target ``mode`` at once where the site's ``contingency`` is normal (an operator's
+  surge or emergency wins), with the mode's ``set_mode`` as at the start.
+
+A site the new targets do not name keeps the targets it had. A **controller**
+(``controller(t, observation)``) is called every ``control_every_s`` of simulated time
+from the first arrival on, for as long as calls still arrive (``t`` on the arrivals'
+clock; :class:`router.whatif.observe.Observation`: what a rebalancer could see then); the
+target sets it returns are applied ``apply_delay_s`` later, after that instant's sweeps
+(a controller's call and an application come after every other event of their instant).
+``ReplayResult.targets_applied`` counts the target sets applied.
 """
 
 from __future__ import annotations
@@ -61,7 +84,7 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from router.config import SiteConfig
@@ -80,7 +103,9 @@ from router.overflow import (
     site_load,
     split_bucket,
 )
+from router.plans import PlanError, SiteTargets, check_targets, move_commands, policy_with_targets
 from router.whatif.arrivals import Arrival, WhatIfError
+from router.whatif.observe import Observation, QueueObservation, SiteObservation
 from router.whatif.result import ReplayResult, SiteResult, Tally
 
 #: Load publications: at most ``load_max_rate`` (4) a second, as router.coord's defaults.
@@ -94,13 +119,15 @@ SWEEP_MAX = 50
 #: Reservation lifetime of a transfer (they commit at once: never reached).
 TRANSFER_TTL_S = 10.0
 
-_TICK, _COMPLETE, _ABANDON, _ARRIVE, _SWEEP = range(5)
+_TICK, _COMPLETE, _ABANDON, _ARRIVE, _SWEEP, _CONTROL, _TARGETS = range(7)
 Censored = Literal["resample", "inf"]
+Targets = Mapping[str, SiteTargets]
+Controller = Callable[[float, Observation], "Targets | None"]
 
 
 class _Call:
     __slots__ = ("a", "site", "origin", "oqueue", "state", "handle", "patience", "answered_at",
-                 "moved", "partner")
+                 "moved", "partner", "agent")
 
     def __init__(self, a: Arrival, origin: "_Site", handle: float, patience: float) -> None:
         self.a = a
@@ -113,6 +140,7 @@ class _Call:
         self.answered_at = 0.0
         self.moved = False
         self.partner: _Site | None = None  # the capped partner it was sent to
+        self.agent = ""  # who answered it
 
 
 class _Site:
@@ -126,8 +154,15 @@ class _Site:
         self.engine = Engine(cfg)
         self.qcfg = {q.name: q for q in cfg.queues}
         self.mode = mode
+        self.contingency = mode  # the operator's mode (a target mode applies only over normal)
         self.settings = mode.settings(policy)
         self.rules = {q.name: policy.rules_for(self.name, q.name) for q in cfg.queues}
+        # targets: site-file groups, agents the targets in force placed, busy agents' moves
+        self.home = {aid: g.id for aid, g in cfg.agent_profiles().items()}
+        self.placed: set[str] = set()
+        self.pending: dict[str, str] = {}
+        self.arrived: dict[str, int] = {}  # queue -> arrivals (counted for a controller only)
+        self.arrived_seen: dict[str, int] = {}  # at the controller's previous call
         self.version = 0  # bumped by every command that changed the engine
         self.views: dict[str, tuple[int, Any]] = {}  # queue -> (version, QueueView)
         self.memo: dict[str, tuple] = {}  # queue -> inputs of the sweep's last "stay"
@@ -162,7 +197,8 @@ class _Replay:
     def __init__(
         self, sites: Sequence[SiteConfig], arrivals: Sequence[Arrival], policy: OverflowPolicy,
         contingency: Mapping[str, ContingencyState] | None, seed: int, censored: Censored,
-        drain_s: float | None,
+        drain_s: float | None, targets: Targets | None = None, controller: Controller | None = None,
+        control_every_s: float | None = None, apply_delay_s: float = 0.0,
     ) -> None:  # fmt: skip
         if censored not in ("resample", "inf"):
             raise WhatIfError(f"censored must be 'resample' or 'inf', got {censored!r}")
@@ -189,6 +225,20 @@ class _Replay:
             s.read = any(r is not None and r.enabled for o in self.sites.values() if o is not s for r in o.rules.values())
         self.seed = seed
         self.drain_s = drain_s
+        self.base_policy = policy
+        self.in_force: dict[str, SiteTargets] = {}  # site -> the targets applied last
+        self.queue_names = {n: [q.name for q in s.cfg.queues] for n, s in self.sites.items()}
+        self.partner_names = set(policy.partners) | {n for n, s in self.sites.items() if s.kind == "partner"}
+        self.initial = self._check_targets(targets, "targets") if targets else None
+        if controller is not None and not (control_every_s is not None and control_every_s > 0
+                                           and math.isfinite(control_every_s)):
+            raise WhatIfError(f"a controller needs control_every_s > 0, got {control_every_s!r}")
+        if not (apply_delay_s >= 0 and math.isfinite(apply_delay_s)):
+            raise WhatIfError(f"apply_delay_s must be a finite number >= 0, got {apply_delay_s!r}")
+        self.controller = controller
+        self.control_every_s = control_every_s
+        self.apply_delay_s = apply_delay_s
+        self.last_control = 0.0
         self.result = ReplayResult(
             sites={n: SiteResult(site=n) for n in names}, total=Tally(), calls=len(arrivals), seed=seed
         )
@@ -269,16 +319,25 @@ class _Replay:
         t = self.t0
         for s in self.sites.values():
             self._start(s, t)
+        if self.initial is not None:
+            self._apply_targets(self.initial, t)
         for a in self.arrivals:
             self.push(a.at + self.shift, _ARRIVE, a.call_id)
         last_arrival = self.arrivals[-1].at + self.shift if self.arrivals else t
         stop = math.inf if self.drain_s is None else last_arrival + self.drain_s
+        self.last_arrival = last_arrival
+        if self.controller is not None and self.arrivals:
+            self.last_control = self.t0
+            self.push(self.t0, _CONTROL, None)
         heap = self.heap
+        end = t  # the last event of a call: a controller's instants do not stretch the span
         while heap:
             t, kind, _, payload = heapq.heappop(heap)
             if t > stop:
-                t = stop
+                t = end = stop
                 break
+            if kind < _CONTROL:
+                end = t
             if kind == _ARRIVE:
                 self._arrive(self.calls[payload], t)
             elif kind == _COMPLETE:
@@ -287,9 +346,13 @@ class _Replay:
                 self._abandon(self.calls[payload], t)
             elif kind == _TICK:
                 self._tick(payload, t)
-            else:
+            elif kind == _SWEEP:
                 self._sweep(payload, t)
-        self.result.span_s = max(0.0, t - self.t0)
+            elif kind == _CONTROL:
+                self._control(t)
+            else:
+                self._apply_targets(payload, t)
+        self.result.span_s = max(0.0, end - self.t0)
         return self._finish()
 
     def _start(self, s: _Site, t: float) -> None:
@@ -354,17 +417,18 @@ class _Replay:
                 view = s.engine.apply({
                     "op": "accept", "t": t, "agent_id": fx.agent_id, "assignment_id": fx.assignment_id,
                 }).result  # fmt: skip
-                self._answered(s, self.calls[fx.call_id], view.queue, t)
+                self._answered(s, self.calls[fx.call_id], view.queue, t, fx.agent_id)
         nd = s.engine.next_deadline()
         if nd is not None and (s.tick_at is None or nd < s.tick_at):
             s.tick_at = nd
             self.push(max(nd, t), _TICK, s)
         return out.result
 
-    def _answered(self, s: _Site, c: _Call, queue: str, t: float) -> None:
+    def _answered(self, s: _Site, c: _Call, queue: str, t: float, agent: str) -> None:
         if not c.oqueue:  # answered by its own offer
             c.oqueue = queue
         c.state = "connected"
+        c.agent = agent
         c.answered_at = t
         self._unstay(c)
         self._tally(c, "answered", t - (c.a.at + self.shift))
@@ -374,6 +438,10 @@ class _Replay:
     def _arrive(self, c: _Call, t: float) -> None:
         s = c.origin
         a = c.a
+        if self.controller is not None:  # what the controller is told arrived
+            q = s.cfg.queue_for(a.skill, a.channel, a.language or None)  # type: ignore[arg-type]
+            if q is not None:
+                s.arrived[q.name] = s.arrived.get(q.name, 0) + 1
         self._due(s, t)
         try:
             res = self._apply(s, {
@@ -410,6 +478,9 @@ class _Replay:
         self._apply(s, {"op": "complete", "t": t, "call_id": c.a.call_id, "resolved": True})
         c.state = "done"
         self._ended(c)
+        if c.agent in s.pending:  # its move waited for this contact to end: try it again
+            group = s.pending.pop(c.agent)
+            self._move(s, c.agent, group, t)
 
     def _abandon(self, c: _Call, t: float) -> None:
         if c.state != "queued":
@@ -637,6 +708,100 @@ class _Replay:
         if ids:
             s.stayed[queue] = dict.fromkeys(sorted(ids, key=lambda k: (self.calls[k].a.at, k)))
 
+    # -- targets and the controller ----------------------------------------------------------
+
+    def _check_targets(self, targets: Any, what: str) -> dict[str, SiteTargets]:
+        """``targets`` as a plain dict, after checking them against the site files."""
+        if not isinstance(targets, Mapping):
+            raise WhatIfError(f"{what} must map site names to SiteTargets, got {type(targets).__name__}")
+        out = {}
+        for site, t in targets.items():
+            s = self.sites.get(site)
+            if s is None:
+                raise WhatIfError(f"{what}: unknown site {site!r}; the replay has {sorted(self.sites)}")
+            if not isinstance(t, SiteTargets):
+                raise WhatIfError(f"{what}[{site}] must be a SiteTargets, got {type(t).__name__}")
+            try:
+                check_targets(s.cfg, t, self.partner_names)
+            except PlanError as e:
+                raise WhatIfError(f"{what}: {e}") from None
+            out[site] = t
+        return out
+
+    def _move(self, s: _Site, agent: str, group: str, t: float) -> None:
+        """``move_agent`` at ``s``; a busy agent's move waits for its contact to end."""
+        self._due(s, t)
+        try:
+            self._apply(s, {"op": "move_agent", "t": t, "agent_id": agent, "group": group})
+        except RoutingError as e:
+            if e.reason != "AGENT_BUSY":
+                raise WhatIfError(f"moving agent {agent} of {s.name} to {group}: {e.reason}: {e.message}") from None
+            s.pending[agent] = group
+
+    def _apply_targets(self, targets: Mapping[str, SiteTargets], t: float) -> None:
+        """Apply one target set at ``t`` as a node does (see the module docstring)."""
+        for name in sorted(targets):
+            s, want = self.sites[name], targets[name]
+            current = dict(s.home)
+            current.update(s.engine.moved_groups())
+            commands = move_commands(s.home, current, s.placed, want)
+            s.placed = set(want.groups)
+            s.pending = {}  # the new targets say where every agent goes
+            for cmd in commands:
+                self._move(s, cmd["agent_id"], cmd["group"], t)
+            self.in_force[name] = want
+        self.policy = policy_with_targets(self.base_policy, self.in_force, self.queue_names)
+        for name, s in self.sites.items():
+            want = self.in_force.get(name)
+            mode = s.contingency
+            if mode.mode == "normal" and want is not None and want.mode is not None:
+                mode = ContingencyState(mode=want.mode)
+            s.settings = mode.settings(self.policy)
+            if mode != s.mode:
+                s.mode = mode
+                self._due(s, t)
+                self._apply(s, {
+                    "op": "set_mode", "t": t, "mode": mode.mode, "backoffice": s.settings.backoffice_agents,
+                    "announcement": s.settings.announcement[:MAX_ANNOUNCEMENT],
+                })  # fmt: skip
+            s.rules = {q: self.policy.rules_for(name, q) for q in self.queue_names[name]}
+            # the sweeps' memos hold decisions under the old rules: decide afresh
+            s.memo.clear()
+            s.memo2.clear()
+        for s in self.sites.values():
+            s.read = any(r is not None and r.enabled for o in self.sites.values() if o is not s
+                         for r in o.rules.values())
+        self.result.targets_applied += 1
+
+    def _control(self, t: float) -> None:
+        """Call the controller with what it could see at ``t``; schedule what it returns
+        ``apply_delay_s`` later, and its next call."""
+        obs = self._observe(t)
+        self.last_control = t
+        out = self.controller(t - self.shift, obs)  # type: ignore[misc]
+        if out:
+            self.push(t + self.apply_delay_s, _TARGETS, self._check_targets(out, f"controller at t={t - self.shift:g}"))
+        nxt = t + self.control_every_s  # type: ignore[operator]
+        if nxt <= self.last_arrival:
+            self.push(nxt, _CONTROL, None)
+
+    def _observe(self, t: float) -> Observation:
+        sites = {}
+        for name, s in self.sites.items():
+            tallies = self.result.sites[name].queues
+            queues = {}
+            for qv in s.engine.queues(now=0.0):
+                total = s.arrived.get(qv.name, 0)
+                tally = tallies.get(qv.name)
+                queues[qv.name] = QueueObservation(
+                    arrivals=total - s.arrived_seen.get(qv.name, 0), arrivals_total=total, length=qv.length,
+                    staffed=qv.agents_staffed, service_level=None if tally is None else tally.service_level,
+                )  # fmt: skip
+            s.arrived_seen = dict(s.arrived)
+            sites[name] = SiteObservation(queues=queues, mode=s.mode.mode, moved=s.engine.moved_groups())
+        since = t - self.last_control if t > self.t0 else 0.0
+        return Observation(t=t - self.shift, since_s=since, applied=self.result.targets_applied, sites=sites)
+
     # -- results ---------------------------------------------------------------------------
 
     def _tally(self, c: _Call, outcome: str, waited: float) -> None:
@@ -672,6 +837,10 @@ def replay(
     seed: int = 1,
     censored: Censored = "resample",
     drain_s: float | None = None,
+    targets: Mapping[str, SiteTargets] | None = None,
+    controller: Controller | None = None,
+    control_every_s: float | None = None,
+    apply_delay_s: float = 0.0,
 ) -> ReplayResult:
     """Play ``arrivals`` through ``sites`` under ``policy`` (see the module docstring).
 
@@ -679,13 +848,21 @@ def replay(
     handle times and patience; the same inputs and seed give the same result.
     ``censored``: how the unknown patience of answered calls is drawn ("resample" or
     "inf"). ``drain_s``: stop that long after the last arrival (calls still waiting
-    count as ``unfinished``); None = until every call ended. Raises
-    :class:`WhatIfError` for an arrival of an unknown site or with no queue there, a
-    duplicate call id, or a bad figure.
+    count as ``unfinished``); None = until every call ended.
+
+    ``targets``: site -> :class:`router.plans.SiteTargets` applied at the start;
+    ``controller(t, observation)``, called every ``control_every_s`` while calls arrive,
+    returns target sets (or None) applied ``apply_delay_s`` later (see the module
+    docstring). Without them the replay is exactly the one without targets.
+
+    Raises :class:`WhatIfError` for an arrival of an unknown site or with no queue there, a
+    duplicate call id, a bad figure, targets naming an unknown site, agent, group, queue
+    or partner, or a controller without a positive ``control_every_s``.
     """
     if not isinstance(policy, OverflowPolicy):
         raise WhatIfError(f"policy must be an OverflowPolicy (router.overflow.parse_policy), got {type(policy).__name__}")
-    return _Replay(sites, arrivals, policy, contingency, seed, censored, drain_s).run()
+    return _Replay(sites, arrivals, policy, contingency, seed, censored, drain_s, targets, controller,
+                   control_every_s, apply_delay_s).run()
 
 
 def compare(
