@@ -23,6 +23,8 @@ from router.capacity.cli import register as _register_capacity  # noqa: E402
 _register_capacity(app)  # tandem capacity staff
 from router.capacity.rebalancer_cli import register as _register_rebalancer  # noqa: E402
 _register_rebalancer(app)  # tandem rebalancer
+from router.capacity.validate_cli import register as _register_validate  # noqa: E402
+_register_validate(app)  # tandem capacity validate
 from router.ctl.plan import register as _register_plan  # noqa: E402
 _register_plan()  # tandem ctl plan, tandem ctl apply, tandem ctl get rebalancer
 
@@ -96,6 +98,14 @@ def demo(
         help="traffic profile (YAML): per site, streams with rate, handle-time and patience "
              "distributions, caller pool, head starts; example: router/sim/traffic_example.yaml",
     ),
+    calls_out: Optional[Path] = typer.Option(
+        None, "--calls-out", metavar="FILE",
+        help="also write the cluster run's offered calls, one JSON line each (tandem capacity validate reads it)",
+    ),
+    partners: bool = typer.Option(
+        True, "--partners/--no-partners",
+        help="play the BPO partners of SITES/partners on the partner API (tandem capacity validate needs --no-partners)",
+    ),
 ) -> None:
     """Start etcd and the example cluster, drive unbalanced traffic (overflow between
     sites), print KPIs per site and queue against the isolated and pooled references."""
@@ -105,7 +115,8 @@ def demo(
     # The BPO partners of SITES/partners run as simulated ACDs in the demo's process; the
     # simulator may not import router.partner (same layer), so they are joined here.
     raise typer.Exit(run_demo(sites, duration, data_dir=data_dir, json_out=json_out, seed=seed,
-                              reference=reference, traffic=traffic, partner_sim=PartnerSim))
+                              reference=reference, traffic=traffic, partner_sim=PartnerSim if partners else None,
+                              calls_out=calls_out))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from node_fixtures import make_site, running_node
 from history_fixtures import chdb_path, chdb_store, clickhouse_outage_server, clickhouse_server, history_store, server_store  # noqa: F401
 from etcd_fixtures import etcd, etcd_prefix, etcd_settings, own_etcd  # noqa: F401
 from ctl_fixtures import tandem_cluster  # noqa: F401
+from ray_fixtures import ray_local  # noqa: F401
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ COMMANDS = [[], ["node"], ["demo"], ["certs"], ["report"], ["history"], ["up"], 
             ["ctl", "get"], ["ctl", "describe"], ["ctl", "drain"], ["ctl", "mode"], ["ctl", "agent"],
             ["ctl", "agent", "move"], ["ctl", "policy"], ["ctl", "policy", "apply"], ["ctl", "audit"],
             ["ctl", "partner"], ["ctl", "partner", "apply"], ["report", "partner"],
-            ["partner-sim"], ["capacity"], ["capacity", "staff"], ["capacity", "forecast"]]
+            ["partner-sim"], ["capacity"], ["capacity", "staff"], ["capacity", "forecast"],
+            ["capacity", "whatif"], ["capacity", "validate"], ["rebalancer"], ["ctl", "plan"], ["ctl", "apply"],
+            ["ctl", "get", "rebalancer"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a) or "tandem")

@@ -87,7 +87,7 @@ FIELDS = ["call_id", "channel", "skill", "language", "caller", "customer_id", "p
           "context", "reason", "resolved", "csat", "wrap_up_code", "agent_id", "state",
           "timeout_s", "assignment_id", "mode", "backoffice", "announcement", "group", "draining",
           "transfer_no", "target", "partner", "agent", "answered_at", "talk_s", "wrap_s", "disposition",
-          "transferred_back", "fencing", "generation", "plan", "moved"]  # fmt: skip
+          "transferred_back", "fencing", "generation", "plan", "moved", "doc", "when_free"]  # fmt: skip
 OPS = ["offer", "abandon", "complete", "sign_in", "sign_out", "set_state", "accept", "reject",
        "disconnect", "tick", "set_mode", "move_agent", "set_drain", "launch", "transfer_begin",
        "transfer_abort", "partner_assign", "partner_outcome", "partner_handback", "targets_applied"]  # fmt: skip
@@ -209,10 +209,14 @@ class EngineMachine(RuleBasedStateMachine):
         self.run({"op": "set_mode", "t": self.advance(dt), "mode": mode,
                   "backoffice": backoffice, "announcement": text})  # fmt: skip
 
-    @rule(aid=st.sampled_from(AGENT_IDS), data=st.data(), dt=dts)
-    def move_agent(self, aid, data, dt):
+    @rule(aid=st.sampled_from(AGENT_IDS), data=st.data(), dt=dts,
+          when_free=st.sampled_from([None, False, True, True, "yes"]))
+    def move_agent(self, aid, data, dt, when_free):
         group = data.draw(st.sampled_from([*sorted(self.groups), "nope", ""]))
-        self.run({"op": "move_agent", "t": self.advance(dt), "agent_id": aid, "group": group})
+        cmd = {"op": "move_agent", "t": self.advance(dt), "agent_id": aid, "group": group}
+        if when_free is not None:  # a busy agent's move waits for it to be free
+            cmd["when_free"] = when_free
+        self.run(cmd)
 
     @rule(draining=st.sampled_from([True, False, "yes"]), dt=dts)
     def set_drain(self, draining, dt):
@@ -297,6 +301,16 @@ class EngineMachine(RuleBasedStateMachine):
 
     def order_key(self, call, index: int):
         return (call.queued_at - self.hs(call.priority_class), index)
+
+    @invariant()
+    def pending_moves_wait_for_busy_agents(self):
+        """A move waiting for its agent (when_free) exists only while the agent holds a
+        contact, and goes elsewhere than where the agent is."""
+        if not hasattr(self, "engine"):
+            return
+        for aid, group in self.engine.pending_groups().items():
+            assert self.engine.agent(aid).call_ids, f"{aid} is free but its move to {group} waits"
+            assert self.engine.agent_group(aid) != group
 
     @invariant()
     def placement_capacity_and_work_conservation(self):

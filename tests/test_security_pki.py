@@ -372,7 +372,7 @@ def test_cli_init_issue_renew_show(tmp_path):
     assert code == 0, err
     rows = {r["file"]: r for r in json.loads(out)}
     assert set(rows) == {"ca.crt", "partner-bpo1.crt", "site-lyon.crt", "agents-lyon.crt", "site-callpro.crt",
-                         "agents-callpro.crt", "operator-admin.crt"}
+                         "agents-callpro.crt", "operator-admin.crt", "rebalancer-rebalancer.crt"}
     assert rows["site-lyon.crt"]["identity"] == "spiffe://acme/site/lyon"
     assert rows["site-lyon.crt"]["sans"]["dns"] == ["lyon.site.acme", "localhost", "site.acme", "node.lan"]
     assert all(r["status"] == "ok" for r in rows.values())

@@ -1,7 +1,8 @@
 """``tandem capacity staff``: the agents one queue needs for one interval (Erlang C, or
 Erlang A with the callers' patience), see :mod:`router.capacity.staffing`;
 ``tandem capacity forecast``: a day's staffing table per queue from the history, see
-:mod:`router.capacity.plan`."""
+:mod:`router.capacity.plan`; ``tandem capacity whatif``: candidate plans simulated (as Ray
+tasks) and the best chosen, see :mod:`router.capacity.whatif`."""
 
 from __future__ import annotations
 
@@ -228,6 +229,101 @@ def _print_plan(doc: dict, asked: str) -> None:
         typer.echo(f"  {q['site']}/{q['queue']} day total: {q['calls']:.0f} calls, {q['agent_hours']:g} agent-hours "
                    f"on the phones, {q['scheduled_hours']:g} scheduled ({hours:g} h intervals"
                    f"{f'; {quiet} without calls not shown' if quiet else ''})")
+
+
+@app.command("whatif")
+def whatif_command(
+    sites: Path = typer.Option(Path("sites"), "--sites", help="directory of the site files (*.yaml)"),
+    policy: Path | None = typer.Option(
+        None, "--policy", help="overflow policy (JSON; default: overflow-policy.json in --sites if there, else none)"),
+    traffic: Path | None = typer.Option(
+        None, "--traffic", help="traffic profile (YAML, the format of tandem demo --traffic; default: the demo's)"),
+    partners: Path | None = typer.Option(
+        None, "--partners", help="partner contracts (*.yaml) for their prices (default: partners/ in --sites)"),
+    horizon_s: float = typer.Option(3600.0, "--horizon-s", help="simulated seconds of traffic per replication"),
+    replications: int = typer.Option(3, "--replications", help="seeds per candidate (the same calls for all)"),
+    partner_price: float = typer.Option(1.0, "--partner-price", help="price of one contact at a partner "
+                                        "without a contract"),
+    move_cost: float = typer.Option(0.5, "--move-cost", help="cost of one moved agent, in the same money"),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="run on this Ray cluster (default: RAY_ADDRESS, else a local Ray on loopback)"),
+    serial: bool = typer.Option(False, "--serial", help="run every replay in this process, without Ray"),
+    top: int = typer.Option(10, "--top", help="candidates shown in the table"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Plan what-ifs: candidate plans (agents moved between groups, overflow wait factors,
+    a partner closed or opened, surge mode; and no change) each simulated through the
+    real engines and overflow policy on the same calls (common random numbers), as Ray
+    tasks unless --serial; the plan with the best cluster service level at the least cost
+    (ties within 0.005).
+
+    Exit codes: 0 ok; 1 Ray failed; 2 bad options or files."""
+    from router.capacity.whatif import generate_candidates, search
+    from router.capacity.whatif_run import evaluate, scenario_from_files
+    from router.config import ConfigError
+
+    if not (horizon_s > 0 and math.isfinite(horizon_s)):
+        raise typer.BadParameter(f"must be a positive number, got {horizon_s}", param_hint="--horizon-s")
+    if replications < 1:
+        raise typer.BadParameter(f"must be at least 1, got {replications}", param_hint="--replications")
+    if not sites.is_dir():
+        raise typer.BadParameter(f"{sites} is not a directory", param_hint="--sites")
+    if policy is None and (sites / "overflow-policy.json").is_file():
+        policy = sites / "overflow-policy.json"
+    try:
+        sc = scenario_from_files(sites, policy, traffic, horizon_s=horizon_s, seeds=tuple(range(1, replications + 1)),
+                                 partners_dir=partners or sites / "partners", default_partner_price=partner_price,
+                                 move_cost=move_cost)
+        candidates = generate_candidates(sc)
+    except (OSError, ValueError, ConfigError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if serial:
+        results, stats = evaluate(sc, candidates)
+    else:
+        from router.capacity.raykit import ray_session
+
+        try:
+            with ray_session(ray_address) as session:
+                results, stats = evaluate(sc, candidates, session=session)
+        except Exception as e:  # noqa: BLE001 -- Ray's errors have no common base: report, exit 1
+            typer.echo(f"error: Ray: {type(e).__name__}: {e}", err=True)
+            raise typer.Exit(1) from None
+    found = search(sc, candidates, results)
+    if json_out:
+        typer.echo(json.dumps({"candidates": len(candidates), "run": stats.to_dict(), **found.to_dict()},
+                              sort_keys=True))
+        return
+    _print_whatif(found, stats, top)
+
+
+def _print_whatif(found, stats, top: int) -> None:  # noqa: ANN001 -- SearchResult, RunStats (imported lazily)
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    evs = sorted(found.evaluations, key=lambda e: (-(e.service_level or 0.0), e.cost, e.index))
+    t = Table(box=box.SIMPLE_HEAD, title=f"{len(evs)} candidates, {stats.units} replays ({stats.runner}, "
+              f"{stats.tasks} tasks, {stats.seconds:.1f} s)")
+    for c in ("#", "candidate", "SL", "delta", "moves", "partner calls", "cost"):
+        t.add_column(c, justify="left" if c == "candidate" else "right")
+    for e in evs[:top]:
+        delta = "-" if e.delta is None else f"{100 * e.delta:+.2f}" + ("" if e.delta_se is None else
+                                                                      f" ±{100 * e.delta_se:.2f}")
+        t.add_row(str(e.index), ("* " if e.index == found.best.index else "") + e.name, pct(e.service_level), delta,
+                  str(e.moves), f"{sum(e.partner_calls.values()):.1f}", f"{e.cost:.2f}")
+    console.print(t)
+    b, plan = found.best, found.plan
+    typer.echo(f"best: {b.name}")
+    typer.echo(f"  cluster service level {pct(found.evaluations[0].service_level)} -> {pct(b.service_level)}, "
+               f"cost {b.cost:.2f} (moves {b.moves}, partner {b.partner_cost:.2f})")
+    for site, sl in plan.expected.items():
+        typer.echo(f"  {site:12} {pct(sl['before'])} -> {pct(sl['after'])}")
+    typer.echo(f"  plan {plan.id}: targets for {', '.join(plan.sites) or 'no site (no change)'}")
 
 
 def register(root: typer.Typer) -> None:

@@ -23,8 +23,9 @@ def rebalancer_command(
     etcd_prefix: Optional[str] = typer.Option(None, "--etcd-prefix", envvar="TANDEM_ETCD_PREFIX",
                                               help="key prefix (default /tandem/)"),
     tls_dir: Optional[Path] = typer.Option(None, "--tls-dir", envvar="TANDEM_TLS_DIR", metavar="DIR",
-                                           help="serve mTLS and reach etcd with DIR/operator-IDENTITY.crt|.key and DIR/ca.crt"),
-    identity: str = typer.Option("rebalancer", "--identity", help="operator identity name (its certificate in --tls-dir)"),
+                                           help="serve mTLS and reach etcd with DIR/rebalancer-IDENTITY.crt|.key and DIR/ca.crt"),
+    identity: str = typer.Option("rebalancer", "--identity", help="rebalancer identity name (its certificate in --tls-dir)"),
+    data_dir: Path = typer.Option(Path("rebalancer-data"), "--data-dir", help="where the audit log is kept (mTLS)"),
     listen: str = typer.Option(DEFAULT_LISTEN, "--listen", help="host:port of the Rebalancer gRPC service"),
     traffic: Optional[Path] = typer.Option(None, "--traffic", metavar="FILE",
                                            help="expected traffic (YAML of streams, as tandem capacity whatif); "
@@ -38,6 +39,8 @@ def rebalancer_command(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                               help="an existing Ray cluster (default: a local Ray on loopback)"),
     serial: bool = typer.Option(False, "--serial", help="simulate candidates in this process, without Ray"),
+    partners: Optional[Path] = typer.Option(None, "--partners", metavar="DIR",
+                                            help="partner contracts (prices; default: SITES/partners)"),
 ) -> None:
     """Run a rebalancer: campaign for leadership (one leader at a time, etcd election);
     the leader answers tandem ctl plan / tandem ctl apply and, with --auto-every-min,
@@ -47,6 +50,7 @@ def rebalancer_command(
     from router.capacity.service import serve_rebalancer
     from router.config import ConfigError, load_sites
     from router.coord import EtcdCoordinator, EtcdSettings
+    from router.security.audit import AuditError
     from router.security.tls import TlsConfigError, is_loopback
 
     logging.basicConfig(level=os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper(),
@@ -65,33 +69,33 @@ def rebalancer_command(
     if etcd_prefix:
         kw["prefix"] = etcd_prefix
     if tls_dir is not None and EtcdSettings.wants_tls(kw["endpoints"], None, None):
-        kw.update(ca_file=str(tls_dir / "ca.crt"), cert_file=str(tls_dir / f"operator-{identity}.crt"),
-                  key_file=str(tls_dir / f"operator-{identity}.key"))
+        kw.update(ca_file=str(tls_dir / "ca.crt"), cert_file=str(tls_dir / f"rebalancer-{identity}.crt"),
+                  key_file=str(tls_dir / f"rebalancer-{identity}.key"))
     settings = EtcdSettings(**kw)
-    planner = make_planner(streams, ray_address=ray_address, serial=serial)
+    planner = make_planner(streams, ray_address=ray_address, serial=serial, partners_dir=partners or sites / "partners")
 
     async def main() -> int:
         coord = EtcdCoordinator("rebalancer", settings)
         rb = Rebalancer(coord, identity, configs, planner, horizon_s=horizon_s, replications=replications,
                         auto_every_s=None if auto_every_min is None else auto_every_min * 60, min_gain=min_gain)
         try:
-            server, port, bindings = await serve_rebalancer(rb, listen, tls_dir, identity)
-        except (TlsConfigError, OSError, RuntimeError, ValueError) as e:
+            served = await serve_rebalancer(rb, listen, tls_dir, identity, data_dir)
+        except (TlsConfigError, OSError, RuntimeError, ValueError, AuditError) as e:
             typer.echo(f"tandem rebalancer: {e}", err=True)
             return 2
-        if bindings is not None:
+        if served.bindings is not None:
             # bindings stored in etcd take over from the TLS dir's file, as on the nodes
-            coord.watch_document("bindings", coord.keys.security_bindings, bindings.set_etcd)
+            coord.watch_document("bindings", coord.keys.security_bindings, served.bindings.set_etcd)
         await coord.start()
         rb.start()
-        typer.echo(f"tandem rebalancer {identity}: serving on port {port}", err=True)
+        typer.echo(f"tandem rebalancer {identity}: serving on port {served.port}", err=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await rb.stop()
-        await server.stop(1.0)
+        await served.stop(1.0)
         await coord.close()
         planner_close = getattr(planner, "close", None)
         if planner_close is not None:

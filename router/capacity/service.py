@@ -1,7 +1,7 @@
 """The Rebalancer gRPC service (proto/router/v1/rebalancer.proto) and its server.
 
 ``serve_rebalancer`` binds the service with the same security as a node: mTLS with the
-process's operator identity (``TLS_DIR/operator-NAME.crt``), callers authorized by the
+process's rebalancer identity (``TLS_DIR/rebalancer-NAME.crt``, spiffe://TD/rebalancer/NAME), callers authorized by the
 permission table and the role bindings (``TLS_DIR/bindings.json``, or etcd's document),
 mutations and refusals in an audit log. Without a TLS directory it serves plaintext on
 loopback only (tests, development).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +107,44 @@ class RebalancerService(rebalancer_pb2_grpc.RebalancerServicer):
                                              sites=_sites(out.sites))
 
 
+@dataclass
+class Served:
+    """A started Rebalancer server: ``port`` bound, ``bindings`` in force (None in
+    plaintext: the caller feeds etcd's bindings document to it), ``audit`` log (None in
+    plaintext). :meth:`stop` stops the server and closes the audit log."""
+
+    server: grpc.aio.Server
+    port: int
+    bindings: BindingsSource | None = None
+    audit: Any = None
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace)
+        if self.audit is not None:
+            await self.audit.aclose()
+
+
 async def serve_rebalancer(rb: Rebalancer, address: str, tls_dir: str | Path | None, identity: str,
-                           trust_domain: str | None = None) -> tuple[grpc.aio.Server, int, BindingsSource | None]:
-    """Start the Rebalancer service (and gRPC health) on ``address``; returns the server,
-    the bound port and the role bindings in force (None in plaintext: the caller feeds
-    etcd's bindings document to it). ``tls_dir`` None: plaintext, refused unless ``address`` is
+                           data_dir: str | Path | None = None, trust_domain: str | None = None) -> Served:
+    """Start the Rebalancer service (and gRPC health) on ``address`` (see :class:`Served`).
+    With ``tls_dir``: mTLS with ``rebalancer-IDENTITY``, the permission table, and an audit
+    log of every apply and every refusal in ``data_dir/audit`` (required then). ``tls_dir`` None: plaintext, refused unless ``address`` is
     loopback. Raises TlsConfigError for missing or unfit identity files."""
     interceptors: list = []
     creds = None
     bindings = None
+    audit = None
     if tls_dir is not None:
-        files = TlsFiles(tls_dir, f"operator-{identity}")
+        if data_dir is None:
+            raise ValueError("an mTLS rebalancer keeps an audit log: give a data directory")
+        files = TlsFiles(tls_dir, f"rebalancer-{identity}")
         material = files.load()
         bindings = BindingsSource(Path(tls_dir) / "bindings.json")
+        from router.security.audit import AuditLog
+
+        audit = AuditLog.open(Path(data_dir) / "audit", "rebalancer")
         authz = Authorizer("*", secure=True, trust_domain=trust_domain or material.identity.trust_domain,
-                           bindings=bindings)
+                           bindings=bindings, audit=audit)
         interceptors.append(AuthInterceptor(authz))
         creds = server_credentials(files)
     elif not is_loopback(address):
@@ -135,4 +159,4 @@ async def serve_rebalancer(rb: Rebalancer, address: str, tls_dir: str | Path | N
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
-    return server, port, bindings
+    return Served(server, port, bindings, audit)

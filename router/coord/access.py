@@ -88,13 +88,15 @@ class AccessPlan:
 
 
 def plan(*, sites: Iterable[str], operators: Iterable[str], trust_domain: str, prefix: str,
-         admin: str) -> AccessPlan:
+         admin: str, rebalancers: Iterable[str] = ()) -> AccessPlan:
     """The roles and users for ``sites`` and ``operators`` (names) of ``trust_domain`` under
     ``prefix``; ``admin`` (a CN) is the user that holds etcd's root role.
 
     ``tandem-operator``: read and write every key under the prefix. ``tandem-site``: the
     same, except ``PREFIX security/`` (the role bindings), which it may only read: a node
-    never writes them, and a site that could would grant itself any role."""
+    never writes them, and a site that could would grant itself any role. A rebalancer
+    (``rebalancers``: names of ``rebalancer`` identities) gets ``tandem-operator``: it
+    reads the state and writes targets under the prefix."""
     keys = Keys(prefix)  # validates it
     security = keys.security_bindings.rpartition("/")[0] + "/"  # PREFIX security/
     end, security_end = prefix_end(prefix), prefix_end(security)
@@ -104,6 +106,8 @@ def plan(*, sites: Iterable[str], operators: Iterable[str], trust_domain: str, p
         users.setdefault(user_name("site", s, trust_domain), set()).add(SITE_ROLE)
     for o in operators:
         users.setdefault(user_name("operator", o, trust_domain), set()).add(OPERATOR_ROLE)
+    for r in rebalancers:
+        users.setdefault(user_name("rebalancer", r, trust_domain), set()).add(OPERATOR_ROLE)
     users.setdefault(admin, set()).add(ROOT)
     return AccessPlan(roles={SITE_ROLE: site, OPERATOR_ROLE: ((prefix, end, "READWRITE"),)},
                       users={u: tuple(sorted(r)) for u, r in sorted(users.items())})
@@ -229,7 +233,7 @@ async def apply(link: Link, want: AccessPlan) -> list[str]:
 
 
 async def provision(settings: EtcdSettings, *, sites: Iterable[str], operators: Iterable[str],
-                    prefix: str | None = None) -> list[str]:
+                    prefix: str | None = None, rebalancers: Iterable[str] = ()) -> list[str]:
     """Give the cluster's sites and operators their etcd users and roles (read and write
     under ``prefix``, default ``settings.prefix``) and enable etcd's auth, connected with
     ``settings`` — a client certificate of the cluster (an operator's) that holds etcd's
@@ -239,7 +243,7 @@ async def provision(settings: EtcdSettings, *, sites: Iterable[str], operators: 
         raise AccessError("provisioning needs a client certificate (its CN is the etcd user)")
     admin = common_name(settings.cert_file)
     want = plan(sites=sites, operators=operators, trust_domain=trust_domain_of(settings.cert_file),
-                prefix=prefix or settings.prefix, admin=admin)
+                prefix=prefix or settings.prefix, admin=admin, rebalancers=rebalancers)
     try:
         link = Link(settings)
     except TlsMaterialError as e:

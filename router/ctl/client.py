@@ -184,14 +184,14 @@ class ClusterClient:
 
     def rebalancer(self, address: str | None = None) -> Any:
         """A Rebalancer stub to ``address`` (default: the context's ``rebalancer``); the
-        server must prove the context's rebalancer operator identity."""
+        server must prove the context's rebalancer identity (spiffe://TD/rebalancer/NAME)."""
         address = address or self.ctx.rebalancer
         if not address:
             raise CtlError(EXIT_USAGE, "no rebalancer address: give --rebalancer HOST:PORT or set "
                                        "rebalancer: in the context")
         key = (address, "rebalancer")
         if key not in self._stubs:
-            ch = self.factory.channel(address, self.factory.expect("operator", self.ctx.rebalancer_identity))
+            ch = self.factory.channel(address, self.factory.expect("rebalancer", self.ctx.rebalancer_identity))
             self._stubs[key] = rebalancer_pb2_grpc.RebalancerStub(ch)
         return self._stubs[key]
 

@@ -41,7 +41,7 @@ class Context(BaseModel):
     identity: str | None = None
     metrics: dict[str, str] = Field(default_factory=dict)
     data_dir: Path | None = Field(None, alias="data-dir")
-    # the rebalancer's gRPC address (tandem rebalancer --listen) and its operator identity name
+    # the rebalancer's gRPC address (tandem rebalancer --listen) and its identity name
     rebalancer: str | None = None
     rebalancer_identity: str = Field("rebalancer", alias="rebalancer-identity")
 

@@ -165,6 +165,8 @@ class CoreMixin:
         if call.state == "assigned":
             del self._ringing[call.assignment_id]
             call.offer_deadline = 0.0
+        if not a.calls and self._pending_group:
+            self._freed(a)  # a move waiting for it to be free (router.engine.staffing)
         self._refresh(a)
         if a.state == "ready":
             self._dirty_agents[a.agent_id] = a

@@ -6,8 +6,9 @@ service order), per-queue counters, AHT, abandonment statistics (``patience``; a
 in older snapshots, which restore with none learned yet) and service-level window,
 agents, repeat-caller memory, pending deadlines, the ended-call retention order, id
 counters, the contingency mode (``set_mode``; absent in older snapshots, which restore as normal)
-and the rebalancer's targets last applied (``targets_applied``; absent in older snapshots,
-which restore with none applied). Derived
+the rebalancer's targets last applied (``targets_applied``) and the agent moves waiting
+for a free agent (``pending_groups``); both absent in older snapshots, which restore with
+none. Derived
 indexes (heaps, free-agent sets, staffed slots) are rebuilt on restore. Restoring a
 snapshot and applying the same commands gives the same states as the original engine.
 """
@@ -49,6 +50,7 @@ class SnapshotMixin:
             "drained": self._drained,
             # rebalancer targets applied (router.engine.staffing); absent in old snapshots: none
             "targets": self.targets_applied(),
+            "pending_groups": self.pending_groups(),  # absent in old snapshots: none
             # Derived from calls and agents, listed for readers (and checked on restore).
             "deadlines": [
                 list(e) for e in sorted({e for e in self._deadlines if self._deadline_live(e)})
@@ -75,6 +77,7 @@ class SnapshotMixin:
             e._regroup(e._agents[aid], group)
         e._drained = bool(snapshot.get("drained", False))
         e._load_targets(snapshot.get("targets"))
+        e._pending_group = dict(snapshot.get("pending_groups") or {})
         e._dirty_agents = {}
         e._next_handle = int(snapshot["next_handle"])
         for row in snapshot["calls"]:

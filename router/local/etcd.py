@@ -228,7 +228,8 @@ def tmp_root() -> Path:
 
 
 def provision_access(server: EtcdServer, tls_dir: str | Path, sites: Iterable[str],
-                     operators: Iterable[str] = ("admin",), prefix: str | None = None) -> list[str]:
+                     operators: Iterable[str] = ("admin",), prefix: str | None = None,
+                     rebalancers: Iterable[str] = ()) -> list[str]:
     """Turn on etcd's access control on a running TLS ``server`` for the identities of
     ``tls_dir`` (:func:`router.coord.access.provision`): ``sites`` and ``operators`` may
     read and write under ``prefix`` (default ``/tandem/``), nobody else; connected as the
@@ -246,7 +247,8 @@ def provision_access(server: EtcdServer, tls_dir: str | Path, sites: Iterable[st
                             ca_file=str(d / "ca.crt"), cert_file=str(d / f"operator-{operators[0]}.crt"),
                             key_file=str(d / f"operator-{operators[0]}.key"))
     try:
-        return access.run_blocking(access.provision(settings, sites=list(sites), operators=operators))
+        return access.run_blocking(access.provision(settings, sites=list(sites), operators=operators,
+                                                    rebalancers=list(rebalancers)))
     except (access.AccessError, OSError, ValueError) as e:
         raise EtcdStartError(f"etcd's access control: {e}") from None
 

@@ -43,6 +43,12 @@ dead peer thus gets no new call from the moment its connection drops or its firs
 proposal fails, not only once its lease expires (TTL) or its load goes stale. A
 suspect is advice about where new calls go; it never changes a transfer's outcome.
 
+Rebalancer targets (issue 12): ``targets/<site>`` is applied live by
+:class:`router.node.targets.TargetsApplier` (``self.targets``): agents moved between
+groups, and the overflow policy and contingency mode in force are :attr:`policy` and
+:attr:`mode` — the coordinator's with this site's targets laid over them (wait factors,
+closed partners; the targets' mode while the operator's is normal).
+
 The member key is registered with a proof of succession (see :meth:`ClusterLink.is_predecessor`):
 a node restarted on the same data directory takes its site's key over from its dead
 previous process at once instead of waiting for that process's lease to expire.
@@ -75,6 +81,7 @@ from router.overflow import (
     ContingencyState,
     Decision,
     LoadSnapshot,
+    OverflowPolicy,
     PartnerUsage,
     PeerLoad,
     charge_transfers,
@@ -200,6 +207,13 @@ class ClusterLink:
 
             self.partner_book = PartnerBook(self.coord)
             partners.book = self.partner_book
+        # The rebalancer's targets for this site (router.node.targets): its watch must be
+        # added before the coordinator starts.
+        self.targets: Any = None
+        if hasattr(self.coord, "watch_prefix"):
+            from router.node.targets import TargetsApplier
+
+            self.targets = TargetsApplier(self)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -218,6 +232,8 @@ class ClusterLink:
         self._spawn(self._mode_sync(), "mode")
         if self.partner_book is not None:
             self._spawn(self._partner_slots(), "partner-slots")
+        if self.targets is not None:
+            self._spawn(self.targets.run(), "targets")
         for c in self.node.engine.calls("queued"):  # recovered: decide for them in the sweeps
             if not c.transfer_origin:
                 self._stayed.setdefault(c.queue, {})[c.call_id] = None
@@ -297,7 +313,7 @@ class ClusterLink:
         if site != self.site:
             return
         self._mode = state
-        settings = state.settings(self.coord.policy)
+        settings = state.settings(self.policy)
         log.warning(
             "%s: contingency mode %s (partner overflow %s, back-office agents %s, announcement %r)",
             self.site, state.mode, "on" if settings.partner_overflow else "off",
@@ -312,8 +328,8 @@ class ClusterLink:
         when the engine already runs this mode."""
         if self._closed:
             return
-        state = self.coord.contingency(self.site)
-        settings = state.settings(self.coord.policy)
+        state = self.mode  # the operator's, or the rebalancer targets' while that is normal
+        settings = state.settings(self.policy)
         cmd = {
             "op": "set_mode", "t": self.node.now(), "mode": state.mode,
             "backoffice": settings.backoffice_agents,
@@ -337,11 +353,30 @@ class ClusterLink:
 
     @property
     def mode(self) -> ContingencyState:
-        return self.coord.contingency(self.site)
+        """The contingency state in force here: the operator's (etcd), or the rebalancer
+        targets' mode while the operator's is normal."""
+        state = self.coord.contingency(self.site)
+        if self.targets is None:
+            return state
+        return self.targets.mode_over(state)
+
+    @property
+    def policy(self) -> OverflowPolicy:
+        """The overflow policy this node decides with: the coordinator's, with this site's
+        rebalancer targets laid over it (:func:`router.plans.policy_with_targets`)."""
+        policy = self.coord.policy
+        if self.targets is None:
+            return policy
+        return self.targets.policy_over(policy)
+
+    def targets_changed(self) -> None:
+        """The applier's hook: other targets are in force (rules, maybe the mode)."""
+        self._ratio_active.clear()  # hysteresis state belongs to the rules it came from
+        self._apply_mode()
 
     @property
     def announcement(self) -> str:
-        return self.mode.settings(self.coord.policy).announcement
+        return self.mode.settings(self.policy).announcement
 
     # --- load --------------------------------------------------------------------------
 
@@ -514,7 +549,7 @@ class ClusterLink:
         local = local_queue(self.site, self.region, qv, self._queue_cfg.get(queue), expected_wait_s)
         loads = self.peer_loads()
         members = self.coord.members()
-        policy, usage, allowed = self.coord.policy, self.partner_usage(loads), set(members)
+        policy, usage, allowed = self.policy, self.partner_usage(loads), set(members)
         gateways = self._gateway_loads(call_id, queue, local, policy)
         if gateways:
             # Partners on the partner API: their loads come from their gateways'
@@ -773,4 +808,6 @@ class ClusterLink:
             "by_rule": dict(s.by_rule),
             "aborted_by_reason": dict(s.aborted_by_reason),
             "out_by_site": dict(s.out_by_site),
+            # the rebalancer's targets (router.node.targets): applied, pending, refused
+            "targets": self.targets.stats() if self.targets is not None else None,
         }

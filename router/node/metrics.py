@@ -108,6 +108,20 @@ PARTNER_GATEWAY = Gauge(
     "tandem_partner_gateway_connected", "1 while a partner's gateway is connected to this node", ["site", "partner"]
 )
 ETCD_CONNECTED = Gauge("tandem_etcd_connected", "1 while the node has a live etcd session", ["site"])
+TARGETS_GENERATION = Gauge(
+    "tandem_targets_generation",
+    "Plan generation of the rebalancer targets this node applied (0: none; kept across restarts)", ["site"],
+)
+TARGETS_PENDING_MOVES = Gauge(
+    "tandem_targets_pending_moves", "Agent moves of the applied targets waiting for the agent to be free",
+    ["site"],
+)
+TARGETS_REFUSED = Counter(
+    "tandem_targets_refused_total",
+    "Rebalancer targets documents this node refused, by reason (stale_fencing: an epoch lower than the "
+    "highest applied; invalid: the document does not parse or names what the site lacks)",
+    ["site", "reason"],
+)
 HISTORY_SPOOL_ROWS = Gauge(
     "tandem_history_spool_rows", "History rows waiting in the outage spool for ClickHouse", ["site"]
 )
@@ -241,6 +255,11 @@ class NodeMetrics:
             _remove(PARTNER_IN_USE, site, p)
             _remove(PARTNER_CAP, site, p)
         self.partners = set(partners)
+        targets = getattr(cluster, "targets", None)
+        if targets is not None:
+            # the engine's record (journaled): right after a restart too, before etcd answers
+            TARGETS_GENERATION.labels(site).set(self.node.engine.targets_applied()["generation"])
+            TARGETS_PENDING_MOVES.labels(site).set(len(targets.pending))
 
     def peer_site(self, address: str) -> str:
         for name, addr in self.members.items():

@@ -91,8 +91,8 @@ def init_cmd(
     host: Optional[list[str]] = _HOSTS,
     force: bool = typer.Option(False, "--force", help="replace an existing CA (its certificates stop being trusted)"),
 ) -> None:
-    """Create a CA and the certificates of every site, its agents gateway, the operator admin and
-    every BPO partner with a contract in SITES/partners/."""
+    """Create a CA and the certificates of every site, its agents gateway, the operator admin,
+    the rebalancer and every BPO partner with a contract in SITES/partners/."""
     from router.security import pki
 
     sites_dir = sites or default_sites_dir()
@@ -101,7 +101,7 @@ def init_cmd(
     pairs = _site_pairs(sites_dir)
     try:
         written = pki.init(directory, pairs, trust_domain=trust_domain, hosts=_hosts(host), force=force,
-                           partners=_partner_names(sites_dir))
+                           partners=_partner_names(sites_dir), rebalancers=("rebalancer",))
     except pki.PkiError as e:
         _fail(str(e))
     for p in written:
@@ -119,6 +119,8 @@ def issue_cmd(
                                        help="an etcd member (server certificate for the addresses of --host)"),
     clickhouse: Optional[str] = typer.Option(None, "--clickhouse", metavar="NAME",
                                              help="a ClickHouse server of the history (for the addresses of --host)"),
+    rebalancer: Optional[str] = typer.Option(None, "--rebalancer", metavar="NAME",
+                                             help="a rebalancer process (server certificate for the addresses of --host)"),
     host: Optional[list[str]] = _HOSTS,
     days: Optional[float] = typer.Option(None, "--days", help="lifetime in days (default 7)"),
 ) -> None:
@@ -126,10 +128,11 @@ def issue_cmd(
     from router.security import pki
 
     chosen = [(k, v) for k, v in (("operator", operator), ("partner", partner), ("agents", agents),
-                                  ("site", site), ("etcd", etcd), ("clickhouse", clickhouse)) if v is not None]
+                                  ("site", site), ("etcd", etcd), ("clickhouse", clickhouse),
+                                  ("rebalancer", rebalancer)) if v is not None]
     if len(chosen) != 1:
         _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME, --etcd NAME, "
-              "--clickhouse NAME")
+              "--clickhouse NAME, --rebalancer NAME")
     kind, name = chosen[0]
     try:
         path = pki.issue(directory, kind, name, hosts=_hosts(host), days=pki.LEAF_DAYS if days is None else days)

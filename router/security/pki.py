@@ -54,7 +54,7 @@ CA_KEY = "ca.key"
 BINDINGS = "bindings.json"
 # Kinds that also serve TLS (a node; a partner's gateway; an etcd member, which also dials
 # its peers) get serverAuth besides clientAuth.
-_SERVER_KINDS = frozenset({"site", "partner", "etcd", "clickhouse"})
+_SERVER_KINDS = frozenset({"site", "partner", "etcd", "clickhouse", "rebalancer"})
 
 
 class PkiError(Exception):
@@ -327,17 +327,20 @@ def trust_domain_of(directory: str | Path) -> str:
 
 def init(directory: str | Path, sites: Iterable[tuple[str, str]], trust_domain: str = spiffe.DEFAULT_TRUST_DOMAIN,
          hosts: Iterable[str] = DEFAULT_HOSTS, leaf_days: float = LEAF_DAYS, ca_days: float = CA_DAYS, *,
-         operators: Iterable[str] = ("admin",), partners: Iterable[str] = (), force: bool = False) -> list[Path]:
+         operators: Iterable[str] = ("admin",), partners: Iterable[str] = (), rebalancers: Iterable[str] = (),
+         force: bool = False) -> list[Path]:
     """A new CA in DIR (created 0700), then for every ``(name, kind)`` site (kind
     ``in_house`` or ``partner``) its ``site-NAME`` and ``agents-NAME`` certificates, an
     ``operator-NAME`` certificate per operator, a ``partner-NAME`` certificate per BPO
-    partner on the partner API, and ``bindings.json`` (the starter bindings). Refuses when DIR already holds ``ca.key``, unless ``force`` (a new CA:
+    partner on the partner API, a ``rebalancer-NAME`` certificate per rebalancer
+    process (``tandem rebalancer``: a server, and an etcd client), and ``bindings.json`` (the starter bindings). Refuses when DIR already holds ``ca.key``, unless ``force`` (a new CA:
     certificates of the old one left in DIR stop being trusted; ``renew`` re-signs them).
     Returns the files written, CA first."""
     d = Path(directory)
     sites = [(n, "in_house" if k == "inhouse" else k) for n, k in sites]  # config.py spells it "inhouse"
     operators = list(operators)
     partners = list(partners)
+    rebalancers = list(rebalancers)
     if not spiffe.TRUST_DOMAIN_RE.match(trust_domain or ""):
         raise PkiError(f"bad trust domain {trust_domain!r} (lower-case letters, digits, '.', '-')")
     for name, kind in sites:
@@ -348,6 +351,8 @@ def init(directory: str | Path, sites: Iterable[tuple[str, str]], trust_domain: 
         _identity("operator", op, trust_domain)
     for p in partners:
         _identity("partner", p, trust_domain)
+    for r in rebalancers:
+        _identity("rebalancer", r, trust_domain)
     names = [n for n, _ in sites]
     if len(set(names)) != len(names):
         raise PkiError(f"duplicate site names {names}")
@@ -369,6 +374,7 @@ def init(directory: str | Path, sites: Iterable[tuple[str, str]], trust_domain: 
     idents = [_identity(k, n, trust_domain) for n, _ in sites for k in ("site", "agents")]
     idents += [_identity("operator", op, trust_domain) for op in operators]
     idents += [_identity("partner", p, trust_domain) for p in partners]
+    idents += [_identity("rebalancer", r, trust_domain) for r in rebalancers]
     for ident in idents:
         cert_pem, key_pem = _sign_leaf(ca_cert, ca_key, ident, _leaf_sans(ident, hosts), leaf_days)
         written += [_write_pair(d, ident.file_stem, cert_pem, key_pem), d / f"{ident.file_stem}.key"]

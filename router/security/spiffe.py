@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("site", "operator", "partner", "agents", "etcd", "clickhouse")
+KINDS = ("site", "operator", "partner", "agents", "etcd", "clickhouse", "rebalancer")
 DEFAULT_TRUST_DOMAIN = "tandem"
 # DNS-label-like names: they also appear in DNS SANs and file names.
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

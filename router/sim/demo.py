@@ -61,6 +61,12 @@ partner on the partner API.
 scale), ``duration_s`` included; rates and service levels are fractions, null when
 undefined (nothing answered).
 
+Calls out (``run_demo(calls_out=FILE)``): the cluster run's offered calls, one JSON line
+each after a header line (:func:`write_calls`: the draws of every call — offered time,
+talk time, patience — and what the nodes made of it, with the scaled site files and the
+policy the nodes ran), for :mod:`router.capacity.validate`, which replays them through
+the what-if simulator and compares the service level per site.
+
 History: the cluster run's nodes write the interaction history (compressed times); the
 demo records its time scale in ``DATA_DIR/time_scale`` so that ``tandem report kpi
 --data-dir DATA_DIR`` reports in the run's simulated time, as the tables here do.
@@ -106,6 +112,7 @@ from router.sim.report import (
     PartnerCall,
     QueueKpi,
     Reconciliation,
+    call_lines,
     overflow_counts,
     partner_calls,
     queue_kpis,
@@ -547,6 +554,8 @@ class RunResult:
     occupancy: dict[str, float | None] = field(default_factory=dict)
     wall_s: float = 0.0
     partners: dict[str, dict] = field(default_factory=dict)  # name -> the simulated partner's summary
+    partner_records: dict[str, PartnerCall] = field(default_factory=dict)  # call id -> a partner's record
+    streams: list[CallStream] = field(default_factory=list)  # the generator's streams
 
     @property
     def service_level(self) -> float | None:
@@ -809,7 +818,59 @@ async def run_traffic(
     occupancy = voice_occupancy(node_calls, running, t_a + 0.1 * (t_b - t_a), t_b)
     arrived = {r.call_id: r.site for r in gen.records.values()}
     flows = overflow_counts(node_calls, partners, arrived) if kind == "cluster" else {}
-    return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0, summaries)
+    return RunResult(kind, gen, node_calls, rec, kpis, flows, occupancy, time.time() - t0, summaries,
+                     partners, streams)
+
+
+#: Version of the call file's format (``tandem demo --calls-out``; see :func:`write_calls`).
+CALLS_FORMAT = 1
+
+
+def calls_document(run: RunResult, sites: list[SiteConfig], scale: float, seed: int,
+                   policy: Mapping | None = None) -> list[dict[str, Any]]:
+    """The offered calls of a run as plain dicts, the lines of :func:`write_calls`.
+
+    First a ``{"kind": "run", ...}`` header: ``format`` (:data:`CALLS_FORMAT`),
+    ``run_id``, ``seed``, ``time_scale``; ``arrivals_end_s`` (when the arrivals stopped)
+    and ``drain_end_s`` (when the callers still waiting were made to hang up and the
+    conversations still going were ended: the end of the drain), both simulated seconds
+    since the first arrival could come; ``behaviour`` (the simulated agents': ring
+    time, reject and no-answer shares, recovery, in simulated seconds); ``policy``
+    (the overflow policy put into etcd); ``sites`` (site name -> the *scaled* site file
+    the node ran, as a dict: every duration in it divided by ``time_scale``);
+    ``partners_api`` (the BPO partners that played on the partner API: their calls are
+    not the nodes'); ``rejects`` and ``no_answers`` (offers the agents rejected or let
+    ring out). Then one ``{"kind": "call", ...}`` per call the generator offered,
+    in offer order (:func:`router.sim.report.call_lines`; times in simulated seconds)."""
+    gen = run.gen
+    started = gen.started_at
+    end = gen.arrivals_ended_at or started
+    header = {
+        "kind": "run", "format": CALLS_FORMAT, "run_id": gen.run_id, "seed": seed, "time_scale": scale,
+        "arrivals_end_s": round((end - started) * scale, 6),
+        "drain_end_s": round((end + gen.cfg.drain_s - started) * scale, 6),
+        "behaviour": dict(vars(gen.cfg.behaviour)),
+        "policy": dict(policy or DEMO_POLICY),
+        "sites": {s.site.name: scaled_site(s, scale) for s in sites},
+        "partners_api": sorted(run.partners),
+        "rejects": gen.ledger.rejects, "no_answers": gen.ledger.no_answers,
+    }  # fmt: skip
+    streams = {(st.site, st.name or st.skill): st for st in run.streams}
+    lines = call_lines(gen.records.values(), run.node_calls, scale, started, streams, run.partner_records)
+    return [header] + [{"kind": "call", **line} for line in lines]
+
+
+def write_calls(path: Path, run: RunResult, sites: list[SiteConfig], scale: float, seed: int,
+                policy: Mapping | None = None) -> int:
+    """Write :func:`calls_document` to ``path``, one JSON object per line; returns the
+    number of calls written."""
+    doc = calls_document(run, sites, scale, seed, policy)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for line in doc:
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+    return len(doc) - 1
 
 
 def write_time_scale(root: Path, scale: float) -> Path:
@@ -913,8 +974,11 @@ def run_demo(
     reference: bool = True,
     traffic: Path | None = None,
     partner_sim: PartnerSimFactory | None = None,
+    calls_out: Path | None = None,
 ) -> int:
     """Run the demo; returns the process exit code (see the module docstring).
+    ``calls_out``: also write the cluster run's offered calls there, one JSON line each
+    (:func:`write_calls`; what ``tandem capacity validate`` replays).
     ``traffic``: a traffic profile file (:mod:`router.sim.traffic`); ``time_scale``:
     default the profile's, else :data:`DEMO_TIME_SCALE`. ``partner_sim``: builds the
     simulated partners (``router.partner.sim.PartnerSim``, passed by the ``tandem`` command;
@@ -992,6 +1056,9 @@ def run_demo(
             err.print("interrupted: nodes and etcd stopped")
             return 130
     out.print(kpi_tables(cluster.kpis, cluster.occupancy, cluster.flows))
+    if calls_out is not None:
+        n = write_calls(calls_out, cluster, sites, time_scale, seed)
+        err.print(f"{n} offered calls of the cluster run written to {calls_out}")
     runs = [r for r in (cluster, isolated, pooled) if r is not None]
     for r in runs:
         _report(out, r)

@@ -496,3 +496,112 @@ def voice_occupancy(
             busy += max(0.0, min(end, t1) - max(c.answered_at, t0))
         out[site] = busy / (agents * (t1 - t0)) if agents else None
     return out
+
+
+# --- the offered calls, one JSON line each (tandem demo --calls-out) ------------------------
+
+#: What a call line's ``outcome`` says (see :func:`call_lines`).
+CALL_OUTCOMES = ("completed", "abandoned", "rejected", "active", "offer_failed")
+_CHANNEL_NAMES = {
+    types_pb2.CHANNEL_VOICE: "voice",
+    types_pb2.CHANNEL_CHAT: "chat",
+    types_pb2.CHANNEL_EMAIL: "email",
+    types_pb2.CHANNEL_SOCIAL: "social",
+}
+
+
+_CLASS_NAMES = {
+    types_pb2.PRIORITY_CLASS_STANDARD: "standard",
+    types_pb2.PRIORITY_CLASS_REPEAT: "repeat",
+    types_pb2.PRIORITY_CLASS_WHITELIST: "whitelist",
+    types_pb2.PRIORITY_CLASS_VIP: "vip",
+    types_pb2.PRIORITY_CLASS_BLACKLIST: "blacklist",
+}
+
+
+def call_lines(
+    records: Iterable[CallRecord],
+    node_calls: dict[str, list],
+    time_scale: float,
+    started_at: float,
+    streams: Mapping[tuple[str, str], Any] | None = None,
+    partners: Mapping[str, PartnerCall] | None = None,
+) -> list[dict[str, Any]]:
+    """One plain dict per call the generator offered (or tried to), in offer order:
+    what the caller and the agent were given and what the nodes made of it, with
+    :func:`queue_kpis`' reading of the nodes' records (the owning copy, the origin
+    queue, the wait from the arrival at the origin) so that the demo's KPIs can be
+    recomputed from the lines alone.
+
+    Keys: ``call_id``; ``site`` and ``queue`` (origin: where it arrived and the queue it
+    joined there, "" when rejected); ``stream`` (the generator's stream label);
+    ``skill``, ``channel``, ``language``, ``caller``; ``offered_s`` (when the generator
+    offered it, simulated seconds since its arrivals started at ``started_at``, a Unix
+    time); ``talk_s`` and ``patience_s`` (the generator's draws, simulated seconds;
+    patience None = waits forever); ``outcome`` (:data:`CALL_OUTCOMES`: completed = an
+    agent answered it — a conversation the end of the run cut short too —, abandoned,
+    rejected, active = no final state on its owning node, offer_failed = no node took
+    the offer); ``end_of_run`` (abandoned because the run ended: the caller was still
+    waiting); ``wait_s`` (simulated seconds from its arrival at the origin to its answer,
+    or to its hang-up; None otherwise); ``answered_site``, ``answered_queue`` and
+    ``agent_id`` (where it was answered: a site, or "partner:NAME" for a partner on the
+    partner API; "" when not answered); ``transfers`` (hand-overs between sites);
+    ``offers`` (times one of the generator's agents was offered it: more than 1 when an
+    agent rejected it or let it ring out, or the node withdrew an offer); ``talked_s``
+    (an answered call: from its answer to its end on the node that answered it,
+    simulated seconds — the drawn talk time plus the live run's delays, or less when the
+    end of the run cut the conversation short; None otherwise); ``ended_site`` (the site
+    whose copy owns the call: where it ended, "partner:NAME" at a partner on the partner
+    API; "" without a node copy); ``priority_class`` (the class the node gave it).
+
+    ``streams``: (site, stream label) -> the generator's ``CallStream``, for the skill,
+    channel and language of a call no node recorded; ``partners``: as for
+    :func:`ownership`."""
+    partners = partners or {}
+    records = sorted(records, key=lambda r: (r.offered_at, r.call_id))
+    owned = ownership(node_calls, partners, {r.call_id: r.site for r in records})
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        st = (streams or {}).get((rec.site, rec.stream))
+        o = owned.get(rec.call_id)
+        call = o.call if o is not None else None
+        line: dict[str, Any] = {
+            "call_id": rec.call_id, "site": rec.site, "queue": o.origin_queue if o is not None else "",
+            "stream": rec.stream,
+            "skill": call.skill if call is not None else getattr(st, "skill", ""),
+            "channel": _CHANNEL_NAMES.get(call.channel, "") if call is not None else getattr(st, "channel", ""),
+            "language": call.language if call is not None else getattr(st, "language", ""),
+            "caller": rec.caller,
+            "offered_s": round(max(0.0, rec.offered_at - started_at) * time_scale, 6),
+            "talk_s": round(rec.talk_s, 6),
+            "patience_s": None if rec.patience_s is None else round(rec.patience_s, 6),
+            "outcome": "offer_failed", "end_of_run": False, "wait_s": None,
+            "answered_site": "", "answered_queue": "", "agent_id": "",
+            "transfers": 0, "offers": rec.assignments, "talked_s": None, "ended_site": "",
+            "priority_class": "",
+        }  # fmt: skip
+        out.append(line)
+        if o is None or not rec.acked_at:
+            continue
+        line["transfers"] = max((c.transfer_count for _, c in o.copies), default=0)
+        line["ended_site"] = o.site
+        line["priority_class"] = _CLASS_NAMES.get(call.priority_class, "")
+        start = o.origin_start
+        if call.state == types_pb2.CALL_STATE_REJECTED:
+            line["outcome"] = "rejected"
+        elif call.answered_at:
+            line.update(outcome="completed", wait_s=round(max(0.0, call.answered_at - start) * time_scale, 6),
+                        answered_site=o.site, answered_queue=call.queue if not o.partner else "",
+                        agent_id=call.agent_id)
+            if call.ended_at:
+                line["talked_s"] = round(max(0.0, call.ended_at - call.answered_at) * time_scale, 6)
+        elif call.state == types_pb2.CALL_STATE_ABANDONED or (o.partner and o.call_id in partners
+                                                               and partners[o.call_id].reported):
+            p = partners.get(o.call_id) if o.partner else None
+            ended = (p.ended_at if p is not None and p.ended_at else call.ended_at) or start
+            reason = call.abandon_reason or rec.abandon_reason
+            line.update(outcome="abandoned", wait_s=round(max(0.0, ended - start) * time_scale, 6),
+                        end_of_run=reason == "end_of_run" or rec.abandon_reason == "end_of_run")
+        else:
+            line["outcome"] = "active"
+    return out
