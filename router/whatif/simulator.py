@@ -59,9 +59,9 @@ the way a node applies them, with the functions the nodes use (:mod:`router.plan
 * ``targets`` are applied at the start, after the contingency mode and the sign-ins;
 * the agents' groups by ``move_agent`` commands (:func:`router.plans.move_commands`: an
   agent named goes to its group, one the previous targets of the site placed and these do
-  not name goes home); an agent holding a contact (AGENT_BUSY) has its move pending until
-  the contact it holds completes, when the move is tried again (a newer target set
-  replaces what is pending);
+  not name goes home) with ``when_free``, as the nodes apply them: an agent holding a
+  contact has its move pending in the engine, made when its last contact leaves it,
+  before it is handed the next one (a newer target set replaces or cancels it);
 * wait factors and partners closed at once, as the overflow policy of every decision
   from then on (:func:`router.plans.policy_with_targets` over the replay's policy); calls
   of a queue that had no enabled rule when they queued are not swept later;
@@ -157,10 +157,9 @@ class _Site:
         self.contingency = mode  # the operator's mode (a target mode applies only over normal)
         self.settings = mode.settings(policy)
         self.rules = {q.name: policy.rules_for(self.name, q.name) for q in cfg.queues}
-        # targets: site-file groups, agents the targets in force placed, busy agents' moves
+        # targets: site-file groups, agents the targets in force placed
         self.home = {aid: g.id for aid, g in cfg.agent_profiles().items()}
         self.placed: set[str] = set()
-        self.pending: dict[str, str] = {}
         self.arrived: dict[str, int] = {}  # queue -> arrivals (counted for a controller only)
         self.arrived_seen: dict[str, int] = {}  # at the controller's previous call
         self.version = 0  # bumped by every command that changed the engine
@@ -478,9 +477,6 @@ class _Replay:
         self._apply(s, {"op": "complete", "t": t, "call_id": c.a.call_id, "resolved": True})
         c.state = "done"
         self._ended(c)
-        if c.agent in s.pending:  # its move waited for this contact to end: try it again
-            group = s.pending.pop(c.agent)
-            self._move(s, c.agent, group, t)
 
     def _abandon(self, c: _Call, t: float) -> None:
         if c.state != "queued":
@@ -729,14 +725,15 @@ class _Replay:
         return out
 
     def _move(self, s: _Site, agent: str, group: str, t: float) -> None:
-        """``move_agent`` at ``s``; a busy agent's move waits for its contact to end."""
+        """``move_agent`` with ``when_free`` at ``s``, as the node's targets applier does: a
+        busy agent's move is pending in the engine, made when its last contact leaves it
+        (before that command hands out the next one); to its current group it cancels a
+        pending move."""
         self._due(s, t)
         try:
-            self._apply(s, {"op": "move_agent", "t": t, "agent_id": agent, "group": group})
+            self._apply(s, {"op": "move_agent", "t": t, "agent_id": agent, "group": group, "when_free": True})
         except RoutingError as e:
-            if e.reason != "AGENT_BUSY":
-                raise WhatIfError(f"moving agent {agent} of {s.name} to {group}: {e.reason}: {e.message}") from None
-            s.pending[agent] = group
+            raise WhatIfError(f"moving agent {agent} of {s.name} to {group}: {e.reason}: {e.message}") from None
 
     def _apply_targets(self, targets: Mapping[str, SiteTargets], t: float) -> None:
         """Apply one target set at ``t`` as a node does (see the module docstring)."""
@@ -744,11 +741,13 @@ class _Replay:
             s, want = self.sites[name], targets[name]
             current = dict(s.home)
             current.update(s.engine.moved_groups())
-            commands = move_commands(s.home, current, s.placed, want)
+            wanted = {c["agent_id"]: c["group"] for c in move_commands(s.home, current, s.placed, want)}
             s.placed = set(want.groups)
-            s.pending = {}  # the new targets say where every agent goes
-            for cmd in commands:
-                self._move(s, cmd["agent_id"], cmd["group"], t)
+            for aid in s.engine.pending_groups():
+                if aid not in wanted:  # superseded: where it is now is where these targets want it
+                    self._move(s, aid, current[aid], t)
+            for aid, group in wanted.items():
+                self._move(s, aid, group, t)
             self.in_force[name] = want
         self.policy = policy_with_targets(self.base_policy, self.in_force, self.queue_names)
         for name, s in self.sites.items():
