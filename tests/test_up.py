@@ -95,7 +95,7 @@ def test_up_twice_on_the_same_dir_refuses(tandem_cluster):
     assert "already runs" in r.stderr and "tandem down" in r.stderr
     assert c.pids() == before
     doc = runstate.load(c.data_dir)
-    assert len(runstate.running(doc)) == len(before) == 1 + len(EXAMPLE_SITES) + 1  # etcd, nodes, traffic
+    assert len(runstate.running(doc)) == len(before) == 1 + len(EXAMPLE_SITES) + 2  # etcd, nodes, rebalancer, traffic
 
 
 def test_down_with_nothing_running_exits_0(tmp_path):
@@ -119,11 +119,11 @@ async def test_down_stops_every_process_and_queued_calls_stay_in_the_journal(tmp
             assert r.call.state == types_pb2.CALL_STATE_QUEUED
         await c.close_channels()
         pids = c.pids()
-        assert set(pids) == {"etcd", "node lyon"}
+        assert set(pids) == {"etcd", "node lyon", "rebalancer"}
         doc = runstate.load(d)
         r = tandem("down", "--data-dir", str(d), cwd=c.cwd, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "node lyon" in r.stdout and "etcd" in r.stdout
+        assert "node lyon" in r.stdout and "etcd" in r.stdout and "rebalancer" in r.stdout
         assert not any(runstate.alive(pid, marker) for _, pid, marker in runstate.processes(doc))
         assert runstate.load(d) is None
 

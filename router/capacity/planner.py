@@ -9,6 +9,7 @@ for every site. Its Ray session starts on the first plan and lasts until :meth:`
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -25,15 +26,23 @@ from router.config import SiteConfig
 from router.plans import SiteTargets
 from router.whatif import Stream
 
+log = logging.getLogger("tandem.rebalancer")
+
 
 def load_streams(traffic: Path | None, sites: Sequence[SiteConfig]) -> list[Stream]:
-    """The expected traffic of a profile file (default: the example's), checked against
-    the site files; ``ValueError`` naming the file and field."""
+    """The expected traffic of a profile file, checked against the site files;
+    ``ValueError`` naming the file and field. Without a file: the example's traffic for
+    the sites of the example that ``sites`` has (none at all for a cluster of others)."""
     path = traffic or example_traffic_path()
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise TrafficError(f"{path}: not YAML: {e}") from None
+    if traffic is None and isinstance(data, dict) and isinstance(data.get("sites"), dict):
+        names = {s.site.name for s in sites}
+        data = {**data, "sites": {k: v for k, v in data["sites"].items() if k in names}}
+        if not data["sites"]:
+            return []
     try:
         return streams_from_profile(data, sites)
     except TrafficError as e:
@@ -57,6 +66,7 @@ class WhatIfPlanner:
         self._session: Any = None
         self._lock = threading.Lock()
         self.last_stats: dict[str, Any] = {}
+        self.ray_failures = 0
 
     def _ray(self) -> Any:
         if self.serial:
@@ -64,7 +74,15 @@ class WhatIfPlanner:
         if self._session is None:
             from router.capacity.raykit import ray_session
 
-            self._session = self._stack.enter_context(ray_session(self.ray_address))
+            try:
+                self._session = self._stack.enter_context(ray_session(self.ray_address))
+            except Exception as e:  # noqa: BLE001 - Ray's start failures are of many kinds
+                # The same seeds give the same plan serially: plan without Ray rather
+                # than not at all, and try Ray again at the next plan.
+                log.warning("Ray did not start (%s: %s): this plan is computed in-process",
+                            type(e).__name__, e)
+                self.ray_failures += 1
+                return None
         return self._session
 
     def __call__(self, inp: PlanInput) -> PlanOutput:

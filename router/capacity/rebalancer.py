@@ -195,7 +195,10 @@ class Rebalancer:
             modes = {s: self.coord.contingency(s) for s in self.sites}
             inp = PlanInput(sites=list(self.sites.values()), policy=policy, contingency=modes, current=current,
                             horizon_s=horizon_s or self.horizon_s, replications=replications or self.replications)
-            out = await asyncio.to_thread(self.planner, inp)
+            try:
+                out = await asyncio.to_thread(self.planner, inp)
+            except ValueError as e:  # no traffic to plan for, a scenario the search refuses
+                raise RebalanceError("FAILED_PRECONDITION", "PLAN_FAILED", f"no plan: {e}") from None
             plan = Plan(base_revision=int(state["revision"]), computed_at=time.time(), leader=self.name,
                         candidate=out.candidate, sites=dict(out.targets),
                         expected={s: dict(v) for s, v in out.expected.items()},

@@ -252,6 +252,7 @@ def generate_candidates(
     wait_factors: Sequence[float] = WAIT_FACTORS,
     short_queues: int = SHORT_QUEUES,
     donors: int = DONORS,
+    peer_moves: bool = True,
 ) -> list[Candidate]:
     """The candidate plans, deterministic (the same scenario gives the same list in the
     same order); "no change" first. Per in-house site (a partner's agents are not ours):
@@ -267,7 +268,15 @@ def generate_candidates(
     * each partner of the policy closed to the site (opened again if the targets in
       force close it);
     * surge mode, if the site has back-office agents and its mode is normal (back to
-      normal if the targets in force set surge).
+      normal if the targets in force set surge);
+    * with ``peer_moves`` (cluster-aware, after every site's own candidates): for each of
+      a site's ``short_queues`` queues whose overflow rules are enabled, each *other*
+      in-house site that has a queue for the same skill, channel and language (where
+      overflow would send the calls) gets the same move candidates at home: its
+      receiver group for that queue, ``k`` agents from each of its ``donors`` least
+      loaded groups that do not serve it — agents who could take the work only from a
+      group that serves it, so that overflow can reach them. A candidate whose targets
+      equal an earlier one's is left out.
     """
     scenario.check()
     out = [Candidate("no change", dict(scenario.current))]
@@ -279,36 +288,10 @@ def generate_candidates(
         cur = scenario.current.get(name, SiteTargets())
         groups = _groups_now(cfg, cur)
         mode = _mode_of(scenario, name)
-        on = scenario.policy.mode_settings(mode).backoffice_agents
         mine = sorted(((p, q) for (s, q), p in press.items() if s == name), key=lambda x: (-x[0], x[1]))
         short = [q for _, q in mine[:short_queues]]
-        qcfg = {q.name: q for q in cfg.queues}
         for qname in short:
-            q = qcfg[qname]
-            receivers = [g for g in cfg.agents if _serves(cfg, g.id, qname, True) and not g.backoffice]
-            if receivers:
-                to = min(receivers, key=lambda g: (-g.skills.get(q.skill, 0), g.id)).id
-
-                # the least loaded donors: the highest pressure among the queues they serve now
-                load_of = {
-                    g.id: max((press.get((name, x.name), 0.0) for x in cfg.queues if _serves(cfg, g.id, x.name, on)),
-                              default=0.0)
-                    for g in cfg.agents
-                }  # fmt: skip
-                donor_groups = sorted(
-                    (g.id for g in cfg.agents if g.id != to and not _serves(cfg, g.id, qname, on)),
-                    key=lambda gid: (load_of[gid], gid),
-                )[:donors]
-                for gid in donor_groups:
-                    free = sorted(a for a, g in groups.items() if g == gid and a not in cur.groups)
-                    for k in move_sizes:
-                        if k < 1 or k > len(free):
-                            continue
-                        picked = free[-k:]
-                        out.append(Candidate(
-                            f"move {k} agent(s) of {name}/{gid} to {to} for {qname} ({', '.join(picked)})",
-                            _with(scenario, name, groups=dict.fromkeys(picked, to)), moves=k, kind="move", site=name,
-                        ))  # fmt: skip
+            out += _moves_for(scenario, cfg, qname, press, move_sizes, donors, "")
             rules = scenario.policy.rules_for(name, qname)
             if rules is None or not rules.enabled:
                 continue
@@ -332,6 +315,81 @@ def generate_candidates(
             elif cur.mode == "surge":
                 out.append(Candidate(f"back to normal mode at {name}", _with(scenario, name, mode=None), kind="mode",
                                      site=name))  # fmt: skip
+    if peer_moves:
+        out += _peer_moves(scenario, press, out, move_sizes, short_queues, donors)
+    return out
+
+
+def _moves_for(scenario: Scenario, cfg: SiteConfig, qname: str, press: Mapping[tuple[str, str], float],
+               move_sizes: Sequence[int], donors: int, why: str) -> list[Candidate]:
+    """The move candidates of one site for one of its queues (see
+    :func:`generate_candidates`): the best receiver group serving ``qname``, ``k``
+    agents from each of the ``donors`` least loaded groups that do not serve it.
+    ``why`` is added to the names (the peer queue a cluster-aware move is for)."""
+    name = cfg.site.name
+    cur = scenario.current.get(name, SiteTargets())
+    groups = _groups_now(cfg, cur)
+    on = scenario.policy.mode_settings(_mode_of(scenario, name)).backoffice_agents
+    q = next(x for x in cfg.queues if x.name == qname)
+    receivers = [g for g in cfg.agents if _serves(cfg, g.id, qname, True) and not g.backoffice]
+    if not receivers:
+        return []
+    to = min(receivers, key=lambda g: (-g.skills.get(q.skill, 0), g.id)).id
+    # the least loaded donors: the highest pressure among the queues they serve now
+    load_of = {
+        g.id: max((press.get((name, x.name), 0.0) for x in cfg.queues if _serves(cfg, g.id, x.name, on)),
+                  default=0.0)
+        for g in cfg.agents
+    }  # fmt: skip
+    donor_groups = sorted(
+        (g.id for g in cfg.agents if g.id != to and not _serves(cfg, g.id, qname, on)),
+        key=lambda gid: (load_of[gid], gid),
+    )[:donors]
+    out = []
+    for gid in donor_groups:
+        free = sorted(a for a, g in groups.items() if g == gid and a not in cur.groups)
+        for k in move_sizes:
+            if k < 1 or k > len(free):
+                continue
+            picked = free[-k:]
+            out.append(Candidate(
+                f"move {k} agent(s) of {name}/{gid} to {to} for {qname}{why} ({', '.join(picked)})",
+                _with(scenario, name, groups=dict.fromkeys(picked, to)), moves=k, kind="move", site=name,
+            ))  # fmt: skip
+    return out
+
+
+def _peer_moves(scenario: Scenario, press: Mapping[tuple[str, str], float], have: Sequence[Candidate],
+                move_sizes: Sequence[int], short_queues: int, donors: int) -> list[Candidate]:
+    """The cluster-aware move candidates (see :func:`generate_candidates`), skipping
+    target sets an earlier candidate already has."""
+    def key(c: Candidate) -> str:
+        return repr(sorted((s, t.to_dict().__repr__()) for s, t in c.targets.items()))
+
+    seen = {key(c) for c in have}
+    out = []
+    for cfg in scenario.sites:
+        name = cfg.site.name
+        if cfg.site.kind == "partner":
+            continue
+        mine = sorted(((p, q) for (s, q), p in press.items() if s == name), key=lambda x: (-x[0], x[1]))
+        for _, qname in mine[:short_queues]:
+            rules = scenario.policy.rules_for(name, qname)
+            if rules is None or not rules.enabled:
+                continue  # overflow would not take these calls anywhere
+            q = next(x for x in cfg.queues if x.name == qname)
+            for peer in scenario.sites:
+                if (peer is cfg or peer.site.kind == "partner" or not rules.inhouse or peer.site.name in rules.exclude
+                        or (rules.to is not None and peer.site.name not in rules.to)):
+                    continue
+                pq = peer.queue_for(q.skill, q.channel, q.language)
+                if pq is None:
+                    continue
+                for c in _moves_for(scenario, peer, pq.name, press, move_sizes, donors, f" (overflow of {name}/{qname})"):
+                    k = key(c)
+                    if k not in seen:
+                        seen.add(k)
+                        out.append(c)
     return out
 
 

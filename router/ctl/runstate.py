@@ -16,7 +16,8 @@ JSON::
               "data_dir": "/dev/shm/…/data"},
      "nodes": {"lyon": {"pid": 124, "marker": "/abs/D", "address": "127.0.0.1:40111",
                         "metrics": "127.0.0.1:40211"}},
-     "traffic": {"pid": 125, "marker": "/abs/D"} | null}
+     "traffic": {"pid": 125, "marker": "/abs/D"} | null,
+     "rebalancer": {"pid": 126, "marker": "/abs/D", "address": "127.0.0.1:…"} | null}
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ Proc = tuple[str, int, str]  # (label, pid, marker)
 
 
 def processes(doc: dict) -> list[Proc]:
-    """Every process of the run-state: traffic, nodes, etcd (the stop order)."""
+    """Every process of the run-state: traffic, rebalancer, nodes, etcd (the stop order)."""
     out: list[Proc] = []
     default = str(doc.get("data_dir", ""))
-    entries = [("traffic", doc.get("traffic"))]
+    entries = [("traffic", doc.get("traffic")), ("rebalancer", doc.get("rebalancer"))]
     entries += [(f"node {name}", n) for name, n in (doc.get("nodes") or {}).items()]
     entries.append(("etcd", doc.get("etcd")))
     for label, e in entries:

@@ -15,6 +15,9 @@
   the site file in ``D/sites`` with every duration divided by the time scale, data in
   ``D/nodes/SITE`` (journal, embedded history), log in ``D/nodes/SITE/node.log``, mTLS
   with ``D/tls``, Prometheus metrics on a free loopback port;
+* the rebalancer (``tandem rebalancer``, identity ``rebalancer-rebalancer``, its etcd user
+  provisioned too) on a free loopback port, named in the context (``tandem ctl plan``,
+  ``tandem ctl apply``), log ``D/rebalancer.log``;
 * with ``--traffic``, :mod:`router.ctl.traffic` (the demo's callers and agents until
   ``tandem down``; log ``D/traffic.log``).
 
@@ -26,7 +29,7 @@ seconds per real second, default the demo's 60 with ``--traffic`` (an hour of tr
 minute: queues, overflow and service levels move while you watch) and 1 without (real
 time: calls you offer yourself wait as long as the site files say).
 
-``tandem down --data-dir D`` stops, in order, the traffic, the nodes (they drain; queued
+``tandem down --data-dir D`` stops, in order, the traffic, the rebalancer, the nodes (they drain; queued
 calls stay in their journals and come back with the next ``up``), then etcd: SIGTERM,
 then SIGKILL after a timeout. The context file stays (the next ``up`` rewrites it).
 
@@ -61,6 +64,8 @@ ETCD_DIR_PREFIX = "tandem-up-etcd-"
 CONTEXT_FILE = "tandem.yaml"
 CONTEXT_NAME = "local"
 TRAFFIC_READY = "offering calls"  # the traffic log's line once its agents are in
+REBALANCER = "rebalancer"  # its identity: D/tls/rebalancer-rebalancer.crt
+REBALANCER_READY = "serving on port"  # the rebalancer log's line once it serves
 
 
 class StartError(RuntimeError):
@@ -174,10 +179,12 @@ class _Starter:
         self.etcd_dir: Path | None = None
         self.nodes: list = []  # router.local.nodes.NodeProcess
         self.traffic_proc: subprocess.Popen | None = None
+        self.rebalancer_proc: subprocess.Popen | None = None
+        self.rebalancer_address = ""
         self.doc: dict = {
             "version": runstate.VERSION, "data_dir": str(d), "state": "starting", "started_at": time.time(),
             "time_scale": scale, "history": history, "sites_dir": str(sites_dir),
-            "etcd": None, "nodes": {}, "traffic": None,
+            "etcd": None, "nodes": {}, "traffic": None, "rebalancer": None,
         }
 
     @property
@@ -202,7 +209,7 @@ class _Starter:
             self.doc["etcd"] = {"pid": self.etcd.proc.pid, "marker": str(self.etcd.data_dir), "url": self.etcd.url,
                                 "data_dir": str(self.etcd_dir)}
             runstate.save(self.d, self.doc)
-            provision_access(self.etcd, self.tls, self.names, [OPERATOR])
+            provision_access(self.etcd, self.tls, self.names, [OPERATOR], rebalancers=[REBALANCER])
         except EtcdStartError as e:
             raise StartError(f"etcd: {e}") from None
         metrics_flag = _node_has_metrics_listen()
@@ -237,6 +244,7 @@ class _Starter:
             asyncio.run(self._join(policy))
         except StartError as e:
             raise StartError(f"{e}\n{self._node_logs()}") from None
+        self._start_rebalancer()
         self._write_context(metrics)
         if self.traffic:
             self._start_traffic()
@@ -295,8 +303,40 @@ class _Starter:
         from router.ctl import context
 
         ctx = context.Context(sites=dict(self.addresses), tls_dir=self.tls, identity=f"operator-{OPERATOR}",
-                              metrics={k: v for k, v in metrics.items() if v}, data_dir=self.d)
+                              metrics={k: v for k, v in metrics.items() if v}, data_dir=self.d,
+                              rebalancer=self.rebalancer_address or None)
         context.save(self.context_path, context.single(CONTEXT_NAME, ctx))
+
+    def _start_rebalancer(self) -> None:
+        """``tandem rebalancer`` over mTLS with the ``rebalancer`` identity, on a free
+        loopback port, with the cluster's sites and etcd (it campaigns; it leads alone)."""
+        from router.local.etcd import free_port
+
+        log_path = self.d / "rebalancer.log"
+        address = f"127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "router.cli", "rebalancer", "--sites", str(self.sites_dir), "--etcd",
+               self.etcd.url, "--etcd-prefix", _prefix(), "--tls-dir", str(self.tls), "--identity", REBALANCER,
+               "--data-dir", str(self.d / "rebalancer"), "--listen", address]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_ETCD_")}
+        with open(log_path, "ab") as log:
+            offset = log.tell()
+            self.rebalancer_proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True, env=dict(env, PYTHONUNBUFFERED="1"))
+        self.doc["rebalancer"] = {"pid": self.rebalancer_proc.pid, "marker": str(self.d), "address": address}
+        runstate.save(self.d, self.doc)
+        deadline = time.monotonic() + min(60.0, self.timeout)
+        while True:
+            text = _read_from(log_path, offset)
+            if REBALANCER_READY in text:
+                self.rebalancer_address = address
+                return
+            if self.rebalancer_proc.poll() is not None:
+                raise StartError(f"the rebalancer exited with {self.rebalancer_proc.returncode}; {log_path}:\n"
+                                 f"{_tail(text)}")
+            if time.monotonic() > deadline:
+                raise StartError(f"the rebalancer did not serve within {min(60.0, self.timeout):g} s; {log_path}:\n"
+                                 f"{_tail(text)}")
+            time.sleep(0.1)
 
     def _start_traffic(self) -> None:
         log_path = self.d / "traffic.log"
@@ -336,6 +376,13 @@ class _Starter:
             except subprocess.TimeoutExpired:
                 self.traffic_proc.kill()
                 self.traffic_proc.wait()
+        if self.rebalancer_proc is not None and self.rebalancer_proc.poll() is None:
+            self.rebalancer_proc.terminate()
+            try:
+                self.rebalancer_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.rebalancer_proc.kill()
+                self.rebalancer_proc.wait()
         stop_nodes(self.nodes, 15)
         if self.etcd is not None:
             self.etcd.stop()
@@ -356,6 +403,9 @@ class _Starter:
             extra = f"  metrics {m}" if m else ""
             lines.append(f"  {n.name:<{width}}  {n.address}  pid {n.pid}  log {n.log_path}{extra}")
         lines.append(f"  etcd  {self.etcd.url}  pid {self.etcd.proc.pid}  log {self.etcd.log_path}")
+        if self.rebalancer_proc is not None:
+            lines.append(f"  rebalancer  {self.rebalancer_address}  pid {self.rebalancer_proc.pid}  "
+                         f"log {self.d / 'rebalancer.log'}")
         if self.traffic_proc is not None:
             lines.append(f"  traffic  pid {self.traffic_proc.pid}  log {self.d / 'traffic.log'}")
         lines += [f"context: {self.context_path} (identity operator-{OPERATOR}, TLS {self.tls})",
@@ -451,7 +501,8 @@ def down(data_dir: Path, timeout: float = 20.0) -> int:
         _say(f"nothing running in {d} (removed a stale {runstate.FILE})")
         return 0
     stuck = []
-    stages = [[p for p in procs if p[0] == "traffic"], [p for p in procs if p[0].startswith("node ")],
+    stages = [[p for p in procs if p[0] == "traffic"], [p for p in procs if p[0] == "rebalancer"],
+              [p for p in procs if p[0].startswith("node ")],
               [p for p in procs if p[0] == "etcd"]]
     for stage in stages:
         t0 = time.monotonic()

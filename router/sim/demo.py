@@ -888,7 +888,10 @@ def make_certs(sites: list[SiteConfig], directory: Path, partners: tuple[str, ..
     from router.security import bindings, pki, spiffe
 
     if not (directory / "ca.key").exists():
-        pki.init(directory, [(s.site.name, s.site.kind) for s in sites], partners=partners)
+        pki.init(directory, [(s.site.name, s.site.kind) for s in sites], partners=partners,
+                 rebalancers=("rebalancer",))
+    if not (directory / "rebalancer-rebalancer.crt").exists():  # a directory made before the rebalancer
+        pki.issue(directory, "rebalancer", "rebalancer")
     missing = [p for p in partners if not (directory / f"partner-{p}.crt").exists()]
     if missing:  # a directory made before the partner joined
         doc = bindings.load_file(directory / "bindings.json")
