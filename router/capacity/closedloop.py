@@ -184,26 +184,27 @@ def pooled_sites_sl(result: ReplayResult) -> dict[str, Tally]:
 # --- the controller ---------------------------------------------------------------------
 
 
-def forecast_streams(obs: Observation, base: Sequence[Stream], sites: Sequence[SiteConfig],
-                     min_window_s: float = 60.0) -> list[Stream]:
-    """The rates seen over the last window (``obs.since_s``: calls that arrived per
-    (site, queue) since the controller's previous call, per hour), with each queue's
-    handle time and patience from ``base`` (the queue's base stream; a queue with
-    arrivals and no base stream is left out: nothing to take its handle time from).
-    Before ``min_window_s`` of observation the base streams themselves."""
-    if obs.since_s < min_window_s:
+def observed_counts(obs: Observation) -> dict[tuple[str, str], int]:
+    """(site, queue) -> calls that arrived there since the controller's previous call."""
+    return {(site, q): qo.arrivals for site, so in obs.sites.items() for q, qo in so.queues.items()}
+
+
+def forecast_streams(counts: Mapping[tuple[str, str], int], span_s: float, base: Sequence[Stream],
+                     sites: Sequence[SiteConfig]) -> list[Stream]:
+    """Each base stream at the rate seen over the last ``span_s`` seconds (``counts``:
+    (site, queue) -> calls that arrived in it, per hour), with the queue's handle time
+    and patience from ``base`` (what a forecast knows of a queue; a queue with arrivals
+    and no base stream is left out: nothing to take its handle time from). Streams of a
+    queue with no arrival are left out; ``span_s`` <= 0: the base streams themselves."""
+    if span_s <= 0:
         return list(base)
     by_site = {s.site.name: s for s in sites}
     out = []
     for st in base:
-        cfg = by_site[st.site]
-        q = cfg.queue_for(st.skill, st.channel, st.language or None)  # type: ignore[arg-type]
-        seen = obs.sites.get(st.site)
-        qo = None if (q is None or seen is None) else seen.queues.get(q.name)
-        n = 0 if qo is None else qo.arrivals
-        rate = n * 3600.0 / obs.since_s
-        if rate > 0:
-            out.append(dataclasses.replace(st, rate_per_h=rate))
+        q = by_site[st.site].queue_for(st.skill, st.channel, st.language or None)  # type: ignore[arg-type]
+        n = 0 if q is None else counts.get((st.site, q.name), 0)
+        if n > 0:
+            out.append(dataclasses.replace(st, rate_per_h=n * 3600.0 / span_s))
     return out
 
 
@@ -238,7 +239,9 @@ class Controller:
     module docstring). ``base``: the expected streams (rates, handle times, patience);
     ``plan_horizon_s`` and ``seeds``: the what-if's horizon and replications;
     ``min_gain``: the least expected gain of cluster service level worth a plan.
-    ``evaluate``: how the units run (serial default). State: ``current`` the targets in
+    ``evaluate``: how the units run (serial default). ``window_s``: the forecast's rates
+    are the arrivals of the last control periods adding up to at least this (the base
+    streams' rates before ``min_span_s`` of observation). State: ``current`` the targets in
     force, ``steps`` every call, ``applied`` the target sets returned, in order."""
 
     sites: Sequence[SiteConfig]
@@ -249,12 +252,25 @@ class Controller:
     min_gain: float = 0.005
     move_cost: float = 0.5
     evaluate: Evaluator = serial_evaluate
+    window_s: float = 1200.0
+    min_span_s: float = 60.0
+    seen: list[tuple[float, dict[tuple[str, str], int]]] = field(default_factory=list)
     current: dict[str, SiteTargets] = field(default_factory=dict)
     steps: list[ControlStep] = field(default_factory=list)
     applied: list[dict[str, SiteTargets]] = field(default_factory=list)
 
     def __call__(self, t: float, obs: Observation) -> dict[str, SiteTargets] | None:
-        streams = forecast_streams(obs, self.base, self.sites)
+        # the forecast: arrivals over the last ``window_s`` (whole control periods)
+        if obs.since_s > 0:
+            self.seen.append((obs.since_s, observed_counts(obs)))
+        span, counts = 0.0, {}  # type: ignore[var-annotated]
+        for since, c in reversed(self.seen):
+            if span >= self.window_s:
+                break
+            span += since
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+        streams = forecast_streams(counts, span if span >= self.min_span_s else 0.0, self.base, self.sites)
         if not streams:
             return None
         scenario = Scenario(sites=tuple(self.sites), policy=self.policy, streams=tuple(streams),

@@ -10,6 +10,7 @@ or a contingency mode moved past the plan's base revision.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,13 @@ def _rebalancer_option() -> Any:
 
 def _sl(v: float) -> str:
     return "-" if v < 0 else f"{100 * v:.1f}%"
+
+
+def _horizon(plan_json: str) -> str:
+    try:
+        return f"{float(json.loads(plan_json).get('horizon_s', 0)) / 60:g} simulated min"
+    except (ValueError, AttributeError):
+        return "the horizon"
 
 
 def _site_rows(sites: Any) -> list[dict]:
@@ -61,16 +69,17 @@ def _plan_cmd(ctx: typer.Context, rebalancer: Optional[str] = _rebalancer_option
             return None
         changes = [{"site": ch.site, "what": ch.what, "key": ch.key or "-", "before": ch.before or "(default)",
                     "after": ch.after or "(default)"} for ch in r.changes]
+        print(f"plan {r.plan_id} (base revision {r.base_revision}): {r.candidate or 'no change'}")
         output.emit(changes, fmt, columns=[Column("site", "SITE"), Column("what", "CHANGE"), Column("key", "OF"),
-                                           Column("before", "NOW"), Column("after", "PLAN")],
-                    title=f"plan {r.plan_id} (base revision {r.base_revision}): {r.candidate or 'no change'}")
+                                           Column("before", "NOW"), Column("after", "PLAN")])
         rows = [{"site": e.site, "before": _sl(e.service_level_before), "after": _sl(e.service_level_after)}
                 for e in r.expected]
         rows.append({"site": "cluster", "before": _sl(r.cluster_service_level_before),
                      "after": _sl(r.cluster_service_level_after)})
+        print(f"expected service level over {_horizon(r.plan_json)} ({r.candidates} candidates simulated in "
+              f"{r.seconds:.1f} s)")
         output.emit(rows, fmt, columns=[Column("site", "SITE"), Column("before", "SL NOW", justify="right"),
-                                        Column("after", "SL WITH PLAN", justify="right")],
-                    title=f"expected service level ({r.candidates} candidates simulated in {r.seconds:.1f} s)")
+                                        Column("after", "SL WITH PLAN", justify="right")])
         if save is not None:
             output.message(f"plan saved to {save}: tandem ctl apply {save}")
         return None
