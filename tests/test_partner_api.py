@@ -539,3 +539,33 @@ async def test_a_new_stream_replaces_a_hung_one(etcd, etcd_prefix, tmp_path):
         finally:
             await old.close()
             await sa.channel.close()
+
+
+async def test_etcd_unreachable_means_no_offer_to_partners(own_etcd, etcd_prefix, tmp_path):
+    """Invariant 6 for partners: the cluster-wide caps live in etcd, so with etcd frozen no
+    slot can be taken and nothing is offered; the call keeps its place and is offered once
+    etcd answers again."""
+    import signal
+
+    async with setup(tmp_path, own_etcd, etcd_prefix) as (obs, files, env, alpha, beta):
+        sa = Stubs.connect(alpha.address)
+        gw, _ = await welcome(alpha.address)
+        try:
+            own_etcd.proc.send_signal(signal.SIGSTOP)
+            try:
+                await sa.routing.OfferCall(offer("e6-1"), timeout=5)
+                before = await state_of(sa, "e6-1")
+                with pytest.raises(asyncio.TimeoutError):
+                    m = await gw.next("offer", timeout=6)
+                    raise AssertionError(f"offered with etcd frozen: {m}")
+                call = await state_of(sa, "e6-1")
+                assert call.state == t.CALL_STATE_QUEUED
+                assert (call.offered_at, call.priority_class) == (before.offered_at, before.priority_class)
+                assert not [m for m in gw.received if m.WhichOneof("msg") in ("offer", "assign")]
+            finally:
+                own_etcd.proc.send_signal(signal.SIGCONT)
+            m = await gw.next("offer", timeout=30)
+            assert m.offer.call_id == "e6-1"
+        finally:
+            await gw.close()
+            await sa.channel.close()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.capacity.whatif import (
+    MOVE_SIZES,
     START,
     Scenario,
     generate_candidates,
@@ -241,7 +242,8 @@ class Controller:
     ``min_gain``: the least expected gain of cluster service level worth a plan.
     ``evaluate``: how the units run (serial default). ``window_s``: the forecast's rates
     are the arrivals of the last control periods adding up to at least this (the base
-    streams' rates before ``min_span_s`` of observation). State: ``current`` the targets in
+    streams' rates before ``min_span_s`` of observation); ``move_sizes``: agents per
+    move candidate. State: ``current`` the targets in
     force, ``steps`` every call, ``applied`` the target sets returned, in order."""
 
     sites: Sequence[SiteConfig]
@@ -253,6 +255,7 @@ class Controller:
     move_cost: float = 0.5
     evaluate: Evaluator = serial_evaluate
     window_s: float = 1200.0
+    move_sizes: tuple[int, ...] = MOVE_SIZES
     min_span_s: float = 60.0
     seen: list[tuple[float, dict[tuple[str, str], int]]] = field(default_factory=list)
     current: dict[str, SiteTargets] = field(default_factory=dict)
@@ -277,7 +280,7 @@ class Controller:
                             horizon_s=self.plan_horizon_s, seeds=self.seeds,
                             current={s: x for s, x in self.current.items() if not x.empty},
                             move_cost=self.move_cost, start=t)
-        candidates = generate_candidates(scenario)
+        candidates = generate_candidates(scenario, move_sizes=self.move_sizes)
         found = search(scenario, candidates, self.evaluate(scenario, candidates))
         before, after = found.evaluations[0].service_level, found.best.service_level
         gain = 0.0 if before is None or after is None else after - before
