@@ -54,6 +54,7 @@ bench: build
 	$(PY) bench/forecast.py --json
 	$(PY) bench/simulate.py --json
 	$(PY) bench/whatif.py --json
+	$(PY) bench/rebalance.py --json
 
 clean:
 	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV)

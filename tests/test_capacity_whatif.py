@@ -345,3 +345,46 @@ def test_a_session_inside_the_session_shares_it(ray_local):
     with ray_session() as inner:
         assert inner.start_s == 0.0 and inner.address == ray_local.address
     assert ray_local.ray.is_initialized()  # the outer one is still up
+
+
+# --- cluster-aware candidates (issue 12, part 6) -------------------------------------------
+
+
+def peer_scenario(policy: OverflowPolicy | None = None, seeds=(1, 2)) -> Scenario:
+    """Paris surges in billing (3 agents, ~5 Erlangs); Nice's own short queue is sales
+    (6 sales-only agents, 3 Erlangs), its billing queue has 2 agents and little work.
+    Nice's sales agents could take Paris's overflow only from Nice's billing group."""
+    paris = two_group_site("paris", billing=3, other=1)
+    nice = two_group_site("nice", billing=2, other=6)
+    policy = policy or parse_policy({"default": {"wait_threshold": {"factor": 0.5}}})
+    streams = (Stream(site="paris", skill="billing", rate_per_h=5 * 3600 / 180, handle_s=180.0, patience_s=120.0),
+               Stream(site="nice", skill="billing", rate_per_h=0.5 * 3600 / 180, handle_s=180.0, patience_s=120.0),
+               Stream(site="nice", skill="sales", rate_per_h=2 * 3600 / 180, handle_s=180.0, patience_s=120.0))
+    return Scenario(sites=(paris, nice), policy=policy, streams=streams, horizon_s=1800.0, seeds=seeds)
+
+
+def test_cluster_aware_candidates_move_a_peers_agents_where_overflow_reaches_them():
+    sc = peer_scenario()
+    cands = generate_candidates(sc, short_queues=1)
+    peer = [c for c in cands if "overflow of paris/billing-voice" in c.name]
+    assert peer, [c.name for c in cands]
+    for c in peer:  # Nice's sales agents into Nice's billing group, nothing at Paris
+        assert c.kind == "move" and c.site == "nice" and set(c.targets) == {"nice"}
+        assert set(c.targets["nice"].groups.values()) == {"nice-bill"}
+        assert all(a.startswith("nice-other-") for a in c.targets["nice"].groups)
+        check_targets(sc.site("nice"), c.targets["nice"])
+    # Nice's own short queue (sales) gives other moves; no duplicate target sets
+    keys = [json.dumps({s: t.to_dict() for s, t in c.targets.items()}, sort_keys=True) for c in cands]
+    assert len(keys) == len(set(keys))
+    assert not [c for c in generate_candidates(sc, short_queues=1, peer_moves=False) if "overflow of" in c.name]
+    # no overflow from Paris's billing queue, or Nice excluded from it: no such candidate
+    off = parse_policy({"default": {"wait_threshold": {"factor": 0.5}},
+                        "sites": {"paris": {"billing-voice": {"enabled": False}}}})
+    assert not [c for c in generate_candidates(peer_scenario(off), short_queues=1) if "overflow of paris/" in c.name]
+    excl = parse_policy({"default": {"wait_threshold": {"factor": 0.5}, "exclude": ["nice"]}})
+    assert not [c for c in generate_candidates(peer_scenario(excl), short_queues=1) if "overflow of paris/" in c.name]
+    # and the search finds it worth it: Paris's calls reach the moved agents by overflow
+    results, _ = evaluate(sc, cands)
+    found = search(sc, cands, results)
+    assert found.best.site == "nice" and found.best.kind == "move", found.best.name
+    assert found.plan.expected["paris"]["after"] > found.plan.expected["paris"]["before"] + 0.05

@@ -125,6 +125,10 @@ async def test_plan_apply_stale_invalid_and_takeover_through_ctl(etcd, etcd_pref
         site_of = {a: s for s, t in plan.sites.items() for a in t.groups}
         for agent, group in moved.items():
             assert (await groups(addresses[site_of[agent]]))[agent] == group
+        code, out, err = await ctl(ctx_file, "get", "sites", "-o", "json")
+        rows = {r["name"]: r for r in json.loads(out)}
+        assert {n: (r["targets_generation"], r["targets_pending_moves"]) for n, r in rows.items()} == {
+            n: (1, 0) for n in NAMES}, rows
         code, out, err = await ctl(ctx_file, "get", "rebalancer", "-o", "json")
         st = json.loads(out)
         assert st["leader"] and st["leader_name"] == "rb-one" and st["generation"] == "1", st

@@ -243,7 +243,8 @@ class Controller:
     ``evaluate``: how the units run (serial default). ``window_s``: the forecast's rates
     are the arrivals of the last control periods adding up to at least this (the base
     streams' rates before ``min_span_s`` of observation); ``move_sizes``: agents per
-    move candidate. State: ``current`` the targets in
+    move candidate; ``rounds``: searches per call at most, each from the targets the
+    previous one chose (greedy; it stops at the first that gains less than ``min_gain``). State: ``current`` the targets in
     force, ``steps`` every call, ``applied`` the target sets returned, in order."""
 
     sites: Sequence[SiteConfig]
@@ -256,6 +257,7 @@ class Controller:
     evaluate: Evaluator = serial_evaluate
     window_s: float = 1200.0
     move_sizes: tuple[int, ...] = MOVE_SIZES
+    rounds: int = 1
     min_span_s: float = 60.0
     seen: list[tuple[float, dict[tuple[str, str], int]]] = field(default_factory=list)
     current: dict[str, SiteTargets] = field(default_factory=dict)
@@ -276,22 +278,34 @@ class Controller:
         streams = forecast_streams(counts, span if span >= self.min_span_s else 0.0, self.base, self.sites)
         if not streams:
             return None
-        scenario = Scenario(sites=tuple(self.sites), policy=self.policy, streams=tuple(streams),
-                            horizon_s=self.plan_horizon_s, seeds=self.seeds,
-                            current={s: x for s, x in self.current.items() if not x.empty},
-                            move_cost=self.move_cost, start=t)
-        candidates = generate_candidates(scenario, move_sizes=self.move_sizes)
-        found = search(scenario, candidates, self.evaluate(scenario, candidates))
-        before, after = found.evaluations[0].service_level, found.best.service_level
-        gain = 0.0 if before is None or after is None else after - before
-        want = {s.site.name: found.candidate.targets.get(s.site.name, self.current.get(s.site.name, SiteTargets()))
-                for s in self.sites}
-        changes = diff(self.current, want)
-        ok = bool(changes) and gain >= self.min_gain
-        self.steps.append(ControlStep(t=t, candidate=found.candidate.name, gain=gain, applied=ok,
+        # greedy: each round searches from the targets the previous rounds chose, and
+        # stops at the first round that finds nothing worth its min gain
+        want = dict(self.current)
+        names, gains = [], []
+        for _ in range(max(1, self.rounds)):
+            scenario = Scenario(sites=tuple(self.sites), policy=self.policy, streams=tuple(streams),
+                                horizon_s=self.plan_horizon_s, seeds=self.seeds,
+                                current={s: x for s, x in want.items() if not x.empty},
+                                move_cost=self.move_cost, start=t)
+            candidates = generate_candidates(scenario, move_sizes=self.move_sizes)
+            found = search(scenario, candidates, self.evaluate(scenario, candidates))
+            before, after = found.evaluations[0].service_level, found.best.service_level
+            gain = 0.0 if before is None or after is None else after - before
+            nxt = {s.site.name: found.candidate.targets.get(s.site.name, want.get(s.site.name, SiteTargets()))
+                   for s in self.sites}
+            if not diff(want, nxt) or gain < self.min_gain:
+                if not names:  # the first round's best, for the record
+                    names, gains = [found.candidate.name], [gain]
+                break
+            want = nxt
+            names.append(found.candidate.name)
+            gains.append(gain)
+        ok = bool(diff(self.current, want))
+        self.steps.append(ControlStep(t=t, candidate="; ".join(names), gain=sum(gains), applied=ok,
                                       candidates=len(candidates), targets=want if ok else None))
         if not ok:
             return None
+        want = {s.site.name: want.get(s.site.name, SiteTargets()) for s in self.sites}
         self.current = want
         self.applied.append(want)
         return want

@@ -262,6 +262,8 @@ def site_rows(statuses: dict[str, NodeResult], members: list[Any] | None, addres
                 "overflow_in_last_min": st.overflow_in_last_min,
                 "overflow_out_last_min": st.overflow_out_last_min,
                 "alerts_firing": st.alerts_firing, "queues": len(qs), "journal_seq": st.journal_seq,
+                "targets_generation": st.targets_generation, "targets_fencing": st.targets_fencing,
+                "targets_pending_moves": st.targets_pending_moves,
                 "member": m is not None if members is not None else None,
             })
         else:
@@ -286,6 +288,7 @@ SITE_COLUMNS = [
     Column("overflow_in_last_min", "OVF-IN/MIN", wide=True, justify="right"),
     Column("overflow_out_last_min", "OVF-OUT/MIN", wide=True, justify="right"),
     Column("alerts_firing", "ALERTS", wide=True, justify="right"),
+    Column("targets_generation", "PLAN-GEN", wide=True, justify="right"),
     Column("region", "REGION", wide=True), Column("address", "ADDRESS", wide=True),
 ]
 

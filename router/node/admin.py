@@ -217,6 +217,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             overflow_out_last_min=flow.get(("out", ""), 0),
             overflow_in_last_min=flow.get(("in", ""), 0),
         )
+        applied = eng.targets_applied()
+        msg.targets_generation = applied["generation"]
+        msg.targets_fencing = applied["fencing"]
+        msg.targets_plan = applied["plan"]
+        msg.targets_pending_moves = len(eng.pending_groups())
         await node.barrier()
         msg.journal_seq = node.durable_seq
         return msg
