@@ -312,77 +312,60 @@ class _Starter:
         loopback port, with the cluster's sites and etcd (it campaigns; it leads alone)."""
         from router.local.etcd import free_port
 
-        log_path = self.d / "rebalancer.log"
         address = f"127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "router.cli", "rebalancer", "--sites", str(self.sites_dir), "--etcd",
                self.etcd.url, "--etcd-prefix", _prefix(), "--tls-dir", str(self.tls), "--identity", REBALANCER,
                "--data-dir", str(self.d / "rebalancer"), "--listen", address]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_ETCD_")}
-        with open(log_path, "ab") as log:
-            offset = log.tell()
-            self.rebalancer_proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                    start_new_session=True, env=dict(env, PYTHONUNBUFFERED="1"))
-        self.doc["rebalancer"] = {"pid": self.rebalancer_proc.pid, "marker": str(self.d), "address": address}
-        runstate.save(self.d, self.doc)
-        deadline = time.monotonic() + min(60.0, self.timeout)
-        while True:
-            text = _read_from(log_path, offset)
-            if REBALANCER_READY in text:
-                self.rebalancer_address = address
-                return
-            if self.rebalancer_proc.poll() is not None:
-                raise StartError(f"the rebalancer exited with {self.rebalancer_proc.returncode}; {log_path}:\n"
-                                 f"{_tail(text)}")
-            if time.monotonic() > deadline:
-                raise StartError(f"the rebalancer did not serve within {min(60.0, self.timeout):g} s; {log_path}:\n"
-                                 f"{_tail(text)}")
-            time.sleep(0.1)
+        self.rebalancer_proc = self._spawn("rebalancer", cmd, env, REBALANCER_READY, "did not serve",
+                                           address=address)
+        self.rebalancer_address = address
 
     def _start_traffic(self) -> None:
-        log_path = self.d / "traffic.log"
         cmd = [sys.executable, "-m", "router.ctl.traffic", "--data-dir", str(self.d), "--sites", str(self.sites_dir),
                "--time-scale", f"{self.scale:g}"]
+        self.traffic_proc = self._spawn("traffic", cmd, dict(os.environ), TRAFFIC_READY,
+                                        "'s agents were not signed in")
+
+    def _spawn(self, what: str, cmd: list[str], env: dict, ready: str, late: str, **extra: str) -> subprocess.Popen:
+        """Start ``cmd`` detached with its log in ``D/WHAT.log``, record it in the run-state
+        as ``what``, and return once its log says ``ready`` (StartError if it exits or is
+        not ready within a minute: "the WHAT LATE within …")."""
+        log_path = self.d / f"{what}.log"
         with open(log_path, "ab") as log:
             offset = log.tell()
-            self.traffic_proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                 start_new_session=True,
-                                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.doc["traffic"] = {"pid": self.traffic_proc.pid, "marker": str(self.d)}
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=dict(env, PYTHONUNBUFFERED="1"))
+        self.doc[what] = {"pid": proc.pid, "marker": str(self.d), **extra}
         runstate.save(self.d, self.doc)
-        deadline = time.monotonic() + min(60.0, self.timeout)
+        wait = min(60.0, self.timeout)
+        deadline = time.monotonic() + wait
         while True:
             text = _read_from(log_path, offset)
-            if TRAFFIC_READY in text:
-                return
-            if self.traffic_proc.poll() is not None:
-                raise StartError(f"the traffic exited with {self.traffic_proc.returncode}; {log_path}:\n"
-                                 f"{_tail(text)}")
+            if ready in text:
+                return proc
+            if proc.poll() is not None:
+                raise StartError(f"the {what} exited with {proc.returncode}; {log_path}:\n{_tail(text)}")
             if time.monotonic() > deadline:
-                raise StartError(f"the traffic's agents were not signed in within {min(60.0, self.timeout):g} s; "
-                                 f"{log_path}:\n{_tail(text)}")
+                sep = "" if late.startswith("'") else " "
+                raise StartError(f"the {what}{sep}{late} within {wait:g} s; {log_path}:\n{_tail(text)}")
             time.sleep(0.1)
 
     # --- undo -----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop what this run started (traffic, nodes, etcd), remove etcd's data and the
+        """Stop what this run started (traffic, rebalancer, nodes, etcd), remove etcd's data and the
         run-state. Never raises."""
         from router.local.nodes import stop_nodes
 
-        if self.traffic_proc is not None and self.traffic_proc.poll() is None:
-            self.traffic_proc.terminate()
-            try:
-                self.traffic_proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.traffic_proc.kill()
-                self.traffic_proc.wait()
-        if self.rebalancer_proc is not None and self.rebalancer_proc.poll() is None:
-            self.rebalancer_proc.terminate()
-            try:
-                self.rebalancer_proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.rebalancer_proc.kill()
-                self.rebalancer_proc.wait()
+        for proc in (self.traffic_proc, self.rebalancer_proc):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         stop_nodes(self.nodes, 15)
         if self.etcd is not None:
             self.etcd.stop()

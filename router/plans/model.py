@@ -104,23 +104,21 @@ def _field(e: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-def parse_target_doc(raw: bytes | str | dict) -> TargetDoc:
-    """A :class:`TargetDoc` from its JSON; :class:`PlanError` naming the field otherwise."""
+def _parse(model: type[_Model], raw: bytes | str | dict, what: str) -> Any:
     try:
         data = raw if isinstance(raw, dict) else json.loads(raw)
-        return TargetDoc.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise PlanError(f"targets document: {_field(e)}") from None
+        raise PlanError(f"{what}: {_field(e)}") from None
     except ValueError as e:
-        raise PlanError(f"targets document: not JSON ({e})") from None
+        raise PlanError(f"{what}: not JSON ({e})") from None
+
+
+def parse_target_doc(raw: bytes | str | dict) -> TargetDoc:
+    """A :class:`TargetDoc` from its JSON; :class:`PlanError` naming the field otherwise."""
+    return _parse(TargetDoc, raw, "targets document")
 
 
 def parse_plan(raw: bytes | str | dict) -> Plan:
-    """A :class:`Plan` from its JSON (``tandem ctl plan -o json``); :class:`PlanError`."""
-    try:
-        data = raw if isinstance(raw, dict) else json.loads(raw)
-        return Plan.model_validate(data)
-    except ValidationError as e:
-        raise PlanError(f"plan: {_field(e)}") from None
-    except ValueError as e:
-        raise PlanError(f"plan: not JSON ({e})") from None
+    """A :class:`Plan` from its JSON (``tandem ctl plan --save``); :class:`PlanError`."""
+    return _parse(Plan, raw, "plan")
