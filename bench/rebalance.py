@@ -21,7 +21,7 @@ policy on simulated time):
   serves the surged queue's skill, so that overflow reaches them; moves of 2, 4 or 8
   agents) from the targets in force over a ``--plan-horizon`` (900 s) with
   ``--plan-seeds`` (2) replications, greedily up to ``--rounds`` (3) searches in a row,
-  and returns the targets chosen when each search gained at least ``--min-gain`` (0.01)
+  and returns the targets chosen when each search gained at least ``--min-gain`` (0.005)
   of cluster service level; they apply ``--apply-delay`` (1 s; the live part measures
   ~0.01-0.05 s) later, busy agents moving as their contact ends. ``--ray``: the searches'
   units as Ray tasks on a local Ray (same figures, faster on several cores);
@@ -49,8 +49,9 @@ its old leadership object, makes ``--stale`` (100) ``apply_plan`` transactions (
 raise NotLeader) and as many plain puts of TargetDocs under its old, lower fencing epoch
 to every ``targets/<site>`` (a leader bypassing the transaction; each doc moves the site's
 first agent to another group). ``stale_attempts`` counts both; ``stale_applies_accepted`` =
-transactions that succeeded + sites whose applied fencing epoch went down + agents found
-(Admin ``ListAgents``) in a stale document's groups. Every process and temp dir is
+transactions that succeeded + sites whose applied fencing epoch went down + agents whose
+group changed during the attack (Admin ``ListAgents`` before and after; each stale
+document moves one agent). Every process and temp dir is
 removed at the end, also on failure.
 
 Output (``--json``: only JSON lines): ``{"sl_static", "sl_rebalanced", "sl_pooled",
@@ -99,7 +100,13 @@ from router.capacity.whatif_run import evaluate as run_evaluate
 from router.config import SiteConfig, load_sites
 from router.coord import EtcdCoordinator, EtcdSettings
 from router.local.etcd import etcd_server
-from router.local.nodes import NodeProcess, spawn_node, stop_nodes, wait_listening
+from router.local.nodes import (
+    NodeProcess,
+    pdeathsig_argv,
+    spawn_node,
+    stop_nodes,
+    wait_listening,
+)
 from router.overflow import OverflowPolicy, parse_policy
 from router.plans import Plan, SiteTargets
 from router.v1 import admin_pb2, admin_pb2_grpc
@@ -170,9 +177,24 @@ def _simulate(sites: list[SiteConfig], policy: OverflowPolicy, streams: list, ar
 #: SIGSTOPped meanwhile), then attacks with its old leadership and prints its counts.
 STALE_LEADER = r'''
 import asyncio, json, sys, time
-from router.coord import EtcdCoordinator, EtcdSettings, NotLeader, StalePlan
+from router.coord import EtcdCoordinator, EtcdSettings, NotLeader
 from router.coord.keys import REBALANCER
 from router.plans import SiteTargets
+
+async def retry(what, fn, deadline_s=10.0):
+    # etcd calls right after SIGCONT may meet a connection the pause broke: retry those;
+    # NotLeader / StalePlan are answers, not trouble: the caller counts them
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await fn()
+        except NotLeader:
+            raise
+        except Exception as e:
+            if type(e).__name__ == "StalePlan" or time.monotonic() > end:
+                raise
+            print(f"retrying {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.1)
 
 async def main():
     endpoints, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -185,16 +207,17 @@ async def main():
     print(json.dumps({"leading": lead.token}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # after SIGCONT
     out = {"tx_attempts": 0, "tx_accepted": 0, "tx_not_leader": 0, "tx_other": 0, "puts": 0, "token": lead.token}
+    targets = {s: SiteTargets.model_validate(t).to_dict() for s, t in stale.items()}
     for i in range(n):
-        state = await coord.rebalance_state()
+        state = await retry("read state", coord.rebalance_state)
         out["tx_attempts"] += 1
         try:  # the old leadership object, no local "am I leader" check
-            await coord.apply_plan({s: SiteTargets.model_validate(t).to_dict() for s, t in stale.items()}, lead,
-                                   base_revision=int(state["revision"]), plan=f"stale-{i}", sites=list(stale))
+            await retry("apply", lambda: coord.apply_plan(targets, lead, base_revision=int(state["revision"]),
+                                                          plan=f"stale-{i}", sites=list(stale)))
             out["tx_accepted"] += 1
         except NotLeader:
             out["tx_not_leader"] += 1
-        except Exception as e:  # StalePlan or etcd trouble: refused all the same, counted apart
+        except Exception as e:  # StalePlan or lasting etcd trouble: refused all the same, counted apart
             out["tx_other"] += 1
             out["last_other"] = f"{type(e).__name__}: {e}"
     keys = coord.keys
@@ -202,8 +225,8 @@ async def main():
         for site, t in stale.items():
             doc = {"fencing": lead.token, "generation": 10_000 + i, "plan": f"stale-put-{i}", "base_revision": 0,
                    "leader": "stale-leader", "ts": time.time(), "targets": t}
-            raw = json.dumps(doc).encode()
-            await coord.link.run("stale put", lambda c, k=keys.targets(site), v=raw: c.put(k.encode(), v))
+            raw, key = json.dumps(doc).encode(), keys.targets(site).encode()
+            await retry("put", lambda: coord.link.run("stale put", lambda c: c.put(key, raw)))
             out["puts"] += 1
     print(json.dumps(out), flush=True)
     await coord.close()
@@ -243,22 +266,28 @@ async def _until(pred: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def spawn_stale_leader(endpoint: str, n: int, stale: dict[str, dict[str, Any]],
-                       env: dict[str, str]) -> subprocess.Popen:
-    """The stale leader's process (:data:`STALE_LEADER`), in its own session."""
-    return subprocess.Popen([sys.executable, "-c", STALE_LEADER, endpoint, PREFIX, str(n), json.dumps(stale)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=ROOT, env=env, start_new_session=True)
+def spawn_stale_leader(endpoint: str, n: int, stale: dict[str, dict[str, Any]], env: dict[str, str],
+                       log: Path) -> subprocess.Popen:
+    """The stale leader's process (:data:`STALE_LEADER`), in its own session, its stderr
+    to ``log``."""
+    with open(log, "ab") as err:
+        # the parent-death signal: a bench killed hard leaves no stale leader behind
+        return subprocess.Popen(pdeathsig_argv([sys.executable, "-c", STALE_LEADER, endpoint, PREFIX, str(n),
+                                                json.dumps(stale)]),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                cwd=ROOT, env=env, start_new_session=True)
 
 
-def _read_json_line(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
-    """The next JSON line of ``proc``'s stdout (its other lines skipped)."""
+def _read_json_line(proc: subprocess.Popen, timeout: float, log: Path | None = None) -> dict[str, Any]:
+    """The next JSON line of ``proc``'s stdout (its other lines skipped); RuntimeError
+    quoting the end of ``log`` when it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             if proc.poll() is not None:
-                raise RuntimeError(f"the stale leader exited with {proc.returncode}")
+                tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+                raise RuntimeError(f"the stale leader exited with {proc.returncode}:\n{tail}")
             continue
         with contextlib.suppress(ValueError):
             return json.loads(line)
@@ -295,9 +324,10 @@ async def live(sites: list[SiteConfig], policy: OverflowPolicy, target_sets: lis
 
             # the stale leader leads first, then freezes past its lease
             stale = stale_targets(sites)
-            sp = spawn_stale_leader(endpoint, args.stale, stale, env)
+            stale_log = tmp / "stale-leader.log"
+            sp = spawn_stale_leader(endpoint, args.stale, stale, env, stale_log)
             procs.append(sp)
-            old_token = int((await asyncio.to_thread(_read_json_line, sp, 30))["leading"])
+            old_token = int((await asyncio.to_thread(_read_json_line, sp, 30, stale_log))["leading"])
             os.kill(sp.pid, signal.SIGSTOP)
 
             coord = EtcdCoordinator("rebalancer", settings)
@@ -333,7 +363,7 @@ async def live(sites: list[SiteConfig], policy: OverflowPolicy, target_sets: lis
                 sp.stdin.write("go\n")  # type: ignore[union-attr]
                 sp.stdin.flush()  # type: ignore[union-attr]
                 # (in a thread: this loop keeps the rebalancer's lease alive meanwhile)
-                got = await asyncio.to_thread(_read_json_line, sp, 120)
+                got = await asyncio.to_thread(_read_json_line, sp, 120, stale_log)
                 await asyncio.to_thread(sp.wait, 10)
                 # let the nodes see every stale put (a watch delivers each revision)
                 want_refused = {s: reports_before[s]["refused"] + got["puts"] // len(stale) for s in stale}
@@ -354,8 +384,9 @@ async def live(sites: list[SiteConfig], policy: OverflowPolicy, target_sets: lis
             stop_nodes([p for p in procs if isinstance(p, NodeProcess)], 10)
 
     lowered = sum(1 for s, r in reports.items() if r["fencing"] < new_token)
-    stale_moves = sum(1 for s, t in stale.items() for aid, g in t["groups"].items()
-                      if groups_after[s].get(aid) == g and groups_before[s].get(aid) != g)
+    # nothing but the stale leader writes during its attack: any agent whose group changed
+    # (the stale documents' agents above all) was moved by a stale document
+    stale_moves = sum(1 for s in stale for aid, g in groups_after[s].items() if groups_before[s].get(aid) != g)
     seconds.sort()
     p99 = seconds[max(0, math.ceil(0.99 * len(seconds)) - 1)] if seconds else None
     return {
@@ -402,13 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--move-sizes", type=int, nargs="+", default=[2, 4, 8], help="agents per move candidate")
     ap.add_argument("--plan-seeds", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="greedy searches per controller call, at most")
-    ap.add_argument("--min-gain", type=float, default=0.01)
+    ap.add_argument("--min-gain", type=float, default=0.005, help="as the live rebalancer's default")
     ap.add_argument("--apply-delay", type=float, default=1.0, help="targets apply this long after the decision")
     ap.add_argument("--plans", type=int, default=24, help="plans applied live")
     ap.add_argument("--stale", type=int, default=100, help="stale transactions (and as many puts per site)")
     ap.add_argument("--no-live", action="store_true", help="the simulated arms only")
     ap.add_argument("--ray", action="store_true", help="the controller's what-if units as Ray tasks (a local Ray)")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the live part's cleanup (processes, temp dir) runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.horizon, args.plan_seeds, args.plans = 3600.0, 1, 20
     if args.json:  # stdout holds the JSON line; keep the rebalancer's warnings off stderr too

@@ -103,7 +103,7 @@ def movable_groups(cfg: SiteConfig) -> list[str]:
     return [g.id for g in cfg.agents if not g.backoffice]
 
 
-def pooled_bound(sites: Sequence[SiteConfig], policy: OverflowPolicy | None = None) -> SiteConfig:
+def pooled_bound(sites: Sequence[SiteConfig]) -> SiteConfig:
     """The whole cluster as one site, every agent signed in there: an upper bound of what
     agent moves plus overflow can reach on the same calls.
 
@@ -122,9 +122,7 @@ def pooled_bound(sites: Sequence[SiteConfig], policy: OverflowPolicy | None = No
 
     Whatever targets and overflow decisions the cluster takes, every call an agent
     answers there is one this site's agent may answer at that instant, with no transfer
-    delay and no cap: an upper bound (up to the engine's order of service). ``policy``
-    is unused (the bound ignores overflow rules); kept for the signature's symmetry."""
-    _ = policy
+    delay and no cap: an upper bound (up to the engine's order of service)."""
     biggest = max(sites, key=lambda s: (s.site.kind == "inhouse", len(s.agent_profiles()), s.site.name))
     queues: list[dict[str, Any]] = []
     for s in sites:
