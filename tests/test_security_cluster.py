@@ -147,6 +147,14 @@ async def test_transfer_between_members_over_mtls(cluster):
     r = await gw.OfferCall(offer("mtls-1"), timeout=5)
     assert r.call.state == t.CALL_STATE_QUEUED  # nobody signed in at lyon
 
+    # montreal takes a proposal only from a site its own view holds as a member; that view
+    # may trail the observer's by a moment too (a refusal would abort the transfer)
+    async def montreal_sees_lyon():
+        r = await admin_pb2_grpc.AdminStub(cluster.channel("montreal", "operator-admin")).ListMembers(
+            admin_pb2.ListMembersRequest(), timeout=5)
+        return "lyon" in {m.site for m in r.members}
+
+    await until(montreal_sees_lyon, 10, "montreal to know lyon as a member", step=0.1)
     ic = interconnect_pb2_grpc.InterconnectStub(cluster.channel("lyon", "operator-admin"))
     req = interconnect_pb2.TransferCallRequest(call_id="mtls-1", target=montreal, timeout_s=10)
 
