@@ -9,6 +9,7 @@ import time
 import pytest
 
 from node_fixtures import AgentSession, make_site, running_node
+from router.engine import views as views_mod
 from router.v1 import admin_pb2, agents_pb2, diagnostics_pb2, routing_pb2, types_pb2 as t
 from test_node_api import offer, ready_agent
 
@@ -145,7 +146,7 @@ def _bulk_offer(i: int, t_: float) -> dict:
     }
 
 
-async def test_list_calls_paging_with_many_calls_keeps_the_node_responsive(tmp_path):
+async def test_list_calls_paging_with_many_calls_keeps_the_node_responsive(tmp_path, monkeypatch):
     """25k retained calls, read in pages of 1000 while an Echo loop runs: every call
     listed once, in offer order, and no Echo waits behind a page."""
     n_calls = 25_000
@@ -166,6 +167,17 @@ async def test_list_calls_paging_with_many_calls_keeps_the_node_responsive(tmp_p
                 latencies.append(time.perf_counter() - t0)
                 await asyncio.sleep(0.002)
 
+        # The old bug rebuilt every retained call per page (~4.5 s, Echo held 367 ms):
+        # count index builds instead of timing the loop, which CI's noise makes flaky.
+        builds = 0
+        real_index = views_mod._CallIndex
+
+        def counting_index(*a, **kw):
+            nonlocal builds
+            builds += 1
+            return real_index(*a, **kw)
+
+        monkeypatch.setattr(views_mod, "_CallIndex", counting_index)
         echo = asyncio.create_task(echo_loop())
         ids: list[str] = []
         token, pages = "", 0
@@ -180,6 +192,7 @@ async def test_list_calls_paging_with_many_calls_keeps_the_node_responsive(tmp_p
         took = time.perf_counter() - t0
         done.set()
         await echo
+        assert builds == 1, builds  # built once, then extended: O(page) per page
         assert ids == [f"bulk-{i:06d}" for i in range(n_calls)] and pages == n_calls // 1000
         # a state filter that matches nothing scans in bounded steps, then ends
         empty, token = 0, ""
@@ -195,6 +208,7 @@ async def test_list_calls_paging_with_many_calls_keeps_the_node_responsive(tmp_p
         worst = max(latencies)
         print(f"{pages} pages in {took:.2f} s; echo p50 {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, "
               f"max {worst * 1000:.1f} ms over {len(latencies)} echoes")
-        # Rebuilding every retained call per page took ~4.5 s and held Echo for 367 ms.
-        assert took < 10.0
-        assert worst < 0.25, worst
+        # Coarse sanity bounds only (a loaded CI box once held one Echo 306 ms); the
+        # structural check above is what catches a per-page rebuild.
+        assert took < 30.0
+        assert worst < 2.0, worst
