@@ -9,7 +9,7 @@ PIP        := $(VENV)/bin/pip
 APT_PACKAGES := gcc iproute2 etcd-server etcd-client clickhouse-server clickhouse-client prometheus tmux
 PYTEST_ARGS ?=
 
-.PHONY: all deps build demo test bench clean
+.PHONY: all deps build demo test bench clean deploy-deps deploy-test lint-ansible wheelhouse
 
 all: build
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: .deps.stamp pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q Cython grpcio-tools
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,embedded,capacity]'
 	@touch $@
 
 deps: $(VENV)/.installed
@@ -39,8 +39,42 @@ build: $(VENV)/.installed
 demo: build
 	$(VENV)/bin/tandem demo
 
-test: build
+test: build deploy-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Ansible side (ansible/): podman with runc and debootstrap for the deploy test's hosts,
+# and the controller's pinned ansible-core and ansible-lint in a venv of their own.
+DEPLOY_APT := podman runc debootstrap openssh-client
+DEPLOY_VENV := .venv-deploy
+.deploy-deps.stamp: Makefile
+	@missing=""; for p in $(DEPLOY_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(DEPLOY_VENV)/.installed: .deploy-deps.stamp ansible/requirements.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON_SYS) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/pip install -q -r ansible/requirements.txt
+	@touch $@
+
+deploy-deps: $(DEPLOY_VENV)/.installed
+
+# The roles deployed onto containers with systemd (tests/deploy_harness.py); one JSON line.
+deploy-test: build deploy-deps
+	$(PY) tests/deploy_harness.py --json
+
+lint-ansible: deploy-deps
+	cd ansible && PATH=$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH ansible-lint --profile production .
+
+# The nodes' wheelhouse for ansible/inventories/example (tandem_node_wheelhouse).
+wheelhouse: build
+	rm -rf dist/wheelhouse
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist/wheelhouse .
+	$(PIP) wheel -q -w dist/wheelhouse dist/wheelhouse/tandem_router-*.whl
 
 bench: build
 	$(PY) bench/queue_core.py --json
@@ -57,4 +91,5 @@ bench: build
 	$(PY) bench/rebalance.py --json
 
 clean:
-	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV)
+	rm -rf build router/*.so router/_queue_core.c router/v1/*_pb2*.py router/v1/*_pb2*.pyi .deps.stamp $(VENV) \
+	  .deploy-deps.stamp $(DEPLOY_VENV) dist

@@ -373,7 +373,11 @@ class ChdbStore(HistoryStore):
                         f"chdb is already open on {other} in this process; "
                         f"close that store before opening {self.path}"
                     )
-                from chdb import session as chdb_session
+                try:
+                    from chdb import session as chdb_session
+                except ImportError:
+                    raise StoreError("the embedded history needs chdb: pip install 'tandem-router[embedded]' "
+                                     "(or give a clickhouse:// history)") from None
 
                 try:
                     entry = [chdb_session.Session(self.path), 0]

@@ -121,6 +121,9 @@ def issue_cmd(
                                              help="a ClickHouse server of the history (for the addresses of --host)"),
     rebalancer: Optional[str] = typer.Option(None, "--rebalancer", metavar="NAME",
                                              help="a rebalancer process (server certificate for the addresses of --host)"),
+    monitor: Optional[str] = typer.Option(None, "--monitor", metavar="NAME",
+                                          help="a metrics scraper such as Prometheus (a client certificate "
+                                               "for the nodes' metrics endpoints, no RPC)"),
     host: Optional[list[str]] = _HOSTS,
     days: Optional[float] = typer.Option(None, "--days", help="lifetime in days (default 7)"),
 ) -> None:
@@ -129,10 +132,10 @@ def issue_cmd(
 
     chosen = [(k, v) for k, v in (("operator", operator), ("partner", partner), ("agents", agents),
                                   ("site", site), ("etcd", etcd), ("clickhouse", clickhouse),
-                                  ("rebalancer", rebalancer)) if v is not None]
+                                  ("rebalancer", rebalancer), ("monitor", monitor)) if v is not None]
     if len(chosen) != 1:
         _fail("give exactly one of --operator NAME, --partner NAME, --agents SITE, --site NAME, --etcd NAME, "
-              "--clickhouse NAME, --rebalancer NAME")
+              "--clickhouse NAME, --rebalancer NAME, --monitor NAME")
     kind, name = chosen[0]
     try:
         path = pki.issue(directory, kind, name, hosts=_hosts(host), days=pki.LEAF_DAYS if days is None else days)

@@ -3,7 +3,10 @@
 Kinds: ``site`` (a node), ``operator`` (a person or tool), ``partner`` (a BPO's gateway),
 ``agents`` (a site's peripheral gateway: its PBX/IVR adapter and agent desktops),
 ``etcd`` (a member of the cluster's etcd: it serves the nodes' etcd clients),
-``clickhouse`` (a ClickHouse server of the history: it serves the nodes' writers). The
+``clickhouse`` (a ClickHouse server of the history: it serves the nodes' writers),
+``rebalancer`` (the capacity rebalancer), ``monitor`` (a metrics scraper such as
+Prometheus: a client certificate of the CA for the nodes' metrics endpoints; no RPC of
+the permission table and no etcd user is granted to it). The
 URI SAN of a certificate is its identity; its DNS SAN ``NAME.KIND.TRUST_DOMAIN`` is what
 a client checks the server's certificate against (gRPC verifies DNS and IP SANs only, so
 a client asks for ``lyon.site.tandem`` through ``grpc.ssl_target_name_override`` to know
@@ -15,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("site", "operator", "partner", "agents", "etcd", "clickhouse", "rebalancer")
+KINDS = ("site", "operator", "partner", "agents", "etcd", "clickhouse", "rebalancer", "monitor")
 DEFAULT_TRUST_DOMAIN = "tandem"
 # DNS-label-like names: they also appear in DNS SANs and file names.
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

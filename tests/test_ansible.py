@@ -1,0 +1,78 @@
+"""The Ansible roles (ansible/): ansible-lint's production profile, and a real deploy of
+the example topology onto containers with systemd (tests/deploy_harness.py, the same run
+as ``make deploy-test``): first run, a second run that changes nothing, a smoke test
+through ``tandem ctl``, a rolling upgrade under traffic with every call reconciled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE = ROOT / "ansible"
+DEPLOY_VENV = ROOT / ".venv-deploy"
+ROLES = ("tandem_pki", "etcd", "clickhouse", "tandem_node", "prometheus")
+
+
+def _need_deploy_venv() -> None:
+    if not (DEPLOY_VENV / "bin" / "ansible-lint").exists():
+        pytest.fail(f"no {DEPLOY_VENV}: make deploy-deps (make test runs it)")
+
+
+def test_ansible_lint_production_profile_passes():
+    _need_deploy_venv()
+    env = dict(os.environ, PATH=f"{DEPLOY_VENV / 'bin'}:{os.environ.get('PATH', '')}", NO_COLOR="1")
+    p = subprocess.run([str(DEPLOY_VENV / "bin" / "ansible-lint"), "--profile", "production", "--offline", "."],
+                       cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in p.stderr + p.stdout
+
+
+def test_ansible_core_is_pinned_and_only_builtin_modules_are_used():
+    reqs = (ANSIBLE / "requirements.txt").read_text()
+    assert "ansible-core==2.19." in reqs
+    for path in ANSIBLE.rglob("*.yml"):
+        if "inventories" in path.parts or path.name.startswith("."):
+            continue
+        for line in path.read_text().splitlines():
+            s = line.strip()
+            if s.startswith("ansible.") and s.endswith(":"):
+                assert s.startswith("ansible.builtin."), f"{path}: {s} (only ansible-core's modules)"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_documents_its_variables(role):
+    """Variables are prefixed by the role and every default has an argument spec."""
+    d = ANSIBLE / "roles" / role
+    defaults = yaml.safe_load((d / "defaults" / "main.yml").read_text()) or {}
+    specs = yaml.safe_load((d / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    assert defaults, role
+    for name in defaults:
+        assert name.startswith(role + "_"), f"{role}: {name} is not prefixed {role}_"
+        assert name in specs, f"{role}: {name} has no argument spec"
+    assert set(specs) <= set(defaults), f"{role}: specs without a default: {set(specs) - set(defaults)}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_deploy_twice_smoke_and_rolling_upgrade_under_traffic():
+    _need_deploy_venv()
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "deploy_harness.py"), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1700)
+    print(p.stderr[-6000:])
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON line; exit {p.returncode}\n{p.stderr[-6000:]}"
+    r = json.loads(lines[-1])
+    print(json.dumps(r))
+    assert r["hosts"] == 4
+    assert r["first_run_changed"] > 0
+    assert r["second_run_changed"] == 0, r
+    assert r["smoke_overflowed"] >= 1, r
+    assert r["upgrade_calls"] > 0 and r["upgrade_lost"] == 0 and r["upgrade_duplicates"] == 0, r
+    assert p.returncode == 0, p.stderr[-6000:]
