@@ -17,6 +17,15 @@ durable. Per routed call the node then handles one unary RPC (OfferCall) and thr
 stream messages (Assignment out, Complete in, CommandResult out) and journals two
 steps (offer + accept, complete). ``--protocol classic`` measures the older path:
 Assignment, Accept, Connected on the stream and a unary ``CompleteCall``.
+``--protocol gateway``: the same agents (auto answer, Complete on the stream) speak
+through one multiplexed ``Agents.Gateway`` stream, as a site's agent gateway would
+(:class:`router.sim.agents.AgentGatewayLink`): the three stream messages of a call
+travel in frames shared with other calls' — the node batches what one journal group
+commit made durable into one frame, the gateway what its agents wrote in one loop turn.
+
+Without ``--protocol`` the run measures ``auto`` at every concurrency and ``gateway``
+at concurrency 16 (a second node and agents' process, same settings); each row names
+its protocol.
 
 For each concurrency (1, 16, 64) and each of ``--runs`` runs: a warm-up, a routing
 phase and an echo phase, each bounded by ``--calls`` calls and ``--seconds`` seconds;
@@ -25,9 +34,9 @@ seconds of quiet (its journal compaction runs in quiet moments and would otherwi
 stall the next phase — usually an echo phase). Printed per concurrency (``--json``:
 one JSON line each) — medians over the runs:
 
-    {"concurrency", "route_calls_per_s", "echo_calls_per_s", "ratio", "p50_ms", "p99_ms",
-     "drained_calls_per_s", "node_cpu_route", "node_cpu_echo", "node_cpu_ms_per_call",
-     "node_cpu_ms_per_echo"}
+    {"protocol", "concurrency", "route_calls_per_s", "echo_calls_per_s", "ratio", "p50_ms",
+     "p99_ms", "drained_calls_per_s", "node_cpu_route", "node_cpu_echo",
+     "node_cpu_ms_per_call", "node_cpu_ms_per_echo"}
 
 ``ratio`` = route / echo throughput (median of the per-run ratios); p50/p99 are OfferCall
 latencies; ``drained_calls_per_s`` is how fast the agents completed calls during the
@@ -68,6 +77,8 @@ from router.local.nodes import running_nodes  # noqa: E402
 from router.v1 import admin_pb2, diagnostics_pb2, routing_pb2, types_pb2  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64)
+# Without --protocol: auto at every concurrency, and the gateway at these.
+GATEWAY_CONCURRENCIES = (16,)
 
 
 def bench_site(agents: int, max_length: int) -> dict:
@@ -94,30 +105,38 @@ def agents_main(address: str, agent_ids: list[str], stop, ready, results, protoc
 
 
 async def _agents(address, agent_ids, stop, ready, results, protocol, tls_dir=None) -> None:
-    from router.sim.agents import AgentBehaviour, SimAgent
+    from router.sim.agents import AgentBehaviour, AgentGatewayLink, SimAgent
     from router.sim.ledger import Ledger
 
     client = NodeClient("bench", address, Path(tls_dir) if tls_dir else None)
     ledger = Ledger()
     force = asyncio.Event()
     behaviour = AgentBehaviour(resolved_p=1.0, csat_p=0.0, protocol=protocol)
+    await client.wait_ready(15.0)
+    link = None
+    if protocol == "gateway":  # one stream for every agent, as a site's gateway holds it
+        link = AgentGatewayLink(client, stream_timeout=3600.0)
+        await link.open()
     agents = [
         SimAgent(client, aid, ledger, behaviour, time_scale=1.0, rng=random.Random(i),
-                 rpc_timeout=10.0, stream_timeout=3600.0, force=force)
+                 rpc_timeout=10.0, stream_timeout=3600.0, force=force, gateway=link)
         for i, aid in enumerate(agent_ids)
     ]
-    await client.wait_ready(15.0)
     await asyncio.gather(*(a.start() for a in agents))
     ready.set()
     while not stop.is_set():
         await asyncio.sleep(0.05)
     await asyncio.gather(*(a.stop(5.0) for a in agents), return_exceptions=True)
+    if link is not None:
+        await link.close()
     await client.close()
     results.put({
         "connected": sum(ledger.connects.values()),
         "duplicates": len(ledger.duplicates),
         "anomalies": ledger.anomalies[:5],
         "errors": sum(a.errors for a in agents),
+        "gateway": None if link is None else {
+            "frames_in": link.frames_in, "messages_in": link.messages_in, "frames_out": link.frames_out},
     })
 
 
@@ -249,6 +268,7 @@ async def bench(address: str, args, pids: dict[str, int], tls_dir: Path | None =
             })
         med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
         rows.append({
+            "protocol": args.protocol,
             "concurrency": c,
             "route_calls_per_s": round(med("route"), 1),
             "echo_calls_per_s": round(med("echo"), 1),
@@ -341,6 +361,12 @@ def measure(args, tls: bool) -> tuple[list[dict], int]:
     if agent_stats.get("duplicates"):
         print(f"INVARIANT: agents saw duplicates: {agent_stats}", file=sys.stderr)
         problems += 1
+    gw = agent_stats.get("gateway")
+    if gw:
+        print(f"gateway: {gw['frames_in']} frames in ({gw['messages_in'] / max(1, gw['frames_in']):.1f} "
+              f"messages each), {gw['frames_out']} frames out", file=sys.stderr)
+    if agent_stats.get("errors"):
+        print(f"agents' errors: {agent_stats['errors']} {agent_stats.get('anomalies')}", file=sys.stderr)
     return rows, problems
 
 
@@ -359,14 +385,17 @@ def main() -> int:
                         "in quiet moments (a snapshot holds its loop ~13 ms per 1000 retained "
                         "calls), which must not land in the next phase")
     p.add_argument("--sync", default="fdatasync", help="the node's journal sync mode")
-    p.add_argument("--protocol", choices=("auto", "classic"), default="auto",
-                   help="the agents' protocol: auto answer + Complete on the stream (default), "
-                        "or classic: Accept on the stream, unary CompleteCall")
+    p.add_argument("--protocol", choices=("auto", "classic", "gateway"), default=None,
+                   help="the agents' protocol: auto answer + Complete on their own streams, "
+                        "classic (Accept on the stream, unary CompleteCall), or gateway (auto "
+                        "through one multiplexed Agents.Gateway stream). Default: auto at every "
+                        "concurrency and gateway at 16")
     p.add_argument("--tls", action="store_true",
                    help="measure twice in this run, plaintext then mTLS, and print the cost of mTLS")
     args = p.parse_args()
 
     if args.tls:
+        args.protocol = args.protocol or "auto"
         # The same measurement twice in one run: plaintext, then mTLS (certificates made
         # here; the node audits every mutation then, as a TLS node always does).
         plain, p1 = measure(args, tls=False)
@@ -387,12 +416,24 @@ def main() -> int:
                   f"{row['tls_route_calls_per_s']:>8.1f}/s  cost {row['tls_cost']:.1%}  p99 "
                   f"{row['plain_p99_ms']:.1f} / {row['tls_p99_ms']:.1f} ms")
         return 1 if p1 or p2 else 0
-    rows, problems = measure(args, tls=False)
+    if args.protocol is not None:
+        plan = [(args.protocol, args.concurrency)]
+    else:
+        plan = [("auto", args.concurrency)]
+        gateway_at = [c for c in args.concurrency if c in GATEWAY_CONCURRENCIES]
+        if gateway_at:
+            plan.append(("gateway", gateway_at))
+    rows, problems = [], 0
+    for protocol, concurrencies in plan:
+        part = argparse.Namespace(**{**vars(args), "protocol": protocol, "concurrency": concurrencies})
+        got, bad = measure(part, tls=False)
+        rows += got
+        problems += bad
     for r in rows:
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"c={r['concurrency']:>3}  route {r['route_calls_per_s']:>8.1f}/s  echo "
+            print(f"{r['protocol']:<8} c={r['concurrency']:>3}  route {r['route_calls_per_s']:>8.1f}/s  echo "
                   f"{r['echo_calls_per_s']:>8.1f}/s  ratio {r['ratio']:.2f}  p50 {r['p50_ms']:.2f} ms"
                   f"  p99 {r['p99_ms']:.2f} ms  drained {r['drained_calls_per_s']:.0f}/s")
     return 1 if problems else 0

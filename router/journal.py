@@ -28,7 +28,9 @@ import os
 import queue
 import re
 import struct
+import sys
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,6 +209,8 @@ class Journal:
         self._busy = False
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="journal-compact")
         self._compact_lock = asyncio.Lock()
+        # loop time of the last compact() before it first yielded (encoding its snapshot)
+        self.last_compact_loop_s = 0.0
         self._failure: BaseException | None = None
         self._closing = self._closed = False
 
@@ -376,15 +380,19 @@ class Journal:
         self._enqueue(self._next_seq - 1, _BARRIER, barrier)
         await barrier
 
-    async def compact(self, snapshot: dict, *, handed_over: dict[str, list] | None = None) -> None:
+    async def compact(self, snapshot: dict, *, handed_over: dict[str, Any] | None = None) -> None:
         """Make `snapshot` the new recovery base and drop what it covers.
 
         snapshot must reflect every record appended (not necessarily durable) before this
         call; it is serialized before compact() first yields, so the caller may go on
         changing its state and appending. `handed_over`: more top-level entries of the
-        state, as lists that the caller will never change again (nor anything in them):
-        they are serialized in the compaction thread a slice at a time, so a large state
-        holds the event loop (and the GIL) for milliseconds, not for its whole encoding. Waits until those records are durable and a new
+        state that the caller will never change again (nor anything in them): lists,
+        tuples, dicts with str keys, or objects whose ``json_slices()`` yields lists
+        whose items together form a JSON array (read in the compaction thread: the
+        producer guarantees what it reads there does not change). They are serialized
+        in the compaction thread a slice at a time, releasing the GIL between slices, so
+        a large state holds the event loop for well under a millisecond at a time, not
+        for its whole encoding. Waits until those records are durable and a new
         segment has started, then writes the snapshot atomically (tmp file, fsync, rename,
         fsync dir) in a separate thread, so appends go on meanwhile, and deletes segments
         and snapshots made obsolete. Safe against SIGKILL at any point: recovery afterwards
@@ -394,6 +402,7 @@ class Journal:
         failed) or the snapshot could not be written (the journal remains usable).
         """
         self._check_usable()
+        started = time.perf_counter()
         seq = self._next_seq - 1
         data: Any = _dumps({"seq": seq, "state": snapshot})
         if handed_over:
@@ -402,6 +411,7 @@ class Journal:
             data = (data, bool(snapshot), dict(handed_over))
         rotated = self._start().create_future()
         self._enqueue(seq + 1, _ROTATE, rotated)
+        self.last_compact_loop_s = time.perf_counter() - started
         async with self._compact_lock:
             await rotated
             loop = asyncio.get_running_loop()
@@ -572,7 +582,12 @@ class Journal:
     def _write_snapshot(self, seq: int, data: Any) -> None:
         """Compaction thread: atomic snapshot write, then delete what it made obsolete."""
         if isinstance(data, tuple):
-            data = _join_handed_over(*data)
+            before = sys.getswitchinterval()
+            sys.setswitchinterval(min(before, _SWITCH_INTERVAL_S))
+            try:
+                data = _join_handed_over(*data)
+            finally:
+                sys.setswitchinterval(before)
         final = self._dir / _snapshot_name(seq)
         tmp = final.with_name(final.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -601,26 +616,79 @@ class Journal:
             self._probe(name)
 
 
-# Items of a handed-over list encoded per slice: ≈ 2–3 ms of C encoding for call rows,
-# after which the loop thread can take the GIL back.
-_SLICE = 256
+# Items of a handed-over list (or dict) encoded per slice: ≈ 0.1 ms of work, after which
+# the compaction thread lets the loop thread have the GIL (_pause). Every GIL release of
+# the loop thread (a socket write, a gRPC core call, the epoll wait) may hand the GIL to
+# the compaction thread until its next pause: that wait is added to the loop's work, many
+# times per request (a convoy), so slices are small.
+_SLICE = 32
+# The interpreter's switch interval while a snapshot is encoded: bounds that wait when a
+# slice runs long (a loaded machine); restored afterwards.
+_SWITCH_INTERVAL_S = 0.0005
 
 
-def _join_handed_over(head: bytes, nonempty: bool, lists: dict[str, list]) -> bytes:
-    """The snapshot document: `head` ({"seq":S,"state":{...}}) with the handed-over lists
-    added to "state", each encoded a slice at a time (compaction thread)."""
-    out = bytearray(head[:-2])  # without the closing "}}"
-    sep = b"," if nonempty else b""
-    for key, items in lists.items():
-        out += sep + _dumps(key) + b":["
-        sep = b","
-        first = True
+def _pause() -> None:
+    """Compaction thread, between slices: release the GIL so that the event loop, if it
+    is waiting for it, runs now rather than after the interpreter's switch interval
+    (5 ms by default): the snapshot's encoding must not add that to every loop wake-up."""
+    time.sleep(0.00005)
+
+
+def _encode_into(out: bytearray, value: Any) -> None:
+    """Append the JSON of a handed-over value (compaction thread), a slice at a time:
+    a list or tuple is encoded ``_SLICE`` items per step, a dict ``_SLICE`` entries per
+    step (values recursively by the same rules), an object with ``json_slices()`` as the
+    JSON array of all the items of the lists it yields; anything else in one step."""
+    if isinstance(value, (list, tuple)):
+        out += b"["
+        for i in range(0, len(value), _SLICE):
+            if i:
+                out += b","
+            out += _dumps(value[i:i + _SLICE])[1:-1]
+            _pause()
+        out += b"]"
+    elif isinstance(value, dict):
+        out += b"{"
+        items = list(value.items())
         for i in range(0, len(items), _SLICE):
+            for j, (k, v) in enumerate(items[i:i + _SLICE]):
+                if not isinstance(k, str):
+                    raise TypeError(f"handed-over dict keys must be str, not {type(k).__name__}")
+                if i or j:
+                    out += b","
+                out += _dumps(k) + b":"
+                if (isinstance(v, dict) or hasattr(v, "json_slices")
+                        or isinstance(v, (list, tuple)) and len(v) > _SLICE):
+                    _encode_into(out, v)
+                else:
+                    out += _dumps(v)
+            _pause()
+        out += b"}"
+    elif hasattr(value, "json_slices"):
+        out += b"["
+        first = True
+        for part in value.json_slices():
+            if not part:
+                continue
             if not first:
                 out += b","
-            out += _dumps(items[i:i + _SLICE])[1:-1]
+            out += _dumps(part)[1:-1]
             first = False
+            _pause()
         out += b"]"
+    else:
+        out += _dumps(value)
+
+
+def _join_handed_over(head: bytes, nonempty: bool, lists: dict[str, Any]) -> bytes:
+    """The snapshot document: `head` ({"seq":S,"state":{...}}) with the handed-over
+    values added to "state", each encoded a slice at a time (compaction thread)."""
+    out = bytearray(head[:-2])  # without the closing "}}"
+    sep = b"," if nonempty else b""
+    for key, value in lists.items():
+        out += sep + _dumps(key) + b":"
+        sep = b","
+        _encode_into(out, value)
     out += b"}}"
     return bytes(out)
 

@@ -291,6 +291,9 @@ def harmless(method: str) -> bytes:
         "SetState": agents_pb2.SetStateRequest(agent_id="matrix-nope", state=t.AGENT_STATE_READY),
         "GetAgent": agents_pb2.GetAgentRequest(agent_id="matrix-nope"),
         "Connect": agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id="matrix-nope")),
+        # a hello for an unknown agent: answered by a CommandResult UNKNOWN_AGENT on the stream
+        "Gateway": agents_pb2.GatewayFrame(messages=[
+            agents_pb2.GatewayMessage(agent_id="matrix-nope", hello=agents_pb2.GatewayHello())]),
         "ListCalls": admin_pb2.ListCallsRequest(page_size=1),
         # no contract: refused before etcd is read or written (MISSING_FIELD)
         "ListPartners": admin_pb2.ListPartnersRequest(),

@@ -22,6 +22,10 @@ from router.model import (
 )
 
 CALL_STATES = ("queued", "assigned", "connected", "completed", "abandoned", "rejected")
+# A call in one of these states is never changed again (a transfer that brings its id
+# back makes a new Call): a snapshot may read it after the cut, off the loop
+# (router.engine.snapshot). Every other state is "live" (Engine._live).
+FROZEN_STATES = frozenset({"completed", "abandoned", "rejected"})
 AGENT_STATES = ("signed_out", "not_ready", "ready", "wrap_up")
 _STAFFED = frozenset({"ready", "wrap_up"})
 OFFER, WRAP = 0, 1  # deadline kinds; at equal times offers expire first
@@ -103,6 +107,11 @@ class CoreMixin:
             counts[call.state] -= 1
         counts[state] += 1
         call.state = state
+        # keyed by id: a call that comes back by transfer (a new Call) replaces the old
+        if state in FROZEN_STATES:
+            self._live.pop(call.call_id, None)
+        else:
+            self._live[call.call_id] = call
 
     def _set_agent_state(self, a: Agent, state: str, reason: str, since: float) -> None:
         old = a.state
@@ -137,9 +146,52 @@ class CoreMixin:
         load, cap, aid = a.load, a.capacity, a.agent_id
         for q in a.queues:
             if ready and load[q.channel] < cap[q.channel]:
-                q.free[aid] = a
+                if aid not in q.free:
+                    q.free[aid] = a
+                    self._free_heap_push(q, a)
             else:
                 q.free.pop(aid, None)
+
+    # -- longest-idle selection: a lazy heap per queue -----------------------------------
+    #
+    # Invariant: every agent in q.free has at least one entry in its queue's heap whose
+    # key is <= its current selection key (an agent's key only grows while it stays
+    # free: available_since follows engine time, which never goes back; skills change
+    # only after it left the free sets). So when the top entry is an agent's current
+    # key, it is the minimum over q.free: the same choice as min() over q.free, in
+    # O(log n) amortized. Stale entries (agent gone, or key grown) are dropped or
+    # re-pushed with the current key when they surface.
+
+    def _free_heap_push(self, q: Queue, a: Agent) -> None:
+        heap = self._free_heaps[q.name]
+        heapq.heappush(heap, policy.selection_key(self._mode, a.available_since, a.skills[q.skill], a.agent_id))
+        if len(heap) > 4 * len(q.free) + 64:  # too many stale entries: rebuild
+            self._free_heap_rebuild(q)
+
+    def _free_heap_rebuild(self, q: Queue) -> None:
+        mode, skill = self._mode, q.skill
+        heap = [policy.selection_key(mode, a.available_since, a.skills[skill], a.agent_id) for a in q.free.values()]
+        heapq.heapify(heap)
+        self._free_heaps[q.name] = heap
+
+    def _select_agent(self, q: Queue) -> Agent:
+        """The free agent of ``q`` with the least selection key (q.free non-empty)."""
+        free, heap = q.free, self._free_heaps[q.name]
+        mode, skill = self._mode, q.skill
+        key = policy.selection_key
+        while True:
+            if not heap:  # cannot happen (see the invariant); never trust it blindly
+                self._free_heap_rebuild(q)
+                heap = self._free_heaps[q.name]
+            top = heap[0]
+            a = free.get(top[-1])
+            if a is None:
+                heapq.heappop(heap)
+                continue
+            cur = key(mode, a.available_since, a.skills[skill], a.agent_id)
+            if cur == top:
+                return a
+            heapq.heapreplace(heap, cur)
 
     def _enqueue(self, call: Call, q: Queue) -> None:
         q.pq.push(call.handle, call.key)
@@ -223,13 +275,7 @@ class CoreMixin:
                 h, k = q.pq.peek()
                 if best is None or (k, h) < best:
                     best, best_q = (k, h), q
-            skill, mode = best_q.skill, self._mode
-            agent = min(
-                best_q.free.values(),
-                key=lambda a: policy.selection_key(
-                    mode, a.available_since, a.skills[skill], a.agent_id
-                ),
-            )
+            agent = self._select_agent(best_q)
             self._assign(self._by_handle[best[1]], best_q, agent)
             active = [q for q in active if q.pq and q.free]
         self._dirty_agents = {}
@@ -247,9 +293,13 @@ class CoreMixin:
         self._ended.append(call.call_id)
         contacts = self._memory.get(call.caller) if call.caller else None
         if contacts:
-            for c in reversed(contacts):
+            # Contacts are tuples, replaced rather than changed: a snapshot holds the
+            # memory by reference and encodes it off the loop (router.engine.snapshot).
+            for i in range(len(contacts) - 1, -1, -1):
+                c = contacts[i]
                 if c[0] == call.call_id:
-                    c[3], c[4] = call.state, call.csat
+                    new = (c[0], c[1], c[2], call.state, call.csat, c[5])
+                    self._memory[call.caller] = contacts[:i] + (new,) + contacts[i + 1:]
                     break
         while len(self._ended) > self._retention:
             old = self._calls.pop(self._ended.popleft())
@@ -272,12 +322,18 @@ class CoreMixin:
         while fifo and fifo[0][0] < cutoff:
             _, who = fifo.popleft()
             contacts = memory.get(who)
-            while contacts and contacts[0][1] < cutoff:
-                contacts.pop(0)
-            if contacts == []:
+            if contacts is None:
+                continue
+            i = 0
+            while i < len(contacts) and contacts[i][1] < cutoff:
+                i += 1
+            if i == len(contacts):
                 del memory[who]
-        contacts = memory.setdefault(call.caller, [])
-        contacts.append([call.call_id, now, call.skill, "", 0, call.handle])
+            elif i:
+                memory[who] = contacts[i:]
+        # immutable tuples, replaced on change (see _ended_call)
+        contacts = memory.get(call.caller, ()) + ((call.call_id, now, call.skill, "", 0, call.handle),)
         if len(contacts) > self._history_keep:
-            del contacts[0]
+            contacts = contacts[1:]
+        memory[call.caller] = contacts
         fifo.append((now, call.caller))

@@ -117,6 +117,8 @@ class Engine(ViewsMixin, SnapshotMixin, PartnerMixin, TransferMixin, StaffingMix
         self._sl_window_s = float(r.service_level_window_s)
 
         self._queues: dict[str, Queue] = {q.name: Queue(q, queue_factory) for q in site.queues}
+        # queue name -> lazy heap of its free agents' selection keys (core._select_agent)
+        self._free_heaps: dict[str, list] = {name: [] for name in self._queues}
         self._route = {(q.skill, q.channel, q.language): q for q in self._queues.values()}
         self._restricted = (
             self._queues[r.restricted_queue] if r.blacklist_action == "restricted_queue" else None
@@ -146,12 +148,16 @@ class Engine(ViewsMixin, SnapshotMixin, PartnerMixin, TransferMixin, StaffingMix
         self._by_handle: dict[int, Call] = {}  # queued calls
         self._ringing: dict[str, Call] = {}  # assignment id -> call, offers not answered
         self._ended: deque[str] = deque()  # ended call ids, oldest first (retention)
+        # Calls not in a frozen state (core.FROZEN_STATES), by id: the only calls a
+        # snapshot must copy on the loop (router.engine.snapshot).
+        self._live: dict[str, Call] = {}
         self._call_counts = dict.fromkeys(CALL_STATES, 0)
         self._agent_counts = dict.fromkeys(AGENT_STATES, 0)
         self._agent_counts["signed_out"] = len(self._agents)
-        # Repeat-caller memory: caller -> [[call_id, offered_at, skill, outcome, csat,
-        # handle]] oldest first; the FIFO drops contacts older than the window.
-        self._memory: dict[str, list[list]] = {}
+        # Repeat-caller memory: caller -> ((call_id, offered_at, skill, outcome, csat,
+        # handle), ...) oldest first; the FIFO drops contacts older than the window.
+        # Tuples, replaced and never changed in place: snapshots share them.
+        self._memory: dict[str, tuple[tuple, ...]] = {}
         self._memory_fifo: deque[tuple[float, str]] = deque()
         # (time, kind, id): offer timeouts by assignment id, wrap-up ends by agent id.
         # Entries go stale when the offer or the wrap-up ends first; checked on pop.

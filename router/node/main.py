@@ -11,7 +11,8 @@ HTTPS and requires a client certificate of the cluster CA), ``TANDEM_ALERT_RULES
 rule file replacing the packaged alert rules, see :mod:`router.alerts`),
 ``TANDEM_LOG_LEVEL`` (default INFO), ``TANDEM_HISTORY`` (= ``--history``: off,
 embedded or a clickhouse:// URL; see :mod:`router.node.history_link`) and
-``TANDEM_HISTORY_LOOKUP_MS`` (the repeat-caller look-up's bound, default 20). With etcd endpoints (``--etcd`` or
+``TANDEM_HISTORY_LOOKUP_MS`` (the repeat-caller look-up's bound, default 20),
+``TANDEM_COMPACT_EVERY`` (journal records between snapshots, default 20000). With etcd endpoints (``--etcd`` or
 ``TANDEM_ETCD_ENDPOINTS``) the node joins the cluster (:mod:`router.node.cluster`):
 it registers, publishes its load and overflows queued calls; etcd being down never
 delays its start nor its routing. Exit codes: 0 after a clean shutdown,
@@ -75,6 +76,8 @@ async def serve(
     except Exception as e:  # noqa: BLE001 - e.g. JournalError: data dir in use, JournalCorrupt
         print(f"tandem node {site.site.name}: cannot start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    if os.environ.get("TANDEM_COMPACT_EVERY"):  # journal records between compactions (benchmarks)
+        node.compact_every = int(os.environ["TANDEM_COMPACT_EVERY"])
     link = None
     if history != "off":
         from router.node.history_link import HistoryLink

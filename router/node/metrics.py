@@ -43,6 +43,24 @@ DURABLE_SECONDS = Histogram(
 CALLS = Gauge("tandem_node_calls", "Retained calls by state", ["site", "state"])
 STREAMS = Gauge("tandem_node_streams", "Open agent streams and call watchers", ["site", "kind"])
 JOURNAL_SEQ = Gauge("tandem_node_journal_seq", "Last durable journal sequence number", ["site"])
+# The event loop's responsiveness (router.node.node.LoopProbe): how late a timer due every
+# few milliseconds ran. A stall of the loop (a long callback) shows as one late probe.
+LOOP_LAG = Histogram(
+    "tandem_node_loop_lag_seconds",
+    "How late the event loop ran the lag probe's timer (a lower bound of each stall)",
+    ["site"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+)
+LOOP_STALL_MAX = Gauge(
+    "tandem_node_loop_stall_max_seconds",
+    "Longest event-loop stall seen by the lag probe, by window (recent: the last 10 s; start: since start)",
+    ["site", "kind"],
+)
+COMPACTION_LOOP_SECONDS = Gauge(
+    "tandem_node_compaction_loop_seconds",
+    "Event-loop time of the last journal compaction (capturing the snapshot; the rest is off the loop)",
+    ["site"],
+)
 
 # --- the real-time figures of a contact center ---------------------------------------------
 

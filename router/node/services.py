@@ -16,7 +16,7 @@ import time
 import grpc
 
 from router.model import RoutingError
-from router.node import convert
+from router.node import convert, gateway
 from router.node.errors import Malformed, abort, guard, malformed_error
 from router.node.node import FINAL_CALL_STATES, Node
 from router.status import error_info
@@ -279,6 +279,11 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
         finally:
             reader.cancel()
             node.close_agent_stream(stream)
+
+    @guard
+    async def Gateway(self, request_iterator, context):
+        """Many agents' sessions on one stream, in batches (router.node.gateway)."""
+        await gateway.serve(self.node, context)
 
     async def _read(self, context, stream) -> None:
         """Accept / Reject / Complete from the agent. When the agent closes its side (or

@@ -18,7 +18,8 @@ Roles:
   members only; also Routing.GetCall (an origin asks a partner node about the calls it
   sent, for caps) and Routing.AbandonCall (an abandon forwarded after a transfer).
 * ``agent-gateway`` — a site's peripheral gateway (PBX/IVR adapter and agent desktops):
-  the Routing and Agents services of its own site.
+  the Routing and Agents services of its own site; the only role that may open the
+  multiplexed agent stream (``Agents.Gateway``: every agent of the site on one stream).
 * ``operator``, ``supervisor``, ``viewer`` also on the rebalancer (``tandem rebalancer``,
   which acts on the whole cluster, so only bindings with scope ``*`` count there): its
   status for every reader, a plan computed for supervisors and operators, a plan applied
@@ -79,6 +80,8 @@ TABLE: dict[str, Rule] = {
     A + "SetState": _r("agent-gateway", "supervisor", "operator", mutates=True),
     A + "GetAgent": _r(_READ, "agent-gateway"),
     A + "Connect": _r("agent-gateway", "operator", mutates=True),
+    # Many agents' sessions on one stream: a site's gateway only, not a person.
+    A + "Gateway": _r("agent-gateway", mutates=True),
     ADM + "GetStatus": _r(_READ),
     ADM + "ListCalls": _r(_READ),
     ADM + "ListAgents": _r(_READ),

@@ -15,6 +15,12 @@ its hello (every Assignment arrives already connected: no accept, no ``Connected
 a ``CommandResult`` there (falling back to the unary ``CompleteCall`` if that answer
 does not come within the RPC timeout).
 
+With ``protocol="gateway"`` the agents speak the ``auto`` protocol through one
+:class:`AgentGatewayLink` — a site's agent gateway: one ``Agents.Gateway`` stream for all
+of them, what they write in one loop turn sent as one frame, the node's frames dispatched
+to each agent by ``agent_id``. An agent's ``stop`` sends a ``Leave`` (the end of its
+session) instead of closing a stream of its own.
+
 Every duration is *simulated* seconds divided by the generator's ``time_scale``. What the
 agent sees goes to the shared :class:`Ledger`, which flags a call offered to two agents
 at once or connected twice.
@@ -50,7 +56,8 @@ class AgentBehaviour:
     resolved_p: float = 0.8
     csat_p: float = 0.3  # share of callers who leave a CSAT score
     default_talk_s: float = 0.0  # for calls the generator did not offer itself
-    protocol: str = "classic"  # "classic" (accept, unary CompleteCall) | "auto" (see module doc)
+    # "classic" (accept, unary CompleteCall) | "auto" | "gateway" (see module doc)
+    protocol: str = "classic"
 
 
 class StreamCommandError(Exception):
@@ -76,6 +83,7 @@ class SimAgent:
         rpc_timeout: float,
         stream_timeout: float,
         force: asyncio.Event,
+        gateway: "AgentGatewayLink | None" = None,
     ) -> None:
         self.client = client
         self.agent_id = agent_id
@@ -98,9 +106,12 @@ class SimAgent:
         self._talking: set[str] = set()
         self._recovering = False
         self._reader: asyncio.Task | None = None
-        self.auto = behaviour.protocol == "auto"
-        if behaviour.protocol not in ("classic", "auto"):
-            raise ValueError(f"protocol must be classic or auto, not {behaviour.protocol!r}")
+        self.auto = behaviour.protocol in ("auto", "gateway")
+        if behaviour.protocol not in ("classic", "auto", "gateway"):
+            raise ValueError(f"protocol must be classic, auto or gateway, not {behaviour.protocol!r}")
+        if (behaviour.protocol == "gateway") != (gateway is not None):
+            raise ValueError("protocol gateway needs a gateway link (and only it does)")
+        self.gateway = gateway
         self._results: dict[str, asyncio.Future] = {}  # call id -> CommandResult awaited
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -114,11 +125,16 @@ class SimAgent:
         except grpc.aio.AioRpcError as e:
             if error_reason(e) != "AGENT_ALREADY_SIGNED_IN":
                 raise
-        self._stream = self.client.agents.Connect(timeout=self.stream_timeout)
-        await self._write(
-            agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id=self.agent_id, auto_answer=self.auto))
-        )
-        self._reader = asyncio.create_task(self._read_loop(), name=f"agent-{self.agent_id}")
+        if self.gateway is not None:
+            self.gateway.attach(self)
+            self.gateway.send(agents_pb2.GatewayMessage(
+                agent_id=self.agent_id, hello=agents_pb2.GatewayHello(auto_answer=True)))
+        else:
+            self._stream = self.client.agents.Connect(timeout=self.stream_timeout)
+            await self._write(
+                agents_pb2.AgentMessage(hello=agents_pb2.Hello(agent_id=self.agent_id, auto_answer=self.auto))
+            )
+            self._reader = asyncio.create_task(self._read_loop(), name=f"agent-{self.agent_id}")
         await self._set_state(types_pb2.AGENT_STATE_READY)
 
     async def stop(self, timeout: float) -> None:
@@ -130,6 +146,11 @@ class SimAgent:
             await self._set_state(types_pb2.AGENT_STATE_NOT_READY, "end_of_shift")
         while (self._talking or self._accepts) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                self.gateway.send(agents_pb2.GatewayMessage(agent_id=self.agent_id, leave=agents_pb2.Leave()))
+            self.gateway.detach(self)
+            self._stream_over()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._stream.done_writing(), 1.0)
@@ -167,6 +188,10 @@ class SimAgent:
         return t
 
     async def _write(self, msg: agents_pb2.AgentMessage) -> None:
+        if self.gateway is not None:  # the same message, tagged, in the gateway's next frame
+            kind = msg.WhichOneof("kind")
+            self.gateway.send(agents_pb2.GatewayMessage(agent_id=self.agent_id, **{kind: getattr(msg, kind)}))
+            return
         async with self._write_lock:
             await self._stream.write(msg)
 
@@ -177,29 +202,7 @@ class SimAgent:
                 msg = await stream.read()
                 if msg is grpc.aio.EOF:
                     break
-                kind = msg.WhichOneof("kind")
-                if kind == "assignment":
-                    if msg.assignment.connected:
-                        self._on_connected(msg.assignment)
-                    else:
-                        self._on_assignment(msg.assignment)
-                elif kind == "result":
-                    fut = self._results.pop(msg.result.call_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg.result)
-                elif kind == "cancelled":
-                    c = msg.cancelled
-                    task = self._accepts.pop(c.assignment_id, None)
-                    if task is not None:
-                        task.cancel()
-                    self.ledger.withdrawn(self.agent_id, c.call_id)
-                elif kind == "connected":
-                    self._accepts.pop(msg.connected.assignment_id, None)
-                    self.ledger.connected(self.agent_id, msg.connected.call_id)
-                    self._talking.add(msg.connected.call_id)
-                    self._spawn(self._talk(msg.connected.call_id))
-                elif kind == "agent":
-                    self._on_state(msg.agent)
+                self.on_message(msg)
         except grpc.aio.AioRpcError as e:
             if not self.stopping:
                 self.errors += 1
@@ -207,13 +210,50 @@ class SimAgent:
         except asyncio.CancelledError:
             pass
         finally:
-            # The node's contract (agents.proto, Connect): when the stream ends, the
-            # agent's ringing offers go back to the queue. No AssignmentCancelled can
-            # reach a closed stream, so the ledger withdraws them here; otherwise the
-            # next offer of such a call to another agent looks like a double assignment.
-            for call_id in list(self.ledger.in_hand.get(self.agent_id, {})):
-                if call_id not in self._talking:
-                    self.ledger.withdrawn(self.agent_id, call_id)
+            self._stream_over()
+
+    def on_message(self, msg: agents_pb2.NodeMessage) -> None:
+        """One message from the node (on the agent's stream, or its gateway's)."""
+        kind = msg.WhichOneof("kind")
+        if kind == "assignment":
+            if msg.assignment.connected:
+                self._on_connected(msg.assignment)
+            else:
+                self._on_assignment(msg.assignment)
+        elif kind == "result":
+            fut = self._results.pop(msg.result.call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.result)
+        elif kind == "cancelled":
+            c = msg.cancelled
+            task = self._accepts.pop(c.assignment_id, None)
+            if task is not None:
+                task.cancel()
+            self.ledger.withdrawn(self.agent_id, c.call_id)
+        elif kind == "connected":
+            self._accepts.pop(msg.connected.assignment_id, None)
+            self.ledger.connected(self.agent_id, msg.connected.call_id)
+            self._talking.add(msg.connected.call_id)
+            self._spawn(self._talk(msg.connected.call_id))
+        elif kind == "agent":
+            self._on_state(msg.agent)
+
+    def session_ended(self, why: str) -> None:
+        """The node ended this agent's session (its stream, or its session on the
+        gateway): ``why`` says how ("" when it was asked to)."""
+        if why and not self.stopping:
+            self.errors += 1
+            log.warning("%s: session ended: %s", self.agent_id, why)
+        self._stream_over()
+
+    def _stream_over(self) -> None:
+        # The node's contract (agents.proto, Connect): when the stream ends, the
+        # agent's ringing offers go back to the queue. No AssignmentCancelled can
+        # reach a closed stream, so the ledger withdraws them here; otherwise the
+        # next offer of such a call to another agent looks like a double assignment.
+        for call_id in list(self.ledger.in_hand.get(self.agent_id, {})):
+            if call_id not in self._talking:
+                self.ledger.withdrawn(self.agent_id, call_id)
 
     def _on_state(self, agent: agents_pb2.Agent) -> None:
         self.state, self.reason = agent.state, agent.reason
@@ -336,7 +376,7 @@ class SimAgent:
                 complete=agents_pb2.Complete(call_id=call_id, disposition=disposition)
             ))
             res = await asyncio.wait_for(fut, self.rpc_timeout)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError):
             return None
         finally:
             self._results.pop(call_id, None)
@@ -361,3 +401,119 @@ class SimAgent:
             agents_pb2.SetStateRequest(agent_id=self.agent_id, state=state, reason=reason),
             timeout=self.rpc_timeout,
         )
+
+
+class AgentGatewayLink:
+    """A site's agent gateway: one ``Agents.Gateway`` stream for many :class:`SimAgent`.
+
+    :meth:`send` queues a message; everything queued while the previous frame was being
+    written (or in the same loop turn) goes out as one ``GatewayFrame`` (at most
+    ``max_frame`` messages each: frames stay well under the node's 64 KiB request
+    limit). Frames from the node are dispatched to each agent by ``agent_id``. When the
+    stream ends, every agent's session is over (:meth:`SimAgent.session_ended`)."""
+
+    def __init__(self, client: NodeClient, *, stream_timeout: float, max_frame: int = 200) -> None:
+        self.client = client
+        self.stream_timeout = stream_timeout
+        self.max_frame = max_frame
+        self.agents: dict[str, SimAgent] = {}
+        self.frames_out = 0
+        self.frames_in = 0
+        self.messages_in = 0
+        self.error: str | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._pending: list[agents_pb2.GatewayMessage] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._tasks: list[asyncio.Task] = []
+
+    async def open(self) -> None:
+        self._call = self.client.agents.Gateway(timeout=self.stream_timeout)
+        self._tasks = [asyncio.create_task(self._write_loop(), name="gateway-writer"),
+                       asyncio.create_task(self._read_loop(), name="gateway-reader")]
+
+    def attach(self, agent: SimAgent) -> None:
+        self.agents[agent.agent_id] = agent
+
+    def detach(self, agent: SimAgent) -> None:
+        if self.agents.get(agent.agent_id) is agent:
+            del self.agents[agent.agent_id]
+
+    def send(self, msg: agents_pb2.GatewayMessage) -> None:
+        """Queue one message for the next frame; raises ConnectionError once the stream
+        is over (as a write on a dead stream would)."""
+        if self._closed:
+            raise ConnectionError(f"the gateway stream is over: {self.error or 'closed'}")
+        self._pending.append(msg)
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        call = self._call
+        try:
+            while not self._closed:
+                if not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch, self._pending = self._pending[:self.max_frame], self._pending[self.max_frame:]
+                await call.write(agents_pb2.GatewayFrame(messages=batch))
+                self.frames_out += 1
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            self._over(describe(e))
+        except asyncio.CancelledError:
+            pass
+
+    async def _read_loop(self) -> None:
+        call = self._call
+        why = "the node closed the gateway stream"
+        try:
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                self.frames_in += 1
+                self.messages_in += len(frame.messages)
+                agents = self.agents
+                for m in frame.messages:
+                    agent = agents.get(m.agent_id)
+                    if agent is None:
+                        if m.WhichOneof("kind") == "message" and m.message.result.code:
+                            log.warning("gateway: %s for %r refused: %s", m.message.result.op,
+                                        m.agent_id, m.message.result.message)
+                        continue
+                    if m.WhichOneof("kind") == "ended":
+                        e = m.ended
+                        self.detach(agent)
+                        agent.session_ended("" if e.code == 0 else f"{e.reason}: {e.message}")
+                    else:
+                        agent.on_message(m.message)
+        except grpc.aio.AioRpcError as e:
+            why = describe(e)
+        except asyncio.CancelledError:
+            why = ""
+        self._over(why)
+
+    def _over(self, why: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.error = why or None
+        self._wake.set()
+        agents, self.agents = self.agents, {}
+        for agent in agents.values():
+            agent.session_ended(why)
+
+    async def close(self) -> None:
+        """Close the stream (every session on it ends: the node disconnects its agents)."""
+        if self._call is not None:
+            # let what is queued (e.g. the agents' Leave) go out first, bounded
+            deadline = time.monotonic() + 1.0
+            while self._pending and not self._closed and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call.done_writing(), 1.0)
+            self._call.cancel()
+        self._over("")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
