@@ -346,7 +346,7 @@ async def smoke(inv: Path) -> dict:
     answered_at_lyon = sum(1 for c in node_calls["lyon"] if c.state == types_pb2.CALL_STATE_COMPLETED)
     return {"smoke_offered": rec.offered, "smoke_overflowed": answered_at_lyon, "smoke_lost": rec.lost,
             "smoke_duplicates": rec.duplicates, "smoke_examples": rec.examples[:5],
-            "sites": {row["site"]: bool(row.get("serving")) for row in rows}}
+            "sites": {row["name"]: bool(row.get("serving")) for row in rows}}
 
 
 async def upgrade_under_traffic(inv: Path, work: Path) -> dict:
