@@ -5,16 +5,25 @@
    prepared interaction rows until ``flush()`` says all of them are in the server. The
    anchor, measured in the same run on the same server, is the server's own
    ``INSERT INTO interactions SELECT … FROM numbers(N)`` (no client, no network) with the
-   same N and block size; N = max(--rows, 10 batches). One JSON line per batch size:
-   {"batch", "rows", "writer_rows_per_s", "engine_rows_per_s", "ratio"}.
+   same N and block size; N = max(--rows, 10 batches). The writer runs both ways in the
+   same run, alternating, ``--runs`` times each: columnar (``HistoryWriter(columnar=True)``:
+   Native column bytes built with numpy, :mod:`router.history.inserter`) and row-wise (the
+   driver's per-value encoding: the default). Every run
+   measures the anchor again. One JSON line per batch size, medians over the runs:
+   {"batch", "rows", "runs", "writer_rows_per_s" (the default, row-wise), "engine_rows_per_s",
+   "ratio" (writer / engine), "columnar_rows_per_s", "columnar_ratio", "speedup"
+   (columnar / row-wise), "cpu_us_per_row" {path: {"writer_process", "insert_processes",
+   "server"}}} — CPU per row is the steadier figure on a loaded machine.
 2. The KPI query (:func:`router.history.kpi.interactions_sql`, by site and queue, through
    FINAL) over ``--kpi-rows`` (10 M) rows made by the server itself; the FCR query is
    timed on its own. One line {"kpi_rows", "kpi_query_ms", "fcr_query_ms"} (medians).
 
 Starts its own server (Debian's clickhouse-server) in a temp dir unless ``--clickhouse``
-names one; uses a fresh database and drops it at the end. About 1-2 minutes on 2 cores.
+names one; uses a fresh database and drops it at the end. About 4 minutes on 2 quiet cores
+(``--runs 1 --batches 10000`` for a quick look).
 
-    .venv/bin/python bench/history.py --json [--rows 300000] [--kpi-rows 10000000]
+    .venv/bin/python bench/history.py --json [--rows 300000] [--runs 3] [--batches 1000,10000,100000]
+                                             [--kpi-rows 10000000]
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -83,8 +94,30 @@ def engine_rows_per_s(store: ClickHouseServerStore, table: str, n: int, block: i
     return n / (time.perf_counter() - t)
 
 
-def writer_rows_per_s(store: ClickHouseServerStore, rows: list[dict], batch: int, spool: str) -> tuple[float, dict]:
-    w = HistoryWriter(store, spool, batch_rows=batch, flush_interval_s=0.2, migrate=False).start()
+def server_cpu_s(pid: int | None) -> float:
+    """CPU seconds the server process has used (0 when it is not ours to look at)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def writer_rows_per_s(store: ClickHouseServerStore, rows: list[dict], batch: int, spool: str,
+                      columnar: bool = False, server_pid: int | None = None) -> tuple[float, dict, dict]:
+    """(rows/s, writer stats, CPU µs per row): the CPU of this process (submit, batcher,
+    encoding), of the insert processes (counted when they exit, at close) and of the
+    server (merges included) — less sensitive to a loaded machine than the rate."""
+    w = HistoryWriter(store, spool, batch_rows=batch, flush_interval_s=0.2, migrate=False,
+                      columnar=columnar).start()
+    cpu0, kids0, srv0 = time.process_time(), children_cpu_s(), server_cpu_s(server_pid)
     try:
         submit = w.submit
         t = time.perf_counter()
@@ -93,10 +126,14 @@ def writer_rows_per_s(store: ClickHouseServerStore, rows: list[dict], batch: int
         if not w.flush(300):
             raise RuntimeError(f"writer did not finish: {w.stats()}")
         elapsed = time.perf_counter() - t
+        cpu1, srv1 = time.process_time(), server_cpu_s(server_pid)
         stats = w.stats()
     finally:
         w.close(timeout=5)
-    return len(rows) / elapsed, vars(stats)
+    us = 1e6 / len(rows)
+    cpu = {"writer_process": round((cpu1 - cpu0) * us, 2), "insert_processes": round((children_cpu_s() - kids0) * us, 2),
+           "server": round((srv1 - srv0) * us, 2)}
+    return len(rows) / elapsed, vars(stats), cpu
 
 
 def prepared_rows(n: int, tag: str) -> list[dict]:
@@ -138,43 +175,67 @@ def main() -> int:
     ap.add_argument("--clickhouse", help="clickhouse://host:port of a running server (default: start one)")
     ap.add_argument("--rows", type=int, default=300_000, help="rows per batch size (at least 10 batches)")
     ap.add_argument("--kpi-rows", type=int, default=10_000_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="KPI query repeats")
+    ap.add_argument("--runs", type=int, default=3, help="writer runs per batch size and path (medians)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes, comma-separated")
     args = ap.parse_args()
 
     with contextlib.ExitStack() as stack:
+        server_pid = None
         if args.clickhouse:
             base = args.clickhouse.rstrip("/")
         else:
             srv = stack.enter_context(running_clickhouse())
             base = srv.url
+            server_pid = srv.proc.pid
         store = ClickHouseServerStore(f"{base}/bench_{uuid.uuid4().hex[:8]}", send_receive_timeout=300)
         stack.callback(store.close)
         stack.callback(lambda: store.query("DROP DATABASE IF EXISTS {db}"))
         store.migrate()
         spool_root = stack.enter_context(tempfile.TemporaryDirectory(prefix="tandem-bench-"))
         out = []
-        for batch in BATCHES:
+        for batch in (int(b) for b in args.batches.split(",")):
             n = max(args.rows, 10 * batch)  # ten batches at least, so the pipeline fills
-            rows = prepared_rows(n, f"w{batch}-")
-            store.query("TRUNCATE TABLE {db}.interactions")
-            wait_for_merges(store)
-            eng = engine_rows_per_s(store, f"anchor_{batch}", n, batch)
-            wait_for_merges(store)
-            wr, stats = writer_rows_per_s(store, rows, batch, f"{spool_root}/{batch}")
-            del rows
-            (count,), = store.query("SELECT count() FROM {db}.interactions FINAL")
-            if count != n or stats["spooled"]:
-                print(f"warning: {count} rows stored, {stats['spooled']} spooled", file=sys.stderr)
-            line = {"batch": batch, "rows": n, "writer_rows_per_s": round(wr),
-                    "engine_rows_per_s": round(eng), "ratio": round(wr / eng, 3)}
+            rates: dict[str, list[float]] = {"columnar": [], "rowwise": [], "engine": []}
+            cpus: dict[str, list[dict]] = {"columnar": [], "rowwise": []}
+            for run in range(max(1, args.runs)):
+                for path in ("rowwise", "columnar") if run % 2 == 0 else ("columnar", "rowwise"):
+                    store.query("TRUNCATE TABLE {db}.interactions")
+                    store.query("DROP TABLE IF EXISTS {db}.anchor_%d" % batch)
+                    wait_for_merges(store)
+                    rates["engine"].append(engine_rows_per_s(store, f"anchor_{batch}", n, batch))
+                    wait_for_merges(store)
+                    rows = prepared_rows(n, f"w{batch}-{run}-{path}-")
+                    wr, stats, cpu = writer_rows_per_s(store, rows, batch, f"{spool_root}/{batch}-{run}-{path}",
+                                                       columnar=path == "columnar", server_pid=server_pid)
+                    del rows
+                    rates[path].append(wr)
+                    cpus[path].append(cpu)
+                    (count,), = store.query("SELECT count() FROM {db}.interactions FINAL")
+                    if count != n or stats["spooled"]:
+                        print(f"warning: {path}: {count} rows stored, {stats['spooled']} spooled", file=sys.stderr)
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            line = {"batch": batch, "rows": n, "runs": len(rates["columnar"]),
+                    "writer_rows_per_s": round(med["rowwise"]),  # the writer's default path
+                    "engine_rows_per_s": round(med["engine"]), "ratio": round(med["rowwise"] / med["engine"], 3),
+                    "columnar_rows_per_s": round(med["columnar"]),
+                    "columnar_ratio": round(med["columnar"] / med["engine"], 3),
+                    "speedup": round(med["columnar"] / med["rowwise"], 2),
+                    # CPU µs per row, medians: where the time goes, whatever else runs.
+                    "cpu_us_per_row": {p: {k: round(statistics.median(c[k] for c in cs), 2) for k in cs[0]}
+                                       for p, cs in cpus.items()}}
+            if not args.json:
+                line["all"] = {k: [round(x) for x in v] for k, v in rates.items()}
             out.append(line)
             print(json.dumps(line), flush=True)
         store.query("TRUNCATE TABLE {db}.interactions")
         line = kpi_latency(store, args.kpi_rows, args.repeats)
         print(json.dumps(line), flush=True)
         if not args.json:
-            target = next(o for o in out if o["batch"] == 10_000)["writer_rows_per_s"]
-            print(f"writer at 10k/batch: {target} rows/s (target >= 100000)", file=sys.stderr)
+            for o in out:
+                if o["batch"] == 10_000:
+                    print(f"writer at 10k/batch: {o['writer_rows_per_s']} rows/s (target >= 100000), "
+                          f"{o['ratio']} of the server's own INSERT…SELECT (goal 0.5)", file=sys.stderr)
     return 0
 
 

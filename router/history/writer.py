@@ -107,7 +107,12 @@ class HistoryWriter:
         migrate: bool = True,
         insert_process: bool | None = None,
         insert_concurrency: int | None = None,
+        columnar: bool = False,
     ) -> None:
+        """``columnar``: server stores get Native column bytes built with numpy rather
+        than the driver's per-value encoding (:mod:`router.history.inserter`; same rows,
+        same errors). Off by default: it measured no faster end to end (bench/history.py
+        runs both)."""
         if batch_rows < 1 or flush_interval_s <= 0:
             raise ValueError("batch_rows must be >= 1 and flush_interval_s > 0")
         self.store = store
@@ -121,11 +126,11 @@ class HistoryWriter:
         if insert_concurrency < 1 or (insert_concurrency > 1 and not spawnable):
             raise ValueError("insert_concurrency > 1 needs a server store")
         if insert_process:
-            self._inserters = [ProcessInserter(store) for _ in range(insert_concurrency)]
+            self._inserters = [ProcessInserter(store, columnar=columnar) for _ in range(insert_concurrency)]
         else:
             url, kwargs = store.spec() if spawnable else ("", {})  # type: ignore[attr-defined]
-            self._inserters = [ThreadInserter(store)] + [
-                ThreadInserter(open_store(url, **kwargs)) for _ in range(insert_concurrency - 1)]
+            self._inserters = [ThreadInserter(store, columnar)] + [
+                ThreadInserter(open_store(url, **kwargs), columnar) for _ in range(insert_concurrency - 1)]
         self.spool = Spool(spool_dir, fsync=fsync)
         self.batch_rows = batch_rows
         self.flush_interval_s = flush_interval_s
