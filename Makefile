@@ -39,7 +39,10 @@ build: $(VENV)/.installed
 demo: build
 	$(VENV)/bin/tandem demo
 
+# The deploy test's base image (debootstrap: mostly download and unpack) is built in the
+# background while the first tests run; tests/test_deploy_ansible.py waits for it (a lock).
 test: build deploy-deps
+	$(PY) tests/deploy_harness.py --image-only > .deploy-image.log 2>&1 &
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The Ansible side (ansible/): podman with runc and debootstrap for the deploy test's hosts,

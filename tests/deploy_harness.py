@@ -1,7 +1,7 @@
 """The Ansible roles against real hosts: containers with systemd, reached over ssh.
 
-``python tests/deploy_harness.py [--json] [--keep]`` (``make deploy-test``;
-``tests/test_ansible.py`` runs it too) does, on this machine:
+``python tests/deploy_harness.py [--json] [--keep] [--image-only]`` (``make deploy-test``;
+``tests/test_deploy_ansible.py`` runs it too) does, on this machine:
 
 1. a base image ``localhost/tandem-deploy-base:<hash>`` — Debian bookworm by
    ``debootstrap --variant=minbase`` from the mirror apt already uses, with systemd,
@@ -96,8 +96,24 @@ def image_tag() -> str:
     return f"{IMAGE_REPO}:{h}"
 
 
+IMAGE_LOCK = Path("/var/tmp/tandem-deploy-image.lock")
+
+
 def ensure_image(work: Path) -> tuple[str, bool]:
-    """The base image's tag, built when podman's store lacks it; (tag, built now)."""
+    """The base image's tag, built when podman's store lacks it; (tag, built now). One
+    build at a time (a lock file): ``make test`` starts ``--image-only`` in the
+    background before the test suite, and the deploy test waits for it here."""
+    import fcntl
+
+    with open(IMAGE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _ensure_image(work)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ensure_image(work: Path) -> tuple[str, bool]:
     tag = image_tag()
     if run(["podman", "image", "exists", tag], check=False).returncode == 0:
         return tag, False
@@ -475,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Deploy the cluster with the Ansible roles onto containers; check it.")
     ap.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     ap.add_argument("--keep", action="store_true", help="leave the containers, network and files")
+    ap.add_argument("--image-only", action="store_true", help="only build the base image when missing, then exit")
     a = ap.parse_args(argv)
     for tool in ("podman", "runc", "debootstrap", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
@@ -484,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {DEPLOY_VENV}/bin/ansible-playbook (make deploy-deps)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="tandem-deploy-", dir="/var/tmp"))
+    if a.image_only:
+        try:
+            tag, built = ensure_image(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({"image": tag, "built": built}))
+        return 0
     try:
         result = asyncio.run(deploy(work, a.keep))
     finally:
