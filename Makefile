@@ -71,7 +71,7 @@ deploy-test: build deploy-deps
 	$(PY) tests/deploy_harness.py --json
 
 lint-ansible: deploy-deps
-	cd ansible && PATH=$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH ansible-lint --profile production .
+	cd ansible && LC_ALL=C.UTF-8 PATH=$(CURDIR)/$(DEPLOY_VENV)/bin:$$PATH ansible-lint --profile production .
 
 # The nodes' wheelhouse for ansible/inventories/example (tandem_node_wheelhouse).
 wheelhouse: build

@@ -166,7 +166,25 @@ class Lab:
     def name(self, host: str) -> str:
         return f"{self.run_id}-{host}"
 
+    @staticmethod
+    def remove_stale() -> None:
+        """Containers and networks of earlier runs whose process is gone (killed runs)."""
+        out = run(["podman", "ps", "-a", "--filter", "label=tandem-deploy",
+                   "--format", '{{.Names}} {{index .Labels "tandem-deploy"}}'], check=False).stdout
+        nets = run(["podman", "network", "ls", "--filter", "label=tandem-deploy", "--format", "{{.Name}}"],
+                   check=False).stdout
+        for line in out.splitlines():
+            name, _, rid = line.partition(" ")
+            pid = rid[2:] if rid.startswith("td") else ""
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                run(["podman", "rm", "-f", "-t", "2", name], check=False, timeout=120)
+        for net in nets.split():
+            pid = net.rsplit("-td", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                run(["podman", "network", "rm", "-f", net], check=False)
+
     def start(self) -> None:
+        self.remove_stale()
         self.key.parent.mkdir(mode=0o700)
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tandem-deploy-test", "-f", str(self.key)])
         pub = self.key.with_suffix(".pub").read_text().strip()
@@ -275,7 +293,7 @@ def ansible_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
                PATH=f"{DEPLOY_VENV / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", LC_ALL="C.UTF-8", LANG="C.UTF-8")  # ansible-core wants UTF-8
     return env
 
 

@@ -24,7 +24,7 @@ def _need_deploy_venv() -> None:
 
 def test_ansible_lint_production_profile_passes():
     _need_deploy_venv()
-    env = dict(os.environ, PATH=f"{DEPLOY_VENV / 'bin'}:{os.environ.get('PATH', '')}", NO_COLOR="1")
+    env = dict(os.environ, PATH=f"{DEPLOY_VENV / 'bin'}:{os.environ.get('PATH', '')}", NO_COLOR="1", LC_ALL="C.UTF-8", LANG="C.UTF-8")
     p = subprocess.run([str(DEPLOY_VENV / "bin" / "ansible-lint"), "--profile", "production", "--offline", "."],
                        cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
