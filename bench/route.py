@@ -73,7 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import yaml  # noqa: E402
 
 from router.sim.rpc import NodeClient  # noqa: E402
-from router.local.nodes import running_nodes  # noqa: E402
+from router.local.nodes import cpu_seconds, running_nodes  # noqa: E402
 from router.v1 import admin_pb2, diagnostics_pb2, routing_pb2, types_pb2  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64)
@@ -176,14 +176,6 @@ async def closed_loop(concurrency: int, make_call, calls: int, seconds: float) -
     elapsed = time.perf_counter() - t0
     return len(latencies) / elapsed, latencies
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

@@ -78,7 +78,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml  # noqa: E402
 
-from router.local.nodes import spawn_node, stop_nodes, wait_listening  # noqa: E402
+from router.local.nodes import cpu_seconds, spawn_node, stop_nodes, wait_listening  # noqa: E402
 from router.sim.rpc import NodeClient  # noqa: E402
 from router.v1 import admin_pb2, diagnostics_pb2, routing_pb2, types_pb2  # noqa: E402
 
@@ -224,13 +224,6 @@ async def _agents(address, groups, stop, ready, results) -> None:
 
 # --- helpers ------------------------------------------------------------------------------
 
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

@@ -95,7 +95,7 @@ import yaml  # noqa: E402
 
 from router.coord import EtcdCoordinator, EtcdSettings  # noqa: E402
 from router.local.etcd import etcd_server, tmp_root  # noqa: E402
-from router.local.nodes import NodeProcess, spawn_node, stop_nodes, wait_listening  # noqa: E402
+from router.local.nodes import NodeProcess, cpu_seconds, spawn_node, stop_nodes, wait_listening  # noqa: E402
 from router.v1 import admin_pb2, admin_pb2_grpc, agents_pb2, agents_pb2_grpc, routing_pb2, routing_pb2_grpc  # noqa: E402
 from router.v1 import diagnostics_pb2, diagnostics_pb2_grpc  # noqa: E402
 from router.v1 import types_pb2 as t  # noqa: E402
@@ -137,14 +137,6 @@ def pct(xs: list[float], q: float) -> float | None:
 def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:
