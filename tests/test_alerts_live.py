@@ -141,6 +141,13 @@ async def test_partner_cap_then_member_lost_then_etcd_unreachable(fast_rules, ow
                     await until(gamma_ready, 10, "alpha to see gamma's staffed load and the policy")
                     for i in range(3):
                         await s.routing.OfferCall(offer(f"c{i}"), timeout=5)
+                    # every offer was decided, and each decision timed (a sweep re-decides the third)
+                    from prometheus_client import REGISTRY
+                    decided = REGISTRY.get_sample_value("tandem_overflow_decision_seconds_count",
+                                                        {"site": "alpha", "kind": "offer"})
+                    took = REGISTRY.get_sample_value("tandem_overflow_decision_seconds_sum",
+                                                     {"site": "alpha", "kind": "offer"})
+                    assert decided == 3 and 0 < took < 3
                     cap = await firing(node, "PartnerCapReached", 10, partner="gamma")
                     assert cap.value == 2 and cap.site == "alpha"
                     assert not any(a.name == "SiteMemberLost" for a in node.alerts.active())

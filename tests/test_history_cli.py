@@ -90,6 +90,13 @@ def test_data_dir_without_history(tmp_path):
     assert code == 2 and "no history in" in out and not (tmp_path / "history").exists()
 
 
+def test_clickhouse_option_refuses_a_path_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run("history", "migrate", "--clickhouse", "x")
+    assert code == 2 and "wants a URL" in out
+    assert list(tmp_path.iterdir()) == []  # no embedded store opened at ./x
+
+
 def test_unreachable_server_exits_1():
     code, out = run("report", "kpi", "--clickhouse", "clickhouse://127.0.0.1:9/x")
     assert code == 1 and "error:" in out

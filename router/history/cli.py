@@ -46,6 +46,10 @@ def _open(clickhouse: Optional[str], data_dir: Optional[Path], *, create: bool =
 
     if bool(clickhouse) == bool(data_dir):
         _fail("give exactly one of --clickhouse URL or --data-dir DIR")
+    if clickhouse and not clickhouse.startswith(("clickhouse://", "clickhouses://")):
+        # open_store would take a bare word for an embedded directory and create it here.
+        _fail(f"--clickhouse wants a URL (clickhouse://host:port/database), not {clickhouse!r}; "
+              f"an embedded history is --data-dir DIR")
     if data_dir and not create and not history_path(data_dir).is_dir():
         from router.history.merge import merged_store, node_histories
 

@@ -76,6 +76,7 @@ from typing import Any
 from router.coord import CoordinationUnavailable, EtcdCoordinator, EtcdSettings, Member
 from router.engine.mode import MAX_ANNOUNCEMENT
 from router.model import RoutingError
+from router.node.metrics import OVERFLOW_DECISION_SECONDS
 from router.overflow import (
     ACTIVE_STATES,  # noqa: F401 - kept importable here
     ContingencyState,
@@ -544,6 +545,15 @@ class ClusterLink:
         return started
 
     def _decide(self, call_id: str, queue: str, expected_wait_s: float, log_stay: bool = True) -> Decision:
+        """One overflow decision (and the transfer it starts), timed into
+        ``tandem_overflow_decision_seconds``; ``log_stay=False`` is the sweep's."""
+        t0 = time.perf_counter()
+        d = self._decide_now(call_id, queue, expected_wait_s, log_stay)
+        OVERFLOW_DECISION_SECONDS.labels(self.site, "offer" if log_stay else "sweep").observe(
+            time.perf_counter() - t0)
+        return d
+
+    def _decide_now(self, call_id: str, queue: str, expected_wait_s: float, log_stay: bool) -> Decision:
         node = self.node
         qv = node.engine.queue(queue, now=node.view_time())
         local = local_queue(self.site, self.region, qv, self._queue_cfg.get(queue), expected_wait_s)

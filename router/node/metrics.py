@@ -104,6 +104,15 @@ OVERFLOW_IN = Counter(
     "tandem_overflow_in_total", "Contacts moved to this site from a peer (committed transfers)",
     ["site", "queue", "peer"],
 )
+# The overflow decision on the OfferCall path (kind "offer") and in the sweep that decides
+# again for calls that stayed (kind "sweep"): reading the peers' loads, the policy and
+# writing the decision record, not the transfer that may follow.
+OVERFLOW_DECISION_SECONDS = Histogram(
+    "tandem_overflow_decision_seconds",
+    "Time one overflow decision took on the node's event loop, by kind (offer or sweep)",
+    ["site", "kind"],
+    buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+)
 
 # --- the cluster link and the history ------------------------------------------------------
 
