@@ -247,6 +247,48 @@ def test_cli_issue_etcd(own_tls):
     assert code == 1 and "--etcd NAME" in err
 
 
+def test_a_site_issued_after_init_gets_its_starter_bindings(own_tls):
+    """`certs issue --site/--agents/--partner` for an identity init did not make (a site
+    added later, as ansible/add-site.yml does) binds it as init would; nothing else."""
+    path = own_tls / "bindings.json"
+
+    def roles(ident: str) -> list[tuple[str, tuple[str, ...]]]:
+        return [(b.role, b.sites) for b in bindings.load_file(path).roles_of(ident)]
+
+    before = bindings.load_file(path)
+    code, out, err = cli("certs", "issue", own_tls, "--site", "toronto")
+    assert code == 0, err
+    assert out.splitlines() == [str(own_tls / "site-toronto.crt"),
+                                f"{path}: bound spiffe://tandem/site/toronto to site on *"]
+    assert roles("spiffe://tandem/site/toronto") == [("site", ("*",))]
+    assert cli("certs", "issue", own_tls, "--agents", "toronto")[0] == 0
+    assert roles("spiffe://tandem/agents/toronto") == [("agent-gateway", ("toronto",))]
+    assert cli("certs", "issue", own_tls, "--partner", "acme")[0] == 0
+    assert roles("spiffe://tandem/partner/acme") == [("partner", ("*",))]
+    after = bindings.load_file(path)
+    assert after.bindings[:len(before.bindings)] == before.bindings and len(after.bindings) == len(before.bindings) + 3
+    # re-issuing, another kind, or an identity the administrator bound otherwise: unchanged
+    doc = json.loads(path.read_text())
+    for b in doc["bindings"]:
+        if b["identity"] == "spiffe://tandem/site/toronto":
+            b["role"] = "viewer"
+    path.write_text(json.dumps(doc))
+    text = path.read_text()
+    for args in (("--site", "toronto"), ("--site", "lyon"), ("--operator", "bob"), ("--monitor", "prom"),
+                 ("--rebalancer", "r2")):
+        code, out, err = cli("certs", "issue", own_tls, *args)
+        assert code == 0 and len(out.splitlines()) == 1, (args, out, err)
+    assert path.read_text() == text
+    # a bindings file that does not parse: exit 1, nothing issued, the file as it was
+    path.write_text("{not json")
+    code, _, err = cli("certs", "issue", own_tls, "--site", "vancouver")
+    assert code == 1 and "invalid bindings" in err and "nothing issued" in err
+    assert not (own_tls / "site-vancouver.crt").exists() and path.read_text() == "{not json"
+    # no bindings file (the etcd document is in force): the certificate only
+    path.unlink()
+    assert cli("certs", "issue", own_tls, "--site", "vancouver")[0] == 0 and not path.exists()
+
+
 def test_issue_errors(tmp_path, own_tls):
     with pytest.raises(pki.PkiError, match="no CA"):
         pki.issue(tmp_path / "nothing", "operator", "bob")
@@ -352,7 +394,8 @@ def test_cli_init_issue_renew_show(tmp_path):
     assert pki.trust_domain_of(d) == "acme"
 
     code, out, err = cli("certs", "issue", d, "--partner", "bpo1", "--days", "3")
-    assert code == 0 and out.strip() == str(d / "partner-bpo1.crt"), err
+    assert code == 0 and out.splitlines()[0] == str(d / "partner-bpo1.crt"), err
+    assert bindings.load_file(d / "bindings.json").roles_of("spiffe://acme/partner/bpo1")[0].role == "partner"
     assert pki.identity_of((d / "partner-bpo1.crt").read_bytes()).uri == "spiffe://acme/partner/bpo1"
     for args in ((), ("--operator", "a", "--site", "b")):
         code, _, err = cli("certs", "issue", d, *args)

@@ -106,5 +106,25 @@ def starter(trust_domain: str, sites: Iterable[tuple[str, str]], operators: Iter
     return Bindings(bindings=tuple(out))
 
 
+def starter_binding(ident: spiffe.SpiffeId) -> Binding | None:
+    """The binding :func:`starter` gives one identity of a site, its agents gateway or a
+    partner; None for the other kinds (an operator's role is the administrator's choice)."""
+    if ident.kind == "site":
+        return Binding(identity=ident.uri, role="site", sites=("*",))
+    if ident.kind == "agents":
+        return Binding(identity=ident.uri, role="agent-gateway", sites=(ident.name,))
+    if ident.kind == "partner":
+        return Binding(identity=ident.uri, role="partner", sites=("*",))
+    return None
+
+
+def with_binding(b: Bindings, new: Binding) -> Bindings | None:
+    """``b`` plus ``new``; None when the identity already holds a binding (whatever its
+    role: an administrator's edit is never overridden)."""
+    if b.roles_of(new.identity):
+        return None
+    return Bindings(version=b.version, bindings=(*b.bindings, new))
+
+
 def dumps(b: Bindings) -> str:
     return json.dumps(b.model_dump(mode="json"), indent=2) + "\n"

@@ -127,7 +127,10 @@ def issue_cmd(
     host: Optional[list[str]] = _HOSTS,
     days: Optional[float] = typer.Option(None, "--days", help="lifetime in days (default 7)"),
 ) -> None:
-    """Issue (or re-issue, with a new key) one certificate signed by DIR's CA."""
+    """Issue (or re-issue, with a new key) one certificate signed by DIR's CA. A site, agents
+    or partner identity without a role binding in DIR/bindings.json gets the starter one
+    (as init gives: site -> site on *, agents -> agent-gateway of its site, partner ->
+    partner on *); an existing binding is never changed."""
     from router.security import pki
 
     chosen = [(k, v) for k, v in (("operator", operator), ("partner", partner), ("agents", agents),
@@ -138,10 +141,16 @@ def issue_cmd(
               "--clickhouse NAME, --rebalancer NAME, --monitor NAME")
     kind, name = chosen[0]
     try:
+        update = pki.starter_update(directory, kind, name)  # before anything is written
         path = pki.issue(directory, kind, name, hosts=_hosts(host), days=pki.LEAF_DAYS if days is None else days)
+        if update is not None:  # a site (or partner) added after init: let its node in
+            added, doc = update
+            where = pki.write_bindings(directory, doc)
     except pki.PkiError as e:
         _fail(str(e))
     typer.echo(str(path))
+    if update is not None:
+        typer.echo(f"{where}: bound {added.identity} to {added.role} on {','.join(added.sites)}")
 
 
 @certs_app.command("renew")

@@ -401,6 +401,34 @@ def issue(directory: str | Path, kind: str, name: str, hosts: Iterable[str] = DE
     return _write_pair(d, ident.file_stem, cert_pem, key_pem)
 
 
+def starter_update(directory: str | Path, kind: str, name: str) -> tuple[bindings.Binding, bindings.Bindings] | None:
+    """What issuing ``KIND-NAME`` after ``init`` adds to ``DIR/bindings.json`` (a site
+    added later must be let in): the starter binding of a site, agents gateway or partner
+    identity and the document with it, for :func:`write_bindings`. None when DIR has no
+    bindings file, the kind has no starter binding or the identity already holds one.
+    PkiError when the file does not parse (nothing is written: check before issuing)."""
+    d = Path(directory)
+    path = d / BINDINGS
+    if not path.exists():
+        return None
+    _ca_cert, _ca_key, td = _load_ca(d)
+    new = bindings.starter_binding(_identity(kind, name, td))
+    if new is None:
+        return None
+    try:
+        merged = bindings.with_binding(bindings.load_file(path), new)
+    except bindings.BindingsError as e:
+        raise PkiError(f"{path}: {e}; nothing issued") from None
+    return None if merged is None else (new, merged)
+
+
+def write_bindings(directory: str | Path, doc: bindings.Bindings) -> Path:
+    """Replace ``DIR/bindings.json`` atomically; returns its path."""
+    path = Path(directory) / BINDINGS
+    _write_atomic(path, bindings.dumps(doc).encode(), 0o644)
+    return path
+
+
 def leaves(directory: str | Path) -> list[Path]:
     """The leaf certificates in DIR (``KIND-NAME.crt``), sorted by name."""
     out = []
