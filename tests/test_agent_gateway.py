@@ -236,6 +236,43 @@ async def test_leave_ends_one_session_the_others_stay(node):
     gw.call.cancel()
 
 
+async def test_leave_is_answered_once_the_disconnect_is_durable(node):
+    """The SessionEnded of a Leave reports the agent disconnected: it must not reach the
+    gateway before that disconnect's journal record is durable (a crash in between
+    would bring the agent back signed in). The journal is held here to see the order."""
+    s, n = node.stubs, node.node
+    gw = Gateway(s.agents)
+    await ready(s, gw, ["fr-001"])
+    real, gate, loop = n.journal.append, asyncio.Event(), asyncio.get_running_loop()
+    held: list[dict] = []
+
+    def append_held(rec):
+        inner, out = real(rec), loop.create_future()
+        held.append(rec)
+
+        async def release():
+            seq = await asyncio.shield(inner)
+            await gate.wait()
+            out.set_result(seq)
+
+        asyncio.ensure_future(release())
+        return out
+
+    n.journal.append = append_held
+    try:
+        await gw.send(agents_pb2.GatewayMessage(agent_id="fr-001", leave=agents_pb2.Leave()))
+        waiting = asyncio.ensure_future(gw.next("fr-001", "ended"))  # a read is never cancelled:
+        await asyncio.sleep(0.5)  # that would cancel the RPC
+        assert not waiting.done(), "SessionEnded came before the disconnect was durable"
+        assert [r["op"] for r in held] == ["disconnect"]
+        gate.set()
+        ended = await waiting
+        assert ended.code == OK and n.durable_seq >= 1
+    finally:
+        n.journal.append = real
+    gw.call.cancel()
+
+
 async def _state_is(stubs, agent_id, state):
     a = await agent_state(stubs, agent_id)
     return a if a.state == state else None

@@ -224,7 +224,8 @@ class GatewaySession:
         elif kind == "leave":
             del self.sessions[agent_id]
             node.close_agent_stream(stream)  # as the end of its Connect stream
-            self.outbox.put(agent_id, SessionEnd("OK", "", "left"))
+            # answered once the disconnect is durable, like every answer of the node
+            node.deliver_in_order(_Reply(self.outbox, agent_id), SessionEnd("OK", "", "left"))
 
 
 async def serve(node: Any, context: Any) -> None:

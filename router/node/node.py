@@ -303,6 +303,11 @@ class Node:
             effects += out.effects
         return effects, answered
 
+    def deliver_in_order(self, target: Any, msg: Any) -> None:
+        """``target.deliver(msg)`` once everything journaled so far is durable (an answer
+        that reports that state, such as the end of an agent's gateway session)."""
+        self._deliver_in_order([(target, msg)])
+
     def _deliver_in_order(self, deliveries: list) -> None:
         """Deliver after everything journaled so far (the messages report that state)."""
         tail = self._tail
