@@ -35,7 +35,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 __all__ = ["Journal", "JournalCorrupt", "JournalError", "JournalStats", "MAX_RECORD"]
 
@@ -380,12 +380,15 @@ class Journal:
         self._enqueue(self._next_seq - 1, _BARRIER, barrier)
         await barrier
 
-    async def compact(self, snapshot: dict, *, handed_over: dict[str, Any] | None = None) -> None:
-        """Make `snapshot` the new recovery base and drop what it covers.
+    def compact(self, snapshot: dict, *, handed_over: dict[str, Any] | None = None) -> Awaitable[None]:
+        """Make `snapshot` the new recovery base and drop what it covers; await the result.
 
         snapshot must reflect every record appended (not necessarily durable) before this
-        call; it is serialized before compact() first yields, so the caller may go on
-        changing its state and appending. `handed_over`: more top-level entries of the
+        call. It is serialized, and the sequence number it covers taken, in the call
+        itself, before the awaitable is returned: the caller may go on changing its state
+        and appending at once, and ``asyncio.ensure_future(journal.compact(s))`` is as
+        safe as ``await`` (a coroutine body would only read the sequence number once
+        scheduled, after appends the snapshot lacks). `handed_over`: more top-level entries of the
         state that the caller will never change again (nor anything in them): lists,
         tuples, dicts with str keys, or objects whose ``json_slices()`` yields lists
         whose items together form a JSON array (read in the compaction thread: the
@@ -412,6 +415,9 @@ class Journal:
         rotated = self._start().create_future()
         self._enqueue(seq + 1, _ROTATE, rotated)
         self.last_compact_loop_s = time.perf_counter() - started
+        return self._install_snapshot(seq, data, rotated)
+
+    async def _install_snapshot(self, seq: int, data: Any, rotated: asyncio.Future) -> None:
         async with self._compact_lock:
             await rotated
             loop = asyncio.get_running_loop()

@@ -349,6 +349,25 @@ async def test_compaction_and_recovery(tmp_path):
     assert len(segments(tmp_path)) == 1 and len(list(tmp_path.glob("snapshot-*"))) == 1
 
 
+async def test_compaction_scheduled_without_a_yield_covers_only_what_came_before(tmp_path):
+    """``ensure_future(compact(s))`` followed at once (no yield) by more appends and
+    changes to ``s``: the snapshot is ``s`` as it was at the call and covers exactly the
+    records before it; recovery gives every record once."""
+    j = Journal.open(tmp_path)
+    recs = [{"i": i} for i in range(12)]
+    await asyncio.gather(*(j.append(r) for r in recs[:5]))
+    snapshot = {"records": list(recs[:5])}
+    compacting = asyncio.ensure_future(j.compact(snapshot))
+    later = [j.append(r) for r in recs[5:]]  # before the task ever runs
+    snapshot["records"].append("changed after the call: must not matter")
+    await compacting
+    assert await asyncio.gather(*later) == list(range(6, 13))
+    await j.close()
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*")) == ["snapshot-0000000000000005.json"]
+    snap, tail = await reopen(tmp_path)
+    assert snap == {"records": recs[:5]} and tail == recs[5:]
+
+
 async def test_crash_at_every_step_of_compaction(tmp_path):
     live = tmp_path / "live"
     j = Journal.open(live)
