@@ -41,7 +41,7 @@ from typing import Any
 
 from router.history.encode import ColumnarBatch, columnar
 from router.history.store import (
-    _ENCODING_ERRORS, ClickHouseServerStore, HistoryStore, StoreError, StoreUnavailable, open_store,
+    ClickHouseServerStore, HistoryStore, StoreError, StoreUnavailable, open_store,
 )
 
 log = logging.getLogger("tandem.history")
@@ -69,9 +69,8 @@ def insert_columnar(store: ClickHouseServerStore, batch: ColumnarBatch) -> None:
 
     Uses clickhouse-driver internals (``Client.connection``, ``receive_sample_block``,
     the Data packet layout of ``Connection.send_data`` / ``BlockOutputStream.write``);
-    pinned driver 0.2.x. The store's ``_client``/``_call``/``_lock`` are private to
-    :mod:`router.history.store`: this belongs there as a public method when that module
-    next changes.
+    pinned driver 0.2.x. The store lends its connection, lock and error mapping through
+    :meth:`ClickHouseServerStore.insert_on_connection`.
     """
     from clickhouse_driver import defines
     from clickhouse_driver.block import BlockInfo, ColumnOrientedBlock
@@ -82,9 +81,8 @@ def insert_columnar(store: ClickHouseServerStore, batch: ColumnarBatch) -> None:
     if batch.rows == 0:
         return
     sql = f"INSERT INTO {store.database}.{batch.table} ({', '.join(batch.columns)}) VALUES"
-    client = store._client
 
-    def run() -> None:
+    def run(client: Any) -> None:
         with client.disconnect_on_error(sql, None):
             conn = client.connection
             conn.send_query(sql)
@@ -122,12 +120,7 @@ def insert_columnar(store: ClickHouseServerStore, batch: ColumnarBatch) -> None:
                 client.receive_profile_events()
             client.receive_end_of_insert_query()
 
-    with store._lock:
-        try:
-            store._call(run)
-        except _ENCODING_ERRORS as e:  # only the driver's fallback can raise these
-            client.disconnect()  # a half-sent block leaves the connection unusable
-            raise StoreError(f"{batch.table}: rows cannot be encoded: {e}") from None
+    store.insert_on_connection(batch.table, run)
 
 
 def _insert_any(store: HistoryStore, table: str, columns: list[str], data: Any) -> None:

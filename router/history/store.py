@@ -35,7 +35,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from router.history import schema
@@ -332,11 +332,23 @@ class ClickHouseServerStore(HistoryStore):
 
     def _insert(self, table: str, columns: list[str], data: Sequence[Sequence[Any]]) -> None:
         sql = f"INSERT INTO {self.database}.{table} ({', '.join(columns)}) VALUES"
+        self._insert_with(table, lambda client: client.execute(sql, data, columnar=True, types_check=False))
+
+    def _insert_with(self, table: str, send: Callable[[Any], Any]) -> None:
         try:
-            self._call(self._client.execute, sql, data, columnar=True, types_check=False)
+            self._call(send, self._client)
         except _ENCODING_ERRORS as e:
             self._client.disconnect()  # a half-sent block leaves the connection unusable
             raise StoreError(f"{table}: rows cannot be encoded: {e}") from None
+
+    def insert_on_connection(self, table: str, send: Callable[[Any], Any]) -> None:
+        """Run ``send(client)`` — clickhouse-driver's ``Client`` of this store — to insert
+        into ``table`` by speaking the native protocol directly
+        (:func:`router.history.inserter.insert_columnar`), under the store's lock and with
+        its error mapping: StoreUnavailable (retry later) or StoreError (the rows or the
+        statement are bad; a half-sent block drops the connection)."""
+        with self._lock:
+            self._insert_with(table, send)
 
     def spec(self) -> tuple[str, dict[str, Any]]:
         """What another process needs to open the same store: ``open_store(url, **kw)``
