@@ -186,8 +186,9 @@ class Rebalancer:
         return out
 
     async def plan(self, horizon_s: float | None = None, replications: int | None = None) -> Plan:
-        """A plan computed now from the state at one revision (its ``base_revision``)."""
-        lead = self._require_leader()
+        """A plan computed now from the state at one revision (its ``base_revision``);
+        only the leader plans (its apply is fenced anyway)."""
+        self._require_leader()
         async with self._lock:
             state = await self.coord.rebalance_state()
             policy, _rev = await self.coord.get_policy()
@@ -202,12 +203,9 @@ class Rebalancer:
             plan = Plan(base_revision=int(state["revision"]), computed_at=time.time(), leader=self.name,
                         candidate=out.candidate, sites=dict(out.targets),
                         expected={s: dict(v) for s, v in out.expected.items()},
-                        cost={**out.cost, "candidates": float(out.candidates),
-                              "cluster_before": -1.0 if out.cluster_before is None else out.cluster_before,
-                              "cluster_after": -1.0 if out.cluster_after is None else out.cluster_after},
-                        horizon_s=inp.horizon_s).with_id()
+                        cluster={"before": out.cluster_before, "after": out.cluster_after},
+                        cost=dict(out.cost), candidates=out.candidates, horizon_s=inp.horizon_s).with_id()
             self.last_plan = plan
-            _ = lead
             return plan
 
     async def _partners(self, policy: OverflowPolicy) -> set[str]:
@@ -303,7 +301,7 @@ class Rebalancer:
 
 
 def _gain(plan: Plan) -> float:
-    before, after = plan.cost.get("cluster_before", -1.0), plan.cost.get("cluster_after", -1.0)
-    if before < 0 or after < 0:
+    before, after = plan.cluster.get("before"), plan.cluster.get("after")
+    if before is None or after is None:
         return 0.0
     return after - before

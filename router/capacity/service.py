@@ -84,9 +84,9 @@ class RebalancerService(rebalancer_pb2_grpc.RebalancerServicer):
             expected=[rebalancer_pb2.SiteExpectation(site=s, service_level_before=sl(v.get("before")),
                                                      service_level_after=sl(v.get("after")))
                       for s, v in sorted(plan.expected.items())],
-            cluster_service_level_before=plan.cost.get("cluster_before", -1.0),
-            cluster_service_level_after=plan.cost.get("cluster_after", -1.0),
-            candidates=int(plan.cost.get("candidates", 0)), seconds=time.monotonic() - started)
+            cluster_service_level_before=sl(plan.cluster.get("before")),
+            cluster_service_level_after=sl(plan.cluster.get("after")),
+            candidates=plan.candidates, seconds=time.monotonic() - started)
 
     async def ApplyPlan(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -571,7 +571,8 @@ def make_plan(scenario: Scenario, candidate: Candidate, ev: Evaluation, before: 
     expected = {s: {"before": before.sites.get(s), "after": ev.sites.get(s)} for s in sorted(ev.sites)}
     cost = {"moves": float(candidate.moves), "partner_calls": float(sum(ev.partner_calls.values())),
             "partner_cost": ev.partner_cost}
-    return Plan(base_revision=0, candidate=candidate.name, sites=changed, expected=expected, cost=cost,
+    return Plan(base_revision=0, candidate=candidate.name, sites=changed, expected=expected,
+                cluster={"before": before.service_level, "after": ev.service_level}, cost=cost,
                 horizon_s=scenario.horizon_s).with_id()
 
 

@@ -74,8 +74,9 @@ class Plan(_Model):
     contingency mode moved past it), with what the simulation expects.
 
     ``expected``: site -> {"before", "after"} service levels of the simulated horizon
-    (None where the site finished no call); ``cost``: {"moves", "partner_calls",
-    "partner_cost"}; ``candidate``: what the search changed, in words.
+    (None where the site finished no call); ``cluster``: the same for the whole cluster;
+    ``cost``: {"moves" (agents), "partner_calls" (per horizon), "partner_cost" (money)};
+    ``candidates``: how many the search simulated; ``candidate``: what it changed, in words.
     """
 
     id: str = ""
@@ -85,7 +86,9 @@ class Plan(_Model):
     candidate: str = ""
     sites: dict[str, SiteTargets] = Field(default_factory=dict)
     expected: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    cluster: dict[str, float | None] = Field(default_factory=dict)
     cost: dict[str, float] = Field(default_factory=dict)
+    candidates: int = Field(0, ge=0)
     horizon_s: float = 0.0
 
     def with_id(self) -> "Plan":
