@@ -255,6 +255,12 @@ def test_describe_call(cluster):
         return (moved or [None])[0]
 
     call = wait_for(an_overflowed_call, 60, "a completed call that overflowed")
+    # the copy at the site that answered it says where it came from; the origin's, where it went
+    assert call["transfer_origin"] and call["transfer_origin"] != call["site"], call
+    rows = json.loads(ok(ctl(cluster.context, "get", "calls", "--state", "transferred", "-o", "json")))
+    origin_copy = [r for r in rows if r["call_id"] == call["call_id"]]
+    assert origin_copy and origin_copy[0]["site"] == call["transfer_origin"], (call, origin_copy)
+    assert origin_copy[0]["transfer_target"], origin_copy
     doc = json.loads(ok(ctl(cluster.context, "describe", "call", call["call_id"], "-o", "json"), "describe"))
     assert doc["call_id"] == call["call_id"] and doc["owner"] == call["site"]
     kinds = [e["kind"] for e in doc["events"]]

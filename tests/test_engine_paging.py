@@ -59,3 +59,16 @@ def test_page_validation():
         e.calls_page("nope", 0, 10, 100)
     assert getattr(err.value, "reason", "") == "INVALID_STATE"
     assert e.calls_page(None, 0, 10, 100) == ([], 0)
+    # every state of the API's CallState a call can rest in can be listed (ctl get calls
+    # --state offers them); OFFERED is only ever passed through within one command
+    from router.ctl.commands import _STATES
+    from router.v1 import types_pb2
+
+    resting = [n.removeprefix("CALL_STATE_").lower() for n in types_pb2.CallState.keys()
+               if n not in ("CALL_STATE_UNSPECIFIED", "CALL_STATE_OFFERED")]
+    assert sorted(_STATES) == sorted(resting)
+    for state in resting:
+        assert e.calls(state) == [] and e.calls_page(state, 0, 10, 100) == ([], 0), state
+    with pytest.raises(Exception) as err:
+        e.calls("offered")
+    assert getattr(err.value, "reason", "") == "INVALID_STATE"

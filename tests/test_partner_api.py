@@ -258,6 +258,7 @@ async def test_offers_carry_only_the_contract_and_caps_hold_for_the_whole_cluste
             assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS and error_reason(ei.value) == "DISPOSITION_CONFLICT"
             call = await state_of(sa if done.startswith("pa") else sb, done)
             assert call.state == t.CALL_STATE_TRANSFERRED and call.answered_at == 1000.0
+            assert call.transfer_target == "partner:blueline", call.transfer_target
             await until(lambda: len(owned) < CAP + 1 and True, 1, "")
             got_more = False
             deadline = time.monotonic() + 10
@@ -312,6 +313,7 @@ async def test_decline_timeout_and_a_dead_gateway_put_the_call_back(etcd, etcd_p
             assert call.state == t.CALL_STATE_QUEUED
             assert (call.offered_at, call.priority_class) == (before.offered_at, before.priority_class)
             assert call.transfer_count >= m3.offer.offer_no
+            assert call.transfer_target == "" and call.transfer_origin == ""  # the aborted hand-over left none
             await until(lambda: True, 0.1, "")
             assert len(await slots(obs, etcd_prefix)) == 0
         finally:

@@ -458,7 +458,9 @@ def call_row(site: str, c: Any) -> dict:
         "agent_id": c.agent_id, "offered_at": c.offered_at, "answered_at": c.answered_at,
         "ended_at": c.ended_at, "waited_s": round(((c.answered_at or end or time.time()) - c.queued_at), 3)
         if c.queued_at else None,
-        "transfer_count": c.transfer_count, "reject_reason": c.reject_reason, "abandon_reason": c.abandon_reason,
+        "transfer_count": c.transfer_count, "transfer_target": c.transfer_target,
+        "transfer_origin": c.transfer_origin,
+        "reject_reason": c.reject_reason, "abandon_reason": c.abandon_reason,
     }
 
 
@@ -467,11 +469,15 @@ CALL_COLUMNS = [
     Column("agent_id", "AGENT", lambda v: v or "-"), Column("waited_s", "WAITED", secs, justify="right"),
     Column("offered_at", "OFFERED", _when, wide=True), Column("priority", "PRIORITY", wide=True),
     Column("transfer_count", "TRANSFERS", wide=True, justify="right"),
+    Column("transfer_origin", "FROM", lambda v: v or "-", wide=True),
+    Column("transfer_target", "TO", lambda v: v or "-", wide=True),
     Column("reject_reason", "REJECTED", lambda v: v or "-", wide=True),
     Column("abandon_reason", "ABANDONED", lambda v: v or "-", wide=True),
 ]
 
-_STATES = [n.removeprefix("CALL_STATE_").lower() for n in t.CallState.keys() if n != "CALL_STATE_UNSPECIFIED"]
+# the states a call rests in (OFFERED only exists within the command that offers it)
+_STATES = [n.removeprefix("CALL_STATE_").lower() for n in t.CallState.keys()
+           if n not in ("CALL_STATE_UNSPECIFIED", "CALL_STATE_OFFERED")]
 
 
 @get_app.command("calls")
@@ -735,7 +741,9 @@ def call_text(call_id: str, owner: tuple[str, Any] | None, events: list[dict], w
             f"  agent:    {c.agent_id or '-'}",
             f"  offered:  {_when_ms(c.offered_at)}   answered: {_when_ms(c.answered_at)}   "
             f"ended: {_when_ms(c.ended_at)}",
-            f"  transfers: {c.transfer_count}",
+            f"  transfers: {c.transfer_count}"
+            + (f" (from {c.transfer_origin})" if c.transfer_origin else "")
+            + (f" (to {c.transfer_target})" if c.transfer_target else ""),
         ]
         if c.reject_reason or c.abandon_reason:
             lines.append(f"  outcome reason: {c.reject_reason or c.abandon_reason}")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from router.engine.records import Call, Queue
 
 _LISTABLE_STATES = frozenset(
-    {"queued", "assigned", "connected", "completed", "abandoned", "rejected", "transferring"}
+    {"queued", "assigned", "connected", "completed", "abandoned", "rejected", "transferring", "transferred"}
 )
 _HANDLE = attrgetter("handle")
 

@@ -169,7 +169,12 @@ def call_msg(v: model.CallView) -> types_pb2.Call:
         context=context_msg(v.context),
         reject_reason=v.reject_reason or "",
         abandon_reason=v.abandon_reason or "",
+        transfer_target=(v.transfer_target or "") if v.state in _HANDED_OVER else "",
+        transfer_origin=v.transfer_origin or "",
     )
+
+
+_HANDED_OVER = frozenset({"transferring", "transferred"})
 
 
 def agent_msg(v: model.AgentView) -> agents_pb2.Agent:
