@@ -401,6 +401,29 @@ async def test_cluster_wide_needs_star(shared):
         assert [(r.decision, r.role, r.reason) for r in new] == [("allow", "operator", "MISSING_FIELD")]
 
 
+async def test_list_audit_pages_through_the_log(shared):
+    """ListAudit over mTLS: pages of at most page_size, together the log's records in
+    order (a read leaves no record, so the log holds still); a foreign token is refused."""
+    await _get_status(shared.channel(stem("operator", "nobody")))  # at least one denial
+    want = [r.id for r in shared.audit()]
+    assert want
+    admin = admin_pb2_grpc.AdminStub(shared.channel(stem("operator", "admin")))
+    got, token, pages = [], "", 0
+    while True:
+        r = await admin.ListAudit(admin_pb2.ListAuditRequest(page_size=7, page_token=token), timeout=10)
+        assert len(r.entries) <= 7
+        got += [e.id for e in r.entries]
+        pages += 1
+        token = r.next_page_token
+        if not token:
+            break
+    assert got == want and pages >= len(want) // 7
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await admin.ListAudit(admin_pb2.ListAuditRequest(page_token="MjoxMA"), timeout=10)  # ListCalls' "2:10"
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(ei.value).reason == "INVALID_PAGE_TOKEN"
+
+
 def test_every_served_method_is_in_the_table():
     """Default deny is the rule, but a served RPC missing from the table is a bug."""
     from router.node.server import SERVICE_NAMES

@@ -67,6 +67,25 @@ def _decode_token(token: str) -> int:
     return int(after)
 
 
+def _encode_audit_token(at: tuple[int, int]) -> str:
+    return base64.urlsafe_b64encode(f"a:{at[0]}:{at[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_audit_token(token: str) -> tuple[int, int]:
+    """The audit log position (generation, index) a ListAudit page token resumes after."""
+    bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued",
+                       field="page_token")
+    if len(token) > 200:
+        raise bad
+    try:
+        version, gen, idx = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if version != "a" or not gen.isdigit() or not idx.isdigit() or len(gen) > 12 or len(idx) > 12:
+        raise bad
+    return int(gen), int(idx)
+
+
 def _page_size(n: int) -> int:
     size = n or DEFAULT_PAGE_SIZE
     if size > MAX_PAGE_SIZE:
@@ -567,21 +586,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         size = _page_size(request.page_size)
         if not math.isfinite(request.since) or request.since < 0:
             raise RoutingError("INVALID_ARGUMENT", "INVALID_SINCE", "since must be a Unix time >= 0", field="since")
-        skip = _decode_token(request.page_token) if request.page_token else 0
+        after = _decode_audit_token(request.page_token) if request.page_token else None
         security = self.node.security
         audit = getattr(security, "audit", None) if security is not None else None
         if audit is None:
             return admin_pb2.ListAuditResponse()  # plaintext node: no audit log
-        records = audit.records(since=request.since or None)
-        if request.exclude_traffic:
-            records = [r for r in records if r.decision != "allow" or not _traffic_identity(r.identity)]
-        page = records[skip:skip + size]
+
+        def keep(r) -> bool:
+            return r.decision != "allow" or not _traffic_identity(r.identity)
+
+        page, resume = await audit.page(size, after, since=request.since or None,
+                                        keep=keep if request.exclude_traffic else None)
         msg = admin_pb2.ListAuditResponse(entries=[admin_pb2.AuditEntry(
             id=r.id, at=r.at, site=r.site, identity=r.identity, role=r.role, method=r.method,
             objects=dict(r.objects), decision=r.decision, reason=r.reason, code=r.code, peer=r.peer,
         ) for r in page])  # fmt: skip
-        if skip + size < len(records):
-            msg.next_page_token = _encode_token(skip + size)
+        if resume is not None:
+            msg.next_page_token = _encode_audit_token(resume)
         return msg
 
     # -- a call's path ---------------------------------------------------------------------

@@ -404,6 +404,54 @@ class AuditLog:
         out += [r for r in self._in_memory() if since is None or r.at >= since]
         return out
 
+    async def page(self, size: int, after: tuple[int, int] | None = None, since: float | None = None,
+                   keep: Callable[[AuditRecord], bool] | None = None,
+                   ) -> tuple[list[AuditRecord], tuple[int, int] | None]:
+        """One page of :meth:`records`: up to ``size`` records that come after position
+        ``after`` — (generation, index in it) of the previous page's last record; None:
+        from the oldest — at or after ``since`` and for which ``keep`` is true. Returns them
+        and the position to resume after, or None when nothing is left.
+
+        Unlike :meth:`records`, the event loop never waits on the disk (closed
+        generations are read in the log's worker thread) and a page reads only the
+        generations from ``after`` on, one at a time until it is full, not the whole log.
+        A page that resumes after records the retention has deleted meanwhile goes on
+        with the oldest retained ones."""
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        if not self._open:
+            raise AuditError("audit log is closed")
+        loop = asyncio.get_running_loop()
+        gen0, idx0 = after if after is not None else (-1, -1)
+        on_disk = await loop.run_in_executor(self._worker, self._generations)
+        numbers = sorted({n for n in on_disk if n >= gen0} | {n for n in self._open if n >= gen0})
+        out: list[AuditRecord] = []
+        last: tuple[int, int] | None = None
+        for n in numbers:
+            gen = self._open.get(n)
+            if gen is not None:
+                recs: list[AuditRecord] = list(gen.records)
+            else:
+                docs = await loop.run_in_executor(self._worker, self._read_if_there, n)
+                recs = [AuditRecord.from_dict(d) for d in docs]
+            first = idx0 + 1 if n == gen0 else 0
+            for i in range(first, len(recs)):
+                r = recs[i]
+                if (since is not None and r.at < since) or (keep is not None and not keep(r)):
+                    continue
+                if len(out) == size:
+                    return out, last  # one more is there: the next page starts after `last`
+                out.append(r)
+                last = (n, i)
+        return out, None
+
+    def _read_if_there(self, n: int) -> list[dict]:
+        """(Worker thread.) Closed generation n's records; [] when the retention has
+        deleted it (the check and the read cannot race the deletion: same thread)."""
+        if not (self.directory / _gen_name(n)).is_dir():
+            return []
+        return self._read_closed(n)
+
     def _in_memory(self) -> list[AuditRecord]:
         return [r for n in sorted(self._open) for r in self._open[n].records]
 
