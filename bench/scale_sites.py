@@ -24,8 +24,12 @@ Measured in that window, all in the same run:
   ``etcd_debugging_mvcc_current_revision`` (write transactions). ``load_puts_per_s``:
   the puts under ``load/`` seen by this process's own watch (the share of the writes
   that is load publishing), ``load_puts_per_s_by_role`` per origin / peer / probe site.
-* ``decision_p99_ms`` — the nodes have no metric of their own for the decision (see
-  ``NOTE`` below), so it is measured from the outside: ``Routing.OfferCall`` latency of
+* ``node_decision_p99_le_ms`` (and ``_p50_le_ms``, ``node_decision_over_5ms``) — the
+  origin's own ``tandem_overflow_decision_seconds{kind="offer"}`` over the window: the
+  time one decision holds the event loop (peer loads, policy, ``decide``, the record and
+  its log line, the transfer task started), as the bucket bound of the quantile
+  (buckets 0.1, 0.2, 0.5, 1, 2, 5, 10 … ms). It has no RPC, journal or queueing in it.
+* ``decision_p99_ms`` — measured from the outside: ``Routing.OfferCall`` latency of
   the calls the origin overflowed *while answering that OfferCall* (the decision runs
   synchronously in the handler, after the offer is durable: ``router.node.services``
   → ``ClusterLink.offered`` → ``_decide`` → ``router.overflow.decide``), identified by
@@ -61,13 +65,10 @@ Measured in that window, all in the same run:
   process (agents and clients), the whole machine, and ``other`` (the machine minus this
   run: other work on a shared machine); 1.0 = one core, the machine has 2.
 
-Output (``--json``): one JSON line, :func:`measure`'s dict. Target: ``decision_p99_ms <=
-5`` at 20 sites.
+Output (``--json``): one JSON line, :func:`measure`'s dict. Target: a decision's p99 <= 5 ms
+at 20 sites: ``node_decision_p99_le_ms`` is the decision itself, ``decision_p99_ms`` the
+OfferCall that carried it.
 
-NOTE — the metric the node lacks: a histogram ``tandem_overflow_decision_seconds{site,
-result="stay"|"overflow"}`` observed around ``ClusterLink._decide`` (perf_counter before
-``peer_loads()``, after the log line and the transfer task are started), buckets 0.1 ms …
-50 ms; with it this bench would read the nodes' own figure instead of OfferCall latency.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def origin_histograms(metrics: str) -> dict[str, dict[float, float]]:
     its event-loop lag (how late a 0.1 s timer ran: CPU starvation or a busy loop)."""
     return {"offer": scrape_histogram(metrics, "grpc_server_handling_seconds", 'grpc_method="OfferCall"'),
             "lag": scrape_histogram(metrics, "tandem_node_loop_lag_seconds"),
-            "durable": scrape_histogram(metrics, "tandem_node_durable_seconds")}
+            "durable": scrape_histogram(metrics, "tandem_node_durable_seconds"),
+            "decision": scrape_histogram(metrics, "tandem_overflow_decision_seconds", 'kind="offer"')}
 
 
 def over_fraction(before: dict[float, float], after: dict[float, float], bound: float) -> float | None:
@@ -546,6 +548,9 @@ async def run_cluster(n: int, seconds: float, *, rate: float, agents: int, probe
             "load_puts_per_s_by_role": {k: round(statistics.mean(v), 3) for k, v in by_role.items()},
             "decision_p50_ms": _r((pct(lat, 0.5) or 0) * 1e3 if lat else None, 2),
             "decision_p99_ms": _r((pct(lat, 0.99) or 0) * 1e3 if lat else None, 2),
+            "node_decision_p50_le_ms": _r((histogram_quantile(h0["decision"], h1["decision"], 0.5) or 0) * 1e3, 2),
+            "node_decision_p99_le_ms": _r((histogram_quantile(h0["decision"], h1["decision"], 0.99) or 0) * 1e3, 2),
+            "node_decision_over_5ms": _r(over_fraction(h0["decision"], h1["decision"], 0.005), 4),
             "server_offer_p99_le_ms": _r((histogram_quantile(h0["offer"], h1["offer"], 0.99) or 0) * 1e3, 1),
             "server_offer_over_5ms": _r(over_fraction(h0["offer"], h1["offer"], 0.005), 4),
             "echo_p50_ms": _r(pct(echoes, 0.5) * 1e3 if echoes else None, 2),
@@ -592,7 +597,8 @@ def measure(seconds: float = 30.0, sites: int = 20, *, rate: float = 10.0, agent
     res["decision_p99_ms_3_sites"] = anchor["decision_p99_ms"]
     res["origin_nice"] = origin_nice
     res["anchor"] = {k: anchor[k] for k in (
-        "sites", "decision_p50_ms", "decision_p99_ms", "server_offer_p99_le_ms", "server_offer_over_5ms",
+        "sites", "decision_p50_ms", "decision_p99_ms", "node_decision_p50_le_ms", "node_decision_p99_le_ms",
+        "node_decision_over_5ms", "server_offer_p99_le_ms", "server_offer_over_5ms",
         "echo_p99_ms", "loop_lag_p99_le_ms", "loop_lag_over_5ms", "durable_p99_le_ms", "durable_over_5ms",
         "overflowed", "decide_us",
         "etcd_writes_per_s", "etcd_writes_per_s_per_site", "raw_watch_p99_s", "cpu_cores")}
