@@ -79,6 +79,11 @@ def hello(agent_id: str, auto_answer: bool = True) -> agents_pb2.GatewayMessage:
     return agents_pb2.GatewayMessage(agent_id=agent_id, hello=agents_pb2.GatewayHello(auto_answer=auto_answer))
 
 
+def set_state(agent_id: str, state: int, reason: str = "", timeout_s: float = 0.0) -> agents_pb2.GatewayMessage:
+    return agents_pb2.GatewayMessage(agent_id=agent_id, set_state=agents_pb2.GatewaySetState(
+        state=state, reason=reason, timeout_s=timeout_s))
+
+
 def complete(agent_id: str, call_id: str) -> agents_pb2.GatewayMessage:
     return agents_pb2.GatewayMessage(agent_id=agent_id, complete=agents_pb2.Complete(
         call_id=call_id, disposition=t.Disposition(resolved=True, wrap_up_code="gw")))
@@ -236,6 +241,30 @@ async def test_leave_ends_one_session_the_others_stay(node):
     gw.call.cancel()
 
 
+async def test_set_state_in_a_frame_as_the_unary_rpc(node):
+    """GatewaySetState: for an agent in session here (its state change, then the offer it
+    rings with, then the OK result) and for one without a session (the result only)."""
+    s = node.stubs
+    gw = Gateway(s.agents)
+    for a in ("fr-001", "fr-002"):
+        await s.agents.SignIn(agents_pb2.SignInRequest(agent_id=a))
+    await gw.hello("fr-001")
+    await gw.next("fr-001", "agent")
+    await s.routing.OfferCall(offer("ss-1"))  # queued: nobody is ready
+    await gw.send(set_state("fr-001", A.AGENT_STATE_READY), set_state("fr-002", A.AGENT_STATE_NOT_READY, "lunch"))
+    res1 = await gw.next("fr-001", "result")
+    assert (res1.op, res1.code) == ("set_state", OK)
+    gw.rewind()
+    mine = [k for aid, k, _ in gw.seen if aid == "fr-001"]
+    assert mine.index("assignment") < len(mine) - 1 and mine[-1] == "result", mine  # the ring came first
+    res2 = await gw.next("fr-002", "result")
+    assert (res2.op, res2.code) == ("set_state", OK)
+    assert (await agent_state(s, "fr-002")).reason == "lunch"
+    got = (await s.routing.GetCall(routing_pb2.GetCallRequest(call_id="ss-1"))).call
+    assert got.agent_id == "fr-001"
+    gw.call.cancel()
+
+
 async def test_leave_is_answered_once_the_disconnect_is_durable(node):
     """The SessionEnded of a Leave reports the agent disconnected: it must not reach the
     gateway before that disconnect's journal record is durable (a crash in between
@@ -346,13 +375,18 @@ async def test_bad_messages_get_clear_errors_and_change_nothing(node):
         complete("fr-001", ""),                                      # empty call id
         complete("fr-001", "nope"),                                  # unknown call
         agents_pb2.GatewayMessage(agent_id="fr-001", accept=agents_pb2.Accept(assignment_id="x#9")),
+        set_state("nobody", A.AGENT_STATE_READY),                    # unknown agent
+        set_state("bi-001", A.AGENT_STATE_READY),                    # not signed in
+        set_state("fr-002", A.AGENT_STATE_SIGNED_OUT),               # not a state to set
+        set_state("fr-002", A.AGENT_STATE_WRAP_UP, timeout_s=-1.0),  # bad duration
     )
     got = []
-    for _ in range(10):
+    for _ in range(14):
         aid_res = await gw.next(kind="result")
         got.append((aid_res.op, aid_res.code, aid_res.reason))
-    owners = [aid for aid, k, _ in gw.seen if k == "result"][-10:]
-    assert owners == ["nobody", "bi-001", "fr-001", "", "fr-001", "fr-002", "fr-002", "fr-001", "fr-001", "fr-001"]
+    owners = [aid for aid, k, _ in gw.seen if k == "result"][-14:]
+    assert owners == ["nobody", "bi-001", "fr-001", "", "fr-001", "fr-002", "fr-002", "fr-001", "fr-001", "fr-001",
+                      "nobody", "bi-001", "fr-002", "fr-002"]
     assert got == [
         ("hello", NOT_FOUND, "UNKNOWN_AGENT"),
         ("hello", FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
@@ -364,6 +398,10 @@ async def test_bad_messages_get_clear_errors_and_change_nothing(node):
         ("complete", INVALID_ARGUMENT, "MISSING_FIELD"),
         ("complete", NOT_FOUND, "CALL_NOT_FOUND"),
         ("accept", NOT_FOUND, "UNKNOWN_ASSIGNMENT"),
+        ("set_state", NOT_FOUND, "UNKNOWN_AGENT"),
+        ("set_state", FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
+        ("set_state", INVALID_ARGUMENT, "INVALID_STATE"),
+        ("set_state", INVALID_ARGUMENT, "INVALID_FIELD"),
     ], got
     # (an oversized frame: over the node's request limit, nothing of it applied — not
     # even its first, valid message)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -199,6 +200,9 @@ class GatewaySession:
                                                     "the message names no kind (hello, accept, ...)",
                                                     field="kind"))
             return
+        if kind == "set_state":  # as the unary SetState: no session needed
+            self._set_state(agent_id, msg.set_state)
+            return
         stream = self.sessions.get(agent_id)
         call_id = msg.complete.call_id if kind == "complete" else ""
         assignment_id = msg.accept.assignment_id if kind == "accept" else (
@@ -226,6 +230,24 @@ class GatewaySession:
             node.close_agent_stream(stream)  # as the end of its Connect stream
             # answered once the disconnect is durable, like every answer of the node
             node.deliver_in_order(_Reply(self.outbox, agent_id), SessionEnd("OK", "", "left"))
+
+
+    def _set_state(self, agent_id: str, m: agents_pb2.GatewaySetState) -> None:
+        """Agents.SetState in a frame: refused like it, else answered by an OK
+        CommandResult once durable (after the messages the change makes)."""
+        node = self.node
+        if not math.isfinite(m.timeout_s) or m.timeout_s < 0:
+            self._refuse(agent_id, "set_state", RoutingError(
+                "INVALID_ARGUMENT", "INVALID_FIELD", "timeout_s must be a finite number >= 0", field="timeout_s"))
+            return
+        req = agents_pb2.SetStateRequest(agent_id=agent_id, state=m.state, reason=m.reason, timeout_s=m.timeout_s)
+        try:
+            node.submit(convert.set_state_cmd(req, node.now()))
+        except RoutingError as e:
+            self._refuse(agent_id, "set_state", e)
+            return
+        node.deliver_in_order(_Reply(self.outbox, agent_id),
+                              agents_pb2.NodeMessage(result=agents_pb2.CommandResult(op="set_state")))
 
 
 async def serve(node: Any, context: Any) -> None:
