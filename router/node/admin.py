@@ -47,43 +47,28 @@ HISTORY_TIMEOUT_S = 10.0
 MAX_REPLAY_CALLS = 200_000
 
 
-def _encode_token(after: int) -> str:
-    return base64.urlsafe_b64encode(f"2:{after}".encode()).decode().rstrip("=")
+def _encode_token(kind: str, *position: int) -> str:
+    """An opaque page token: ``kind`` ("2": ListCalls, "a": ListAudit) and a position."""
+    return base64.urlsafe_b64encode(":".join((kind, *map(str, position))).encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> int:
-    """The position a page token resumes after (tokens are opaque to clients)."""
+def _decode_token(token: str, kind: str, size: int, least: int = 0) -> tuple[int, ...]:
+    """The position (``size`` numbers >= ``least``) a page token of ``kind`` resumes after;
+    INVALID_ARGUMENT INVALID_PAGE_TOKEN for anything this node did not issue."""
     bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued",
                        field="page_token")
     if len(token) > 200:
         raise bad
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, after = raw.split(":", 1)
+        fields = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise bad from None
-    if version != "2" or not after.isdigit() or len(after) > 19 or int(after) < 1:
+    if fields[0] != kind or len(fields) != size + 1 or not all(f.isdigit() and len(f) <= 19 for f in fields[1:]):
         raise bad
-    return int(after)
-
-
-def _encode_audit_token(at: tuple[int, int]) -> str:
-    return base64.urlsafe_b64encode(f"a:{at[0]}:{at[1]}".encode()).decode().rstrip("=")
-
-
-def _decode_audit_token(token: str) -> tuple[int, int]:
-    """The audit log position (generation, index) a ListAudit page token resumes after."""
-    bad = RoutingError("INVALID_ARGUMENT", "INVALID_PAGE_TOKEN", "page_token is not one this node issued",
-                       field="page_token")
-    if len(token) > 200:
+    position = tuple(int(f) for f in fields[1:])
+    if min(position) < least:
         raise bad
-    try:
-        version, gen, idx = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise bad from None
-    if version != "a" or not gen.isdigit() or not idx.isdigit() or len(gen) > 12 or len(idx) > 12:
-        raise bad
-    return int(gen), int(idx)
+    return position
 
 
 def _page_size(n: int) -> int:
@@ -248,7 +233,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @guard
     async def ListCalls(self, request, context):
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token) if request.page_token else 0
+        after = _decode_token(request.page_token, "2", 1, least=1)[0] if request.page_token else 0  # a handle
         state = convert.call_state_str(request.state) or None
         if state == "offered":
             # no call rests in "offered" (it is queued, assigned or rejected at once)
@@ -258,7 +243,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             page, after = self.node.engine.calls_page(state, after, size, PAGE_SCAN_LIMIT)
         msg = admin_pb2.ListCallsResponse(calls=[convert.call_msg(c) for c in page])
         if after:
-            msg.next_page_token = _encode_token(after)
+            msg.next_page_token = _encode_token("2", after)
         await self.node.barrier()
         return msg
 
@@ -586,7 +571,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         size = _page_size(request.page_size)
         if not math.isfinite(request.since) or request.since < 0:
             raise RoutingError("INVALID_ARGUMENT", "INVALID_SINCE", "since must be a Unix time >= 0", field="since")
-        after = _decode_audit_token(request.page_token) if request.page_token else None
+        after = _decode_token(request.page_token, "a", 2) if request.page_token else None
         security = self.node.security
         audit = getattr(security, "audit", None) if security is not None else None
         if audit is None:
@@ -602,7 +587,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             objects=dict(r.objects), decision=r.decision, reason=r.reason, code=r.code, peer=r.peer,
         ) for r in page])  # fmt: skip
         if resume is not None:
-            msg.next_page_token = _encode_audit_token(resume)
+            msg.next_page_token = _encode_token("a", *resume)
         return msg
 
     # -- a call's path ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 from typing import Any, Callable
 
 import grpc
@@ -36,6 +37,16 @@ class Malformed:
 
     def WhichOneof(self, _name: str) -> None:  # so a stream handler can inspect it safely
         return None
+
+
+def duration(value: float, name: str) -> float:
+    """A request's duration field: negative, NaN or infinite -> INVALID_ARGUMENT
+    INVALID_FIELD (0 means "not given")."""
+    if not math.isfinite(value) or value < 0:
+        raise RoutingError(
+            "INVALID_ARGUMENT", "INVALID_FIELD", f"{name} must be a finite number >= 0", field=name
+        )
+    return value
 
 
 def malformed_error(m: Malformed) -> RoutingError:

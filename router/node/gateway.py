@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
 import grpc
 
 from router.model import RoutingError
 from router.node import convert
-from router.node.errors import Malformed, abort, empty_id, malformed_error
+from router.node.errors import Malformed, abort, duration, empty_id, malformed_error
 from router.node.streams import AgentStream, GatewayOutbox, SessionEnd
 from router.status import status_code
 from router.v1 import agents_pb2
@@ -231,17 +230,13 @@ class GatewaySession:
             # answered once the disconnect is durable, like every answer of the node
             node.deliver_in_order(_Reply(self.outbox, agent_id), SessionEnd("OK", "", "left"))
 
-
     def _set_state(self, agent_id: str, m: agents_pb2.GatewaySetState) -> None:
         """Agents.SetState in a frame: refused like it, else answered by an OK
         CommandResult once durable (after the messages the change makes)."""
         node = self.node
-        if not math.isfinite(m.timeout_s) or m.timeout_s < 0:
-            self._refuse(agent_id, "set_state", RoutingError(
-                "INVALID_ARGUMENT", "INVALID_FIELD", "timeout_s must be a finite number >= 0", field="timeout_s"))
-            return
         req = agents_pb2.SetStateRequest(agent_id=agent_id, state=m.state, reason=m.reason, timeout_s=m.timeout_s)
         try:
+            duration(m.timeout_s, "timeout_s")
             node.submit(convert.set_state_cmd(req, node.now()))
         except RoutingError as e:
             self._refuse(agent_id, "set_state", e)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 
 import grpc
 
 from router.model import RoutingError
 from router.node import convert, gateway
-from router.node.errors import Malformed, abort, guard, malformed_error
+from router.node.errors import Malformed, abort, duration, guard, malformed_error
 from router.node.node import FINAL_CALL_STATES, Node
 from router.status import error_info
 from router.v1 import (
@@ -48,16 +47,6 @@ def _required(value: str, name: str) -> str:
     a client bug, not an unknown object)."""
     if not value:
         raise RoutingError("INVALID_ARGUMENT", "MISSING_FIELD", f"{name} is required", field=name)
-    return value
-
-
-def _seconds(value: float, name: str) -> float:
-    """A duration field: negative, NaN or infinite -> INVALID_ARGUMENT INVALID_FIELD
-    (0 means "not given")."""
-    if not math.isfinite(value) or value < 0:
-        raise RoutingError(
-            "INVALID_ARGUMENT", "INVALID_FIELD", f"{name} must be a finite number >= 0", field=name
-        )
     return value
 
 
@@ -170,7 +159,7 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     async def WatchCall(self, request, context):
         node = self.node
         _required(request.call_id, "call_id")
-        interval = _seconds(request.interval_s, "interval_s")
+        interval = duration(request.interval_s, "interval_s")
         if interval == 0:
             interval = DEFAULT_WATCH_INTERVAL_S
         interval = min(max(interval, MIN_WATCH_INTERVAL_S), 3600.0)
@@ -241,7 +230,7 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
 
     @guard
     async def SetState(self, request, context):
-        _seconds(request.timeout_s, "timeout_s")
+        duration(request.timeout_s, "timeout_s")
         view = await self.node.execute(convert.set_state_cmd(request, self.node.now()))
         return agents_pb2.SetStateResponse(agent=convert.agent_msg(view))
 

@@ -94,16 +94,15 @@ def starter(trust_domain: str, sites: Iterable[tuple[str, str]], operators: Iter
     (it runs a Tandem node today); each BPO partner on the partner API (``partners``: its
     gateway's identity) -> partner on ``*`` (it may take offers from every origin). ``sites``
     are (name, kind) pairs, kind "in_house" or "partner"."""
-    out: list[Binding] = []
+    out: list[Binding | None] = []
     for op in operators:
         out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "operator", op).uri, role="operator", sites=("*",)))
     for name, _kind in sites:
-        out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "site", name).uri, role="site", sites=("*",)))
-        out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "agents", name).uri, role="agent-gateway",
-                           sites=(name,)))
+        out.append(starter_binding(spiffe.SpiffeId(trust_domain, "site", name)))
+        out.append(starter_binding(spiffe.SpiffeId(trust_domain, "agents", name)))
     for p in partners:
-        out.append(Binding(identity=spiffe.SpiffeId(trust_domain, "partner", p).uri, role="partner", sites=("*",)))
-    return Bindings(bindings=tuple(out))
+        out.append(starter_binding(spiffe.SpiffeId(trust_domain, "partner", p)))
+    return Bindings(bindings=tuple(b for b in out if b is not None))
 
 
 def starter_binding(ident: spiffe.SpiffeId) -> Binding | None:
