@@ -176,6 +176,8 @@ class ClusterLink:
         self.node = node
         info = node.site.site
         self.site = info.name
+        # the decision histogram's two series, looked up once (not per decision)
+        self._decision_seconds = {kind: OVERFLOW_DECISION_SECONDS.labels(self.site, kind) for kind in ("offer", "sweep")}
         self.region = info.region
         self.kind = info.kind
         self.address = advertise or f"127.0.0.1:{node.port}"
@@ -549,8 +551,7 @@ class ClusterLink:
         ``tandem_overflow_decision_seconds``; ``log_stay=False`` is the sweep's."""
         t0 = time.perf_counter()
         d = self._decide_now(call_id, queue, expected_wait_s, log_stay)
-        OVERFLOW_DECISION_SECONDS.labels(self.site, "offer" if log_stay else "sweep").observe(
-            time.perf_counter() - t0)
+        self._decision_seconds["offer" if log_stay else "sweep"].observe(time.perf_counter() - t0)
         return d
 
     def _decide_now(self, call_id: str, queue: str, expected_wait_s: float, log_stay: bool) -> Decision:
