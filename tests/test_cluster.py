@@ -25,6 +25,7 @@ from router.v1 import types_pb2 as t
 S = t
 A = agents_pb2
 TTL_S = 2
+OBSERVER_TTL_S = 10
 POLICY = {"default": {"wait_threshold": {"factor": 1.0}}, "max_peer_age_s": 3.0}
 LIVE = {S.CALL_STATE_QUEUED, S.CALL_STATE_ASSIGNED, S.CALL_STATE_CONNECTED, S.CALL_STATE_TRANSFERRING,
         S.CALL_STATE_COMPLETED, S.CALL_STATE_ABANDONED}
@@ -44,10 +45,14 @@ def node_env(endpoints, prefix: str) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def observer(endpoints, prefix: str):
+async def observer(endpoints, prefix: str, ttl_s: int = OBSERVER_TTL_S):
     """A coordinator in the test process (never registers): sees members and loads,
-    writes policies."""
-    c = EtcdCoordinator("observer", EtcdSettings(endpoints=tuple(endpoints), prefix=prefix, ttl_s=TTL_S,
+    writes policies, and campaigns where a test plays the rebalancer.
+
+    Its lease holds only the leaderships it campaigns for, so its TTL is long: with the
+    nodes' 2 s, one stall of a loaded CI machine expired the test's own leader
+    mid-test (NotLeader), which is not what any of these tests examines."""
+    c = EtcdCoordinator("observer", EtcdSettings(endpoints=tuple(endpoints), prefix=prefix, ttl_s=ttl_s,
                                                  op_timeout_s=1.0))
     await c.start()
     await c.wait_ready(10)

@@ -32,7 +32,7 @@ from router.overflow import parse_policy
 from router.plans import parse_plan
 from router.status import error_info
 from router.v1 import admin_pb2, admin_pb2_grpc, rebalancer_pb2, rebalancer_pb2_grpc
-from test_cluster import TTL_S, observer, start, until
+from test_cluster import OBSERVER_TTL_S, observer, start, until
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = ROOT / "sites"
@@ -54,7 +54,9 @@ class Rb:
     """One in-process rebalancer with its coordinator and gRPC service."""
 
     def __init__(self, endpoints, prefix: str, name: str, **kw) -> None:
-        self.coord = EtcdCoordinator("rebalancer", EtcdSettings(endpoints=tuple(endpoints), prefix=prefix, ttl_s=TTL_S))
+        # a long TTL: these rebalancers hand over by resigning, never by expiry
+        settings = EtcdSettings(endpoints=tuple(endpoints), prefix=prefix, ttl_s=OBSERVER_TTL_S)
+        self.coord = EtcdCoordinator("rebalancer", settings)
         sites = load_sites(SITES)
         self.planner = WhatIfPlanner(load_streams(None, sites), serial=True, partners_dir=SITES / "partners")
         self.rb = Rebalancer(self.coord, name, sites, self.planner, horizon_s=600, replications=1, **kw)
