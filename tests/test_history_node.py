@@ -154,6 +154,66 @@ async def _offer_and_pop(address: str, call_id: str, caller: str, agent_id: str)
     return r, asg
 
 
+# Runs one node under a child subreaper (as systemd is to a unit's processes), sends it
+# SIGTERM after DELAY seconds (after its "listening" line when DELAY < 0), and prints as
+# JSON the node's exit code and the processes that outlived it: its orphans come back to
+# the subreaper instead of init, alive or as zombies (a process that ended before the
+# node would have been reaped by it, never reparented).
+_STOP_AT_ANY_MOMENT = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl failed")
+delay, log = float(sys.argv[1]), open(sys.argv[2], "ab")
+p = subprocess.Popen(sys.argv[3:], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+if delay >= 0:
+    time.sleep(delay)
+else:
+    deadline = time.monotonic() + 60
+    while b"listening on" not in open(sys.argv[2], "rb").read() and time.monotonic() < deadline:
+        time.sleep(0.02)
+p.send_signal(signal.SIGTERM)
+rc = p.wait(60)
+left = []
+for d in os.listdir("/proc"):
+    try:
+        stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        if d.isdigit() and int(stat[1]) == os.getpid():  # a zombie too: it outlived the node
+            left.append(stat[0] + " " + open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:120])
+    except (OSError, ValueError):
+        pass
+for _ in range(50):  # reap the orphans (they end when their pipes close)
+    try:
+        if os.waitpid(-1, os.WNOHANG) == (0, 0):
+            time.sleep(0.1)
+    except ChildProcessError:
+        break
+print(json.dumps({"rc": rc, "left": left}))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.9, 1.4, 2.0, -1.0])
+def test_a_stop_at_any_moment_of_the_start_leaves_no_process(clickhouse_server, tmp_path, delay):
+    """SIGTERM at any moment — during the imports, while the history's insert processes
+    start, once serving (-1: after the "listening" line) — ends the node with no process
+    of its left behind: not an insert process, not multiprocessing's resource tracker.
+    systemd SIGKILLs what outlives a unit's main process and, in a container, then waits
+    out the stop timeout and marks the unit failed (every restart took the timeout)."""
+    url = clickhouse_server.store_url(unique_database("stop"))
+    site = write_site(tmp_path / "site.yaml")
+    (tmp_path / "n").mkdir()
+    node = [PYTHON, "-m", "router.cli", "node", "--site", str(site), "--data-dir", str(tmp_path / "n"),
+            "--listen", "127.0.0.1:0", "--sync", "none"]
+    r = subprocess.run([PYTHON, "-c", _STOP_AT_ANY_MOMENT, str(delay), str(tmp_path / "node.log"), *node],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **history_env(url), "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    log = (tmp_path / "node.log").read_text()
+    assert out["left"] == [], (out, log[-3000:])
+    # a clean stop once it runs; killed by the signal only before Python got to the handlers
+    assert out["rc"] in ((0,) if delay < 0 else (0, -signal.SIGTERM)), (out, log[-3000:])
+
+
 def test_repeat_caller_and_screen_pop_from_the_history(clickhouse_server, tmp_path):
     url = clickhouse_server.store_url(unique_database("repeat"))
     store = ClickHouseServerStore(url)

@@ -278,3 +278,40 @@ def test_unreachable_server_raises_store_unavailable(tmp_path):
         store.query("SELECT 1")
     assert not store.ping()
     assert issubclass(StoreUnavailable, StoreError)
+
+
+def _children() -> dict[int, str]:
+    """This process's live children: pid -> command line (from /proc)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(ppid) == os.getpid() and state != "Z":
+            out[int(d)] = cmd
+    return out
+
+
+def test_close_leaves_no_child_process_behind(server_store, tmp_path):
+    """Closing a writer with insert processes leaves this process no child at all: not
+    the inserts, not multiprocessing's resource tracker that spawning them started. A
+    node's helper still alive at its exit is SIGKILLed by systemd's stop, which in a
+    container then waits out the stop timeout and marks the unit failed."""
+    rows = synth.interactions(50, seed=5, start=START)
+    with HistoryWriter(server_store, tmp_path / "spool", batch_rows=10, flush_interval_s=0.05,
+                       insert_process=True) as w:
+        for r in rows:
+            w.submit("interactions", r)
+        assert w.flush(30)
+        during = _children()
+        assert any("resource_tracker" in c for c in during.values()), during
+        assert sum("spawn_main" in c for c in during.values()) == 2, during
+    left = {pid: c for pid, c in _children().items() if "multiprocessing" in c}
+    assert left == {}  # (the test's own ClickHouse server is a child too)
+    assert totals(server_store)[:2] == (50, 50)

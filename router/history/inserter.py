@@ -189,6 +189,30 @@ def _child_main(conn, url: str, kwargs: dict, columnar_on: bool = True) -> None:
         store.close()
 
 
+def stop_resource_tracker() -> bool:
+    """Stop multiprocessing's resource tracker when this process has no multiprocessing
+    child left; True when none runs afterwards. Spawning an insert process starts the
+    tracker (a helper holding nothing of ours: pipes register no resource), and the
+    next spawn starts it again.
+
+    Why: left running, the tracker outlives the node by the moment it takes to see its
+    pipe close. systemd's stop (``KillMode=mixed``) then SIGKILLs it, and inside a
+    container (cgroup v1) waits out the whole stop timeout and marks the unit failed:
+    every restart of a deployed node took the timeout plus the drain. Skipped while any
+    multiprocessing child lives: they hold the tracker's pipe, and stopping waits for
+    the tracker to exit."""
+    from multiprocessing import resource_tracker
+
+    if multiprocessing.active_children():
+        return False
+    tracker = resource_tracker._resource_tracker  # the module's own instance; no public stop
+    stop = getattr(tracker, "_stop", None)
+    if stop is None:
+        return False
+    stop()
+    return True
+
+
 class ProcessInserter:
     """Inserts through a child process holding its own connection to ``store``'s server.
     ``reply_timeout_s`` bounds one insert (the child's own socket timeouts come first)."""

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from router.history.encode import TableEncoder
-from router.history.inserter import ProcessInserter, ThreadInserter
+from router.history.inserter import ProcessInserter, ThreadInserter, stop_resource_tracker
 from router.history.schema import TABLES
 from router.history.spool import Spool, SpooledBatch
 from router.history.store import HistoryStore, StoreError, StoreUnavailable, open_store
@@ -238,6 +238,8 @@ class HistoryWriter:
             self._done_with_batch()
         for ins in self._inserters:
             ins.close()
+        if any(isinstance(ins, ProcessInserter) for ins in self._inserters):
+            stop_resource_tracker()  # the node's last child process (see there)
         return self.spool.empty()
 
     async def aclose(self, timeout: float = 10.0) -> bool:

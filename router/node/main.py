@@ -68,6 +68,14 @@ async def serve(
 ) -> int:
     from router.node.server import RecoveryError, build_node
 
+    # The handlers go in first: a SIGTERM while the node starts (systemd restarting a unit
+    # it has just started) then stops it the clean way once it is up. With the default
+    # action it died at once and left its history insert processes to systemd's SIGKILL,
+    # which in a container waits out the whole stop timeout and marks the unit failed.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         node, port = await build_node(site, data_dir, listen, sync=sync, drain_s=drain_s, security=security)
     except (RecoveryError, RuntimeError, OSError) as e:
@@ -91,10 +99,6 @@ async def serve(
         if security is not None:
             security.attach_history(link.writer.submit)  # audit rows reach ClickHouse too
     tune_gc()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if metrics_listen is None and os.environ.get("TANDEM_METRICS_PORT"):
         metrics_listen = f"127.0.0.1:{os.environ['TANDEM_METRICS_PORT']}"
     metrics_at = None
