@@ -518,10 +518,12 @@ async def test_caps_hold_for_several_origins_while_one_restarts(etcd, etcd_prefi
             await sb.channel.close()
 
 
-async def test_a_new_stream_replaces_a_hung_one(etcd, etcd_prefix, tmp_path):
+async def test_a_new_stream_replaces_a_hung_one_and_a_stop_ends_it_draining(etcd, etcd_prefix, tmp_path):
     """A gateway that reconnects while its old stream still looks open (it died without
     closing it) is served at once; the old stream's open offer goes back in place and is
-    offered again on the new stream."""
+    offered again on the new stream. A node that stops (SIGTERM) ends the stream with
+    UNAVAILABLE NODE_DRAINING — the gateway's cue to use another node — not with the
+    server's grace."""
     async with setup(tmp_path, etcd, etcd_prefix) as (obs, files, env, alpha, beta):
         sa = Stubs.connect(alpha.address)
         old, _ = await welcome(alpha.address)
@@ -536,6 +538,14 @@ async def test_a_new_stream_replaces_a_hung_one(etcd, etcd_prefix, tmp_path):
                 assert (await new.next("assign")).assign.offer.call_id == "n-1"
                 with pytest.raises(AssertionError, match="stream ended"):
                     await old.next("offer", timeout=5)
+                t0 = time.monotonic()
+                assert await asyncio.to_thread(alpha.terminate) == 0
+                ended = await asyncio.wait_for(new.inbox.get(), 5)
+                while isinstance(ended, pb.PartnerNodeMessage):
+                    ended = await asyncio.wait_for(new.inbox.get(), 5)
+                assert isinstance(ended, grpc.aio.AioRpcError), ended
+                assert (ended.code(), error_reason(ended)) == (grpc.StatusCode.UNAVAILABLE, "NODE_DRAINING"), ended
+                assert time.monotonic() - t0 < 10
             finally:
                 await new.close()
         finally:

@@ -833,6 +833,8 @@ class Node:
         for ws in list(self._watchers.values()):
             for w in list(ws):
                 w.close("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
+        if self.partners is not None:
+            self.partners.close_all("UNAVAILABLE", "NODE_DRAINING", "the node is shutting down")
         try:
             if self.server is not None:
                 await self.server.stop(grace)

@@ -93,6 +93,13 @@ class Gateway:
     offers: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.time)
     closed: bool = False
+    end: tuple[str, str, str] | None = None  # (code, reason, message) the stream ends with
+
+    def finish(self, code: str, reason: str, message: str) -> None:
+        """End the stream with this status (once what is queued is sent)."""
+        if self.end is None:
+            self.end = (code, reason, message)
+        self.out.put_nowait(None)
 
     def send(self, msg: pb.PartnerNodeMessage) -> None:
         if not self.closed:
@@ -459,6 +466,12 @@ class PartnerLink:
             gw.send(pb.PartnerNodeMessage(withdraw=pb.PartnerWithdraw(call_id=call_id[:64], offer_no=no,
                                                                       reason="not offered now")))
 
+    def close_all(self, code: str, reason: str, message: str) -> None:
+        """End every gateway stream with this status (the node stops: UNAVAILABLE
+        NODE_DRAINING, which gateways retry on another node at once)."""
+        for gw in list(self.gateways.values()):
+            gw.finish(code, reason, message)
+
     def closed(self, gw: Gateway) -> None:
         gw.closed = True
         if self.gateways.get(gw.partner) is gw:
@@ -575,6 +588,8 @@ class PartnerService(partner_pb2_grpc.PartnerServicer):
                 if msg is None:
                     break
                 await context.write(msg)
+            if gw.end is not None:
+                await abort(context, *gw.end)
         finally:
             reader.cancel()
             link.closed(gw)
