@@ -261,6 +261,9 @@ def test_describe_call(cluster):
     origin_copy = [r for r in rows if r["call_id"] == call["call_id"]]
     assert origin_copy and origin_copy[0]["site"] == call["transfer_origin"], (call, origin_copy)
     assert origin_copy[0]["transfer_target"], origin_copy
+    # ... named: the site it went to (from the cluster's members), with the address
+    assert origin_copy[0]["transfer_target_site"] == call["site"], (call, origin_copy)
+    assert origin_copy[0]["to"] == f"{call['site']} ({origin_copy[0]['transfer_target']})", origin_copy
     doc = json.loads(ok(ctl(cluster.context, "describe", "call", call["call_id"], "-o", "json"), "describe"))
     assert doc["call_id"] == call["call_id"] and doc["owner"] == call["site"]
     kinds = [e["kind"] for e in doc["events"]]

@@ -36,6 +36,7 @@ from router.contracts import contract_json, parse_contract
 from router.coord.base import CoordinationUnavailable
 from router.coord.keys import Keys
 from router.coord.partners import ContractRejected, PartnerBook
+from router.v1 import admin_pb2
 from router.v1 import partner_pb2 as pb
 from router.v1 import partner_pb2_grpc
 from router.v1 import types_pb2 as t
@@ -259,6 +260,9 @@ async def test_offers_carry_only_the_contract_and_caps_hold_for_the_whole_cluste
             call = await state_of(sa if done.startswith("pa") else sb, done)
             assert call.state == t.CALL_STATE_TRANSFERRED and call.answered_at == 1000.0
             assert call.transfer_target == "partner:blueline", call.transfer_target
+            listed = await (sa if done.startswith("pa") else sb).admin.ListCalls(
+                admin_pb2.ListCallsRequest(state=t.CALL_STATE_TRANSFERRED), timeout=5)
+            assert [c.transfer_target_site for c in listed.calls if c.call_id == done] == [PARTNER]
             await until(lambda: len(owned) < CAP + 1 and True, 1, "")
             got_more = False
             deadline = time.monotonic() + 10

@@ -449,6 +449,16 @@ def get_agents(ctx: typer.Context, fmt: str = _fmt_option(), watch: bool = _watc
     run(ctx, body)
 
 
+def _target(site: str, address: str) -> str:
+    """Where a call went, as an operator reads it: the site (or partner) name with the
+    address, or the address alone when the node could not name it."""
+    if not address:
+        return ""
+    if not site:
+        return address
+    return site if address == f"partner:{site}" else f"{site} ({address})"
+
+
 def call_row(site: str, c: Any) -> dict:
     end = c.ended_at or c.answered_at or 0.0
     return {
@@ -459,7 +469,8 @@ def call_row(site: str, c: Any) -> dict:
         "ended_at": c.ended_at, "waited_s": round(((c.answered_at or end or time.time()) - c.queued_at), 3)
         if c.queued_at else None,
         "transfer_count": c.transfer_count, "transfer_target": c.transfer_target,
-        "transfer_origin": c.transfer_origin,
+        "transfer_target_site": c.transfer_target_site, "transfer_origin": c.transfer_origin,
+        "to": _target(c.transfer_target_site, c.transfer_target),
         "reject_reason": c.reject_reason, "abandon_reason": c.abandon_reason,
     }
 
@@ -470,7 +481,7 @@ CALL_COLUMNS = [
     Column("offered_at", "OFFERED", _when, wide=True), Column("priority", "PRIORITY", wide=True),
     Column("transfer_count", "TRANSFERS", wide=True, justify="right"),
     Column("transfer_origin", "FROM", lambda v: v or "-", wide=True),
-    Column("transfer_target", "TO", lambda v: v or "-", wide=True),
+    Column("to", "TO", lambda v: v or "-", wide=True),
     Column("reject_reason", "REJECTED", lambda v: v or "-", wide=True),
     Column("abandon_reason", "ABANDONED", lambda v: v or "-", wide=True),
 ]
@@ -743,7 +754,7 @@ def call_text(call_id: str, owner: tuple[str, Any] | None, events: list[dict], w
             f"ended: {_when_ms(c.ended_at)}",
             f"  transfers: {c.transfer_count}"
             + (f" (from {c.transfer_origin})" if c.transfer_origin else "")
-            + (f" (to {c.transfer_target})" if c.transfer_target else ""),
+            + (f" (to {_target(c.transfer_target_site, c.transfer_target)})" if c.transfer_target else ""),
         ]
         if c.reject_reason or c.abandon_reason:
             lines.append(f"  outcome reason: {c.reject_reason or c.abandon_reason}")

@@ -24,6 +24,7 @@ import yaml
 
 from router import overflow
 from router.contracts import ContractError, PartnerContract, contract_json, parse_contract
+from router.engine.partner import partner_of_target
 from router.model import RoutingError
 from router.node import convert
 from router.node.errors import guard
@@ -241,7 +242,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         else:
             # O(page): resumes after the last handle seen, scans a bounded number of calls
             page, after = self.node.engine.calls_page(state, after, size, PAGE_SCAN_LIMIT)
-        msg = admin_pb2.ListCallsResponse(calls=[convert.call_msg(c) for c in page])
+        msg = admin_pb2.ListCallsResponse(calls=[self._call_msg(c) for c in page])
         if after:
             msg.next_page_token = _encode_token("2", after)
         await self.node.barrier()
@@ -260,6 +261,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not address or cluster is None:
             return ""
         return next((name for name, m in cluster.coord.members().items() if m.address == address), "")
+
+    def _call_msg(self, view: Any) -> Any:
+        """The call as Admin answers it: with the name behind its transfer target."""
+        msg = convert.call_msg(view)
+        if msg.transfer_target:
+            msg.transfer_target_site = (partner_of_target(msg.transfer_target)
+                                        or self._site_of_address(msg.transfer_target))
+        return msg
 
     def _connected(self) -> set[str]:
         return set(self.node.connected_agents)
@@ -606,7 +615,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except RoutingError:
             view = None
         if view is not None:
-            msg.call.CopyFrom(convert.call_msg(view))
+            msg.call.CopyFrom(self._call_msg(view))
             events += call_events(view, site, self._site_of_address(view.transfer_target))
         decisions = []
         cluster = node.cluster
