@@ -84,6 +84,14 @@ def set_state(agent_id: str, state: int, reason: str = "", timeout_s: float = 0.
         state=state, reason=reason, timeout_s=timeout_s))
 
 
+def sign_in(agent_id: str) -> agents_pb2.GatewayMessage:
+    return agents_pb2.GatewayMessage(agent_id=agent_id, sign_in=agents_pb2.GatewaySignIn())
+
+
+def sign_out(agent_id: str) -> agents_pb2.GatewayMessage:
+    return agents_pb2.GatewayMessage(agent_id=agent_id, sign_out=agents_pb2.GatewaySignOut())
+
+
 def complete(agent_id: str, call_id: str) -> agents_pb2.GatewayMessage:
     return agents_pb2.GatewayMessage(agent_id=agent_id, complete=agents_pb2.Complete(
         call_id=call_id, disposition=t.Disposition(resolved=True, wrap_up_code="gw")))
@@ -265,6 +273,33 @@ async def test_set_state_in_a_frame_as_the_unary_rpc(node):
     gw.call.cancel()
 
 
+async def test_an_agents_day_on_the_gateway_alone(node):
+    """Sign in, hello, READY, a call, leave, sign out — every step a gateway message, no
+    unary call: each answered by its OK result once durable, the agent's state changes
+    on the stream while in session."""
+    s = node.stubs
+    gw = Gateway(s.agents)
+    await gw.send(sign_in("fr-003"), hello("fr-003"), set_state("fr-003", A.AGENT_STATE_READY))
+    res = await gw.next("fr-003", "result")
+    assert (res.op, res.code) == ("sign_in", OK)
+    assert (await gw.next("fr-003", "agent")).state == A.AGENT_STATE_NOT_READY
+    assert (await gw.next("fr-003", "agent")).state == A.AGENT_STATE_READY
+    res = await gw.next("fr-003", "result")
+    assert (res.op, res.code) == ("set_state", OK)
+    await s.routing.OfferCall(offer("day-1"))
+    assert (await gw.next("fr-003", "assignment")).connected  # auto answer
+    await gw.send(complete("fr-003", "day-1"))
+    await gw.next("fr-003", "result", lambda r: r.op == "complete" and r.code == OK)
+    await gw.send(agents_pb2.GatewayMessage(agent_id="fr-003", leave=agents_pb2.Leave()), sign_out("fr-003"))
+    assert (await gw.next("fr-003", "ended")).code == OK
+    res = await gw.next("fr-003", "result")
+    assert (res.op, res.code) == ("sign_out", OK)
+    assert (await agent_state(s, "fr-003")).state == A.AGENT_STATE_SIGNED_OUT
+    got = (await s.routing.GetCall(routing_pb2.GetCallRequest(call_id="day-1"))).call
+    assert got.state == S.CALL_STATE_COMPLETED and got.agent_id == "fr-003"
+    gw.call.cancel()
+
+
 async def test_leave_is_answered_once_the_disconnect_is_durable(node):
     """The SessionEnded of a Leave reports the agent disconnected: it must not reach the
     gateway before that disconnect's journal record is durable (a crash in between
@@ -379,14 +414,18 @@ async def test_bad_messages_get_clear_errors_and_change_nothing(node):
         set_state("bi-001", A.AGENT_STATE_READY),                    # not signed in
         set_state("fr-002", A.AGENT_STATE_SIGNED_OUT),               # not a state to set
         set_state("fr-002", A.AGENT_STATE_WRAP_UP, timeout_s=-1.0),  # bad duration
+        sign_in("nobody"),                                           # unknown agent
+        sign_in("fr-002"),                                           # already signed in
+        sign_out("bi-001"),                                          # not signed in
+        sign_out("fr-001"),                                          # on a call
     )
     got = []
-    for _ in range(14):
+    for _ in range(18):
         aid_res = await gw.next(kind="result")
         got.append((aid_res.op, aid_res.code, aid_res.reason))
-    owners = [aid for aid, k, _ in gw.seen if k == "result"][-14:]
+    owners = [aid for aid, k, _ in gw.seen if k == "result"][-18:]
     assert owners == ["nobody", "bi-001", "fr-001", "", "fr-001", "fr-002", "fr-002", "fr-001", "fr-001", "fr-001",
-                      "nobody", "bi-001", "fr-002", "fr-002"]
+                      "nobody", "bi-001", "fr-002", "fr-002", "nobody", "fr-002", "bi-001", "fr-001"]
     assert got == [
         ("hello", NOT_FOUND, "UNKNOWN_AGENT"),
         ("hello", FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
@@ -402,6 +441,10 @@ async def test_bad_messages_get_clear_errors_and_change_nothing(node):
         ("set_state", FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
         ("set_state", INVALID_ARGUMENT, "INVALID_STATE"),
         ("set_state", INVALID_ARGUMENT, "INVALID_FIELD"),
+        ("sign_in", NOT_FOUND, "UNKNOWN_AGENT"),
+        ("sign_in", ALREADY_EXISTS, "AGENT_ALREADY_SIGNED_IN"),
+        ("sign_out", FAILED_PRECONDITION, "AGENT_NOT_SIGNED_IN"),
+        ("sign_out", FAILED_PRECONDITION, "AGENT_BUSY"),
     ], got
     # (an oversized frame: over the node's request limit, nothing of it applied — not
     # even its first, valid message)

@@ -49,6 +49,14 @@ def duration(value: float, name: str) -> float:
     return value
 
 
+def refuse_if_draining(node: Any, offers: bool = True) -> None:
+    """UNAVAILABLE NODE_DRAINING while the node shuts down; for offers also while the
+    site is drained by an operator (its agents still sign in and finish their work)."""
+    if node.shutting_down or (offers and node.draining):
+        why = "the node is shutting down" if node.shutting_down else "the site is drained by an operator"
+        raise RoutingError("UNAVAILABLE", "NODE_DRAINING", f"{why}; retry on another node")
+
+
 def malformed_error(m: Malformed) -> RoutingError:
     if m.too_large:
         return RoutingError(

@@ -27,7 +27,7 @@ import grpc
 
 from router.model import RoutingError
 from router.node import convert
-from router.node.errors import Malformed, abort, duration, empty_id, malformed_error
+from router.node.errors import Malformed, abort, duration, empty_id, malformed_error, refuse_if_draining
 from router.node.streams import AgentStream, GatewayOutbox, SessionEnd
 from router.status import status_code
 from router.v1 import agents_pb2
@@ -202,6 +202,9 @@ class GatewaySession:
         if kind == "set_state":  # as the unary SetState: no session needed
             self._set_state(agent_id, msg.set_state)
             return
+        if kind in ("sign_in", "sign_out"):  # as the unary SignIn / SignOut: no session needed
+            self._sign(agent_id, kind)
+            return
         stream = self.sessions.get(agent_id)
         call_id = msg.complete.call_id if kind == "complete" else ""
         assignment_id = msg.accept.assignment_id if kind == "accept" else (
@@ -243,6 +246,21 @@ class GatewaySession:
             return
         node.deliver_in_order(_Reply(self.outbox, agent_id),
                               agents_pb2.NodeMessage(result=agents_pb2.CommandResult(op="set_state")))
+
+
+    def _sign(self, agent_id: str, op: str) -> None:
+        """Agents.SignIn / SignOut in a frame: refused like them, else answered by an OK
+        CommandResult once durable (after the agent's state change, in session here)."""
+        node = self.node
+        try:
+            if op == "sign_in":
+                refuse_if_draining(node, offers=False)
+            node.submit({"op": op, "t": node.now(), "agent_id": agent_id})
+        except RoutingError as e:
+            self._refuse(agent_id, op, e)
+            return
+        node.deliver_in_order(_Reply(self.outbox, agent_id),
+                              agents_pb2.NodeMessage(result=agents_pb2.CommandResult(op=op)))
 
 
 async def serve(node: Any, context: Any) -> None:

@@ -16,7 +16,7 @@ import grpc
 
 from router.model import RoutingError
 from router.node import convert, gateway
-from router.node.errors import Malformed, abort, duration, guard, malformed_error
+from router.node.errors import Malformed, abort, duration, guard, malformed_error, refuse_if_draining
 from router.node.node import FINAL_CALL_STATES, Node
 from router.status import error_info
 from router.v1 import (
@@ -50,21 +50,13 @@ def _required(value: str, name: str) -> str:
     return value
 
 
-def _draining(node: Node, offers: bool = True) -> None:
-    """UNAVAILABLE NODE_DRAINING while the node shuts down; for offers also while the
-    site is drained by an operator (its agents still sign in and finish their work)."""
-    if node.shutting_down or (offers and node.draining):
-        why = "the node is shutting down" if node.shutting_down else "the site is drained by an operator"
-        raise RoutingError("UNAVAILABLE", "NODE_DRAINING", f"{why}; retry on another node")
-
-
 class RoutingService(routing_pb2_grpc.RoutingServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
     @guard
     async def OfferCall(self, request, context):
-        _draining(self.node)
+        refuse_if_draining(self.node)
         node = self.node
         cmd = convert.offer_cmd(request, 0.0)
         if node.history is not None:  # repeat caller from the history: bounded, never raises
@@ -219,7 +211,7 @@ class AgentsService(agents_pb2_grpc.AgentsServicer):
 
     @guard
     async def SignIn(self, request, context):
-        _draining(self.node, offers=False)
+        refuse_if_draining(self.node, offers=False)
         view = await self.node.execute({"op": "sign_in", "t": self.node.now(), "agent_id": request.agent_id})
         return agents_pb2.SignInResponse(agent=convert.agent_msg(view))
 
