@@ -26,9 +26,11 @@
    with the nodes (:func:`router.sim.report.reconcile`): lost 0 and duplicates 0 wanted.
 
 It prints one JSON line: ``{"hosts", "first_run_changed", "second_run_changed",
-"smoke_overflowed", "upgrade_calls", "upgrade_lost", "upgrade_duplicates", "seconds"}``
-(plus details: ``upgraded_version``, ``upgrade_refused`` — offers a draining site turned
-away, which a PBX routes elsewhere — and per-phase times), and exits 0 when every check
+"smoke_overflowed", "upgrade_calls", "upgrade_lost", "upgrade_duplicates",
+"node_unit_failures", "seconds"}`` (``node_unit_failures``: how often systemd marked a
+node's unit failed, e.g. a stop that ran into its timeout — 0 wanted; on stderr the
+details: ``upgraded_version``, ``upgrade_refused`` — offers a draining site turned away,
+which a PBX routes elsewhere — and per-phase times), and exits 0 when every check
 passed, 1 otherwise. Traffic goes only to the containers' subnet; the containers, the
 network and the temporary directory are removed at the end (``--keep`` leaves them).
 """
@@ -260,10 +262,6 @@ def write_inventory(lab: Lab, inv: Path, wheelhouse: Path) -> None:
         "clickhouse_controller_networks": [lab.gateway],
         # the hosts share this machine's two cores: a looser etcd lease than the default 3 s
         "tandem_node_etcd_ttl": 5,
-        # A node stops in ~3 s (2 s of drain); systemd in these containers (cgroup v1 inside
-        # podman) keeps reporting a SIGKILLed helper process until the stop timeout, so a
-        # short one saves half a minute per restart here. Real hosts keep the role's 30 s.
-        "tandem_node_stop_timeout_s": 10,
     })
     (inv / "group_vars").mkdir()
     (inv / "group_vars" / "all.yml").write_text(yaml.safe_dump(gv, sort_keys=False))
@@ -443,6 +441,17 @@ def versions(lab: Lab) -> dict[str, str]:
     return out
 
 
+def failed_stops(lab: Lab) -> dict[str, int]:
+    """How many times systemd marked each host's node unit failed (a stop that ran into
+    its timeout, a crash): a node leaves no process behind when it stops, so none."""
+    out = {}
+    for host in HOSTS:
+        p = run(["podman", "exec", lab.name(host), "journalctl", "-u", "tandem-node", "--no-pager", "-o", "cat"],
+                check=False)
+        out[host] = p.stdout.count("tandem-node.service: Failed with result")
+    return out
+
+
 # --- the whole run -----------------------------------------------------------------------------
 
 
@@ -479,6 +488,7 @@ async def deploy(work: Path, keep: bool) -> dict:
         u = await upgrade_under_traffic(inv, work)
         log(f"upgrade: {u}")
         v = versions(lab)
+        failed = failed_stops(lab)
         return {
             "hosts": len(HOSTS),
             "first_run_changed": sum(h["changed"] for h in first.values()),
@@ -490,6 +500,7 @@ async def deploy(work: Path, keep: bool) -> dict:
             "upgraded_version": sorted(set(v.values())), "upgrade_refused": u["upgrade_refused"],
             "upgrade_transferred": u["upgrade_transferred"], "upgrade_s": u["upgrade_s"],
             "second_run_by_host": {h: r["changed"] for h, r in second.items()},
+            "node_unit_failures": sum(failed.values()), "node_unit_failures_by_host": failed,
             "smoke": s, "upgrade_examples": u["upgrade_examples"], "image_built": built, **phases,
         }
     except BaseException:
@@ -506,7 +517,7 @@ async def deploy(work: Path, keep: bool) -> dict:
 def ok(result: dict) -> bool:
     return (result["first_run_changed"] > 0 and result["second_run_changed"] == 0 and result["smoke_overflowed"] >= 1
             and result["upgrade_calls"] > 0 and result["upgrade_lost"] == 0 and result["upgrade_duplicates"] == 0
-            and result["upgraded_version"] == [UPGRADE_VERSION])
+            and result["upgraded_version"] == [UPGRADE_VERSION] and result["node_unit_failures"] == 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     line = json.dumps({k: result[k] for k in ("hosts", "first_run_changed", "second_run_changed", "smoke_overflowed",
-                                               "upgrade_calls", "upgrade_lost", "upgrade_duplicates", "seconds")})
+                                               "upgrade_calls", "upgrade_lost", "upgrade_duplicates",
+                                               "node_unit_failures", "seconds")})
     if not a.json:
         print(json.dumps(result, indent=1, default=str), file=sys.stderr)
     else:

@@ -33,4 +33,5 @@ def test_deploy_twice_smoke_and_rolling_upgrade_under_traffic():
     assert r["second_run_changed"] == 0, r
     assert r["smoke_overflowed"] >= 1, r
     assert r["upgrade_calls"] > 0 and r["upgrade_lost"] == 0 and r["upgrade_duplicates"] == 0, r
+    assert r["node_unit_failures"] == 0, r["node_unit_failures_by_host"]  # every node stop was clean
     assert p.returncode == 0, p.stderr[-6000:]
