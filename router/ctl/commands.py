@@ -42,6 +42,7 @@ from router.ctl.client import (
 )
 from router.ctl.context import ContextError, resolve
 from router.ctl.output import Column, pct, secs
+from router.engine.partner import partner_of_target
 from router.v1 import admin_pb2, agents_pb2
 from router.v1 import types_pb2 as t
 
@@ -456,7 +457,7 @@ def _target(site: str, address: str) -> str:
         return ""
     if not site:
         return address
-    return site if address == f"partner:{site}" else f"{site} ({address})"
+    return site if partner_of_target(address) == site else f"{site} ({address})"
 
 
 def call_row(site: str, c: Any) -> dict:

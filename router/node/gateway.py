@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -234,28 +235,31 @@ class GatewaySession:
             node.deliver_in_order(_Reply(self.outbox, agent_id), SessionEnd("OK", "", "left"))
 
     def _set_state(self, agent_id: str, m: agents_pb2.GatewaySetState) -> None:
-        """Agents.SetState in a frame: refused like it, else answered by an OK
-        CommandResult once durable (after the messages the change makes)."""
-        node = self.node
-        req = agents_pb2.SetStateRequest(agent_id=agent_id, state=m.state, reason=m.reason, timeout_s=m.timeout_s)
-        try:
+        """Agents.SetState in a frame (see :meth:`_unary`)."""
+        def cmd() -> dict:
             duration(m.timeout_s, "timeout_s")
-            node.submit(convert.set_state_cmd(req, node.now()))
-        except RoutingError as e:
-            self._refuse(agent_id, "set_state", e)
-            return
-        node.deliver_in_order(_Reply(self.outbox, agent_id),
-                              agents_pb2.NodeMessage(result=agents_pb2.CommandResult(op="set_state")))
+            req = agents_pb2.SetStateRequest(agent_id=agent_id, state=m.state, reason=m.reason,
+                                             timeout_s=m.timeout_s)
+            return convert.set_state_cmd(req, self.node.now())
 
+        self._unary(agent_id, "set_state", cmd)
 
     def _sign(self, agent_id: str, op: str) -> None:
-        """Agents.SignIn / SignOut in a frame: refused like them, else answered by an OK
-        CommandResult once durable (after the agent's state change, in session here)."""
+        """Agents.SignIn / SignOut in a frame (see :meth:`_unary`)."""
+        def cmd() -> dict:
+            if op == "sign_in":
+                refuse_if_draining(self.node, offers=False)
+            return {"op": op, "t": self.node.now(), "agent_id": agent_id}
+
+        self._unary(agent_id, op, cmd)
+
+    def _unary(self, agent_id: str, op: str, make_cmd: Callable[[], dict]) -> None:
+        """A unary Agents RPC carried in a frame: ``make_cmd()`` checks the message and
+        builds the command; refused like the RPC (changing nothing), else answered by an
+        OK CommandResult once durable (after the messages the command makes)."""
         node = self.node
         try:
-            if op == "sign_in":
-                refuse_if_draining(node, offers=False)
-            node.submit({"op": op, "t": node.now(), "agent_id": agent_id})
+            node.submit(make_cmd())
         except RoutingError as e:
             self._refuse(agent_id, op, e)
             return
